@@ -1,0 +1,208 @@
+/** `fedrelay <command>`: one function per subcommand. I/O comes in through `CliIo`. */
+import { parseArgs, type ParseArgsConfig } from "node:util";
+import { pino, type Logger } from "pino";
+import { loadConfig, type RelayConfig } from "./config.ts";
+import { isRelayError, RelayError } from "./errors.ts";
+import { generateSigningJwk, importSigningKey } from "./protocol/keys.ts";
+import { createRelay, type RelayRoles } from "./relay.ts";
+import { createClientTokens } from "./http/auth.ts";
+import { isClientId } from "./protocol/names.ts";
+import { registerClient } from "./store/clients.ts";
+import { createDb } from "./store/db.ts";
+import { migrate } from "./store/migrate.ts";
+
+export interface CliIo {
+  readonly env: Readonly<Record<string, string | undefined>>;
+  readonly stdout: (line: string) => void;
+  readonly stderr: (line: string) => void;
+  readonly readFile: (path: string) => Promise<string>;
+  /** Creates the file with owner-only permissions; fails if it exists. */
+  readonly writeSecretFile: (path: string, text: string) => Promise<void>;
+  /** Resolves on the first SIGTERM/SIGINT. */
+  readonly shutdownSignal: Promise<void>;
+}
+
+interface Command {
+  readonly summary: string;
+  readonly usage: string;
+  readonly options: NonNullable<ParseArgsConfig["options"]>;
+  run(args: { values: Record<string, string | boolean | undefined>; positionals: string[] }, io: CliIo): Promise<number>;
+}
+
+const configOption = { config: { type: "string", short: "c" } } as const;
+const CONFIG_HELP = "  -c, --config FILE   JSON config file (default: $FEDRELAY_CONFIG); FEDRELAY_<SECTION>__<KEY> env vars override it";
+
+async function readConfig(values: Record<string, unknown>, io: CliIo): Promise<RelayConfig> {
+  const path = (values.config as string | undefined) ?? io.env.FEDRELAY_CONFIG;
+  const file = path === undefined ? undefined : { path, text: await readOrFail(io, path, "config file") };
+  let config = loadConfig({ env: io.env, ...(file ? { file } : {}) });
+  if (config.keys.signingKeyFile && !config.keys.signingKey) {
+    const text = await readOrFail(io, config.keys.signingKeyFile, "keys.signingKeyFile");
+    let jwk: unknown;
+    try {
+      jwk = JSON.parse(text);
+    } catch {
+      throw new RelayError("config_invalid", `config key keys.signingKeyFile: ${config.keys.signingKeyFile} is not JSON`);
+    }
+    config = loadConfig({ env: io.env, ...(file ? { file } : {}), overrides: { keys: { signingKey: jwk } } });
+  }
+  return config;
+}
+
+async function readOrFail(io: CliIo, path: string, what: string): Promise<string> {
+  try {
+    return await io.readFile(path);
+  } catch (cause) {
+    throw new RelayError("config_invalid", `cannot read ${what} ${path}: ${(cause as NodeJS.ErrnoException).code ?? (cause as Error).message}`, { cause });
+  }
+}
+
+function logger(config: RelayConfig): Logger {
+  return pino({ level: config.log.level });
+}
+
+async function runRelay(roles: RelayRoles, values: Record<string, unknown>, io: CliIo): Promise<number> {
+  const config = await readConfig(values, io);
+  const relay = createRelay(config, roles, { log: logger(config) });
+  try {
+    await relay.start();
+  } catch (err) {
+    await relay.close().catch(() => undefined);
+    throw err;
+  }
+  io.stderr(`fedrelay: ${config.homeserver} ${roles.api ? "serving" : "worker"} on ${relay.url}`);
+  await io.shutdownSignal;
+  await relay.close();
+  return 0;
+}
+
+export const COMMANDS: Readonly<Record<string, Command>> = {
+  keygen: {
+    summary: "write a new Ed25519 signing key (private JWK) for a homeserver",
+    usage: "fedrelay keygen --homeserver NAME [--key-id ID] [--out FILE]\n  --homeserver NAME   this homeserver's name (kid is NAME#ID)\n  --key-id ID         key id (default: the date, e.g. 2026-11-25)\n  --out FILE          where to write it (default: keys/NAME.jwk.json); never overwritten",
+    options: { homeserver: { type: "string" }, "key-id": { type: "string" }, out: { type: "string" } },
+    async run({ values }, io) {
+      const homeserver = values.homeserver as string | undefined;
+      if (!homeserver) throw new RelayError("bad_request", "keygen needs --homeserver NAME");
+      const keyId = (values["key-id"] as string | undefined) ?? new Date().toISOString().slice(0, 10);
+      const jwk = await generateSigningJwk(homeserver, keyId, Math.floor(Date.now() / 1000));
+      const out = (values.out as string | undefined) ?? `keys/${homeserver}.jwk.json`;
+      await io.writeSecretFile(out, `${JSON.stringify(jwk, null, 2)}\n`);
+      const { d: _d, ...publicJwk } = jwk;
+      io.stderr(`fedrelay: wrote ${out} (kid ${jwk.kid}); its public key, for peers:`);
+      io.stdout(JSON.stringify(publicJwk));
+      return 0;
+    },
+  },
+  migrate: {
+    summary: "apply pending database migrations",
+    usage: `fedrelay migrate [--config FILE]\n${CONFIG_HELP}`,
+    options: configOption,
+    async run({ values }, io) {
+      const config = await readConfig(values, io);
+      const db = createDb(config.postgres);
+      try {
+        const applied = await migrate(db.pool, config.postgres.schema);
+        io.stdout(applied.length ? `applied ${applied.join(", ")} to schema ${config.postgres.schema}` : `schema ${config.postgres.schema} is up to date`);
+      } finally {
+        await db.close();
+      }
+      return 0;
+    },
+  },
+  serve: {
+    summary: "run the HTTP API and a receiver worker",
+    usage: `fedrelay serve [--config FILE] [--no-worker]\n${CONFIG_HELP}\n  --no-worker         API only; run receivers with \`fedrelay worker\``,
+    options: { ...configOption, "no-worker": { type: "boolean" } },
+    run: ({ values }, io) => runRelay({ api: true, worker: !values["no-worker"] }, values, io),
+  },
+  worker: {
+    summary: "run a receiver worker (scale by running several); serves /metrics, /healthz, /readyz",
+    usage: `fedrelay worker [--config FILE]\n${CONFIG_HELP}`,
+    options: configOption,
+    run: ({ values }, io) => runRelay({ api: false, worker: true }, values, io),
+  },
+  "client-add": {
+    summary: "register a local client and print a bearer token for it",
+    usage: `fedrelay client-add CLIENT_ID [--config FILE]\n${CONFIG_HELP}`,
+    options: configOption,
+    async run({ values, positionals }, io) {
+      const id = positionals[0];
+      if (!isClientId(id)) throw new RelayError("bad_request", `client-add needs a client id ([A-Za-z0-9._~:@/-], 1–255), got ${JSON.stringify(id ?? "")}`);
+      const config = await readConfig(values, io);
+      if (!config.keys.signingKey) throw new RelayError("config_invalid", "config key keys.signingKeyFile: needed to mint client tokens");
+      const signingKey = importSigningKey(config.keys.signingKey);
+      const db = createDb(config.postgres);
+      try {
+        await migrate(db.pool, config.postgres.schema);
+        const created = await registerClient(db, id);
+        const tokens = createClientTokens({
+          self: config.homeserver, signingKey, publicKeys: { keys: [signingKey.publicJwk] },
+          ttlSeconds: config.http.clientTokenTtlSeconds, now: () => Date.now() / 1000,
+        });
+        const { token } = await tokens.mint(id);
+        io.stderr(`fedrelay: client ${id} ${created ? "registered" : "already registered"}; token:`);
+        io.stdout(token);
+      } finally {
+        await db.close();
+      }
+      return 0;
+    },
+  },
+  demo: {
+    summary: "run three homeservers on this machine and fan out a few messages",
+    usage: "fedrelay demo [--messages N]\n  --messages N   messages alpha's group sends (default 3)\n  Uses NATS_URL if set, else starts its own nats-server; Postgres from DATABASE_URL or the default.",
+    options: { messages: { type: "string" } },
+    async run({ values }, io) {
+      const { runDemo } = await import("./demo.ts");
+      const messages = Number(values.messages ?? 3);
+      if (!Number.isInteger(messages) || messages < 1 || messages > 1000) throw new RelayError("bad_request", "--messages must be a whole number from 1 to 1000");
+      await runDemo({ env: io.env, out: io.stdout, messages });
+      return 0;
+    },
+  },
+};
+
+function helpText(): string {
+  const width = Math.max(...Object.keys(COMMANDS).map((n) => n.length));
+  return [
+    "fedrelay: federation relay for messaging homeservers",
+    "",
+    "usage: fedrelay <command> [options]   (fedrelay <command> --help for its options)",
+    "",
+    ...Object.entries(COMMANDS).map(([name, c]) => `  ${name.padEnd(width)}  ${c.summary}`),
+  ].join("\n");
+}
+
+/** Returns the exit code: 0 ok, 1 runtime failure, 2 bad usage or config. */
+export async function runCli(argv: readonly string[], io: CliIo): Promise<number> {
+  const [name, ...rest] = argv;
+  if (name === undefined || name === "--help" || name === "-h" || name === "help") {
+    io.stdout(helpText());
+    return name === undefined ? 2 : 0;
+  }
+  const command = COMMANDS[name];
+  if (!command) {
+    io.stderr(`fedrelay: unknown command "${name}" (try fedrelay --help)`);
+    return 2;
+  }
+  let parsed;
+  try {
+    parsed = parseArgs({ args: [...rest], options: { ...command.options, help: { type: "boolean", short: "h" } }, allowPositionals: true, strict: true });
+  } catch (err) {
+    io.stderr(`fedrelay ${name}: ${(err as Error).message.split("\n")[0]}`);
+    return 2;
+  }
+  if (parsed.values.help) {
+    io.stdout(`${command.summary}\n\nusage: ${command.usage}`);
+    return 0;
+  }
+  try {
+    return await command.run(parsed as never, io);
+  } catch (err) {
+    const message = (err as Error).message.split("\n")[0];
+    io.stderr(`fedrelay ${name}: ${message}`);
+    if (isRelayError(err) && (err.code === "bad_request" || err.code === "config_invalid")) return 2;
+    return 1;
+  }
+}

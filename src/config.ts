@@ -1,0 +1,218 @@
+/**
+ * Configuration: a JSON file, then the environment, then flags, validated once at
+ * start. `loadConfig` is pure; src/main.ts reads the file and process.env.
+ */
+import { createHash } from "node:crypto";
+import { z } from "zod";
+import { RelayError } from "./errors.ts";
+import { DEFAULT_EVENT_LIMITS } from "./protocol/claims.ts";
+import { isHomeserverName } from "./protocol/names.ts";
+
+const homeserver = z.string().refine(isHomeserverName, "must be a lowercase DNS name (DESIGN §3)");
+const jwk = z.looseObject({ kty: z.string(), kid: z.string() });
+
+export const configSchema = z.strictObject({
+  /** This homeserver's name; `localhost` works for a single box. */
+  homeserver: homeserver.default("localhost"),
+  nats: z.strictObject({
+      // The machine's own nats-server; the demo and tests start their own instead.
+      servers: z.array(z.string().min(1)).min(1).default(["nats://127.0.0.1:4222"]),
+      user: z.string().optional(),
+      pass: z.string().optional(),
+      token: z.string().optional(),
+    })
+    .default({ servers: ["nats://127.0.0.1:4222"] }),
+  postgres: z.strictObject({
+      // Trust auth on loopback, as this machine and CI run Postgres.
+      url: z.string().min(1).default("postgresql://postgres@127.0.0.1:5432/postgres"),
+      /** Schema for this homeserver's tables; defaults to `fedrelay_<token>` so homeservers can share a database. */
+      schema: z.string().regex(/^[a-z_][a-z0-9_]{0,62}$/).optional(),
+      // Two per worker batch in flight plus HTTP long-polls; Postgres' default max is 100.
+      poolSize: z.number().int().min(1).max(1000).default(10),
+    })
+    .default({ url: "postgresql://postgres@127.0.0.1:5432/postgres", poolSize: 10 }),
+  http: z.strictObject({
+      host: z.string().default("127.0.0.1"),
+      // 0 picks a free port (tests, several workers on one box).
+      port: z.number().int().min(0).max(65535).default(8080),
+      /** Bearer secret of the homeserver backend (POST /v1/fanout, client registration). Unset: those routes answer 401. */
+      serviceToken: z.string().min(16).optional(),
+      // Client tokens are minted by the backend per session; a day keeps re-login rare and leaks short-lived.
+      clientTokenTtlSeconds: z.number().int().min(60).max(30 * 24 * 3600).default(24 * 3600),
+      // Long-polls hold a request open; 30 s stays under common proxy idle timeouts (60 s).
+      maxWaitSeconds: z.number().int().min(0).max(300).default(30),
+    })
+    .default({ host: "127.0.0.1", port: 8080, clientTokenTtlSeconds: 24 * 3600, maxWaitSeconds: 30 }),
+  keys: z.strictObject({
+      /** Path of this homeserver's current private JWK (`fedrelay keygen`). */
+      signingKeyFile: z.string().optional(),
+      /** Or the JWK itself (e.g. from a secret store via the environment). */
+      signingKey: jwk.optional(),
+      /** Public JWKs of retired keys, still served so old events stay provable. */
+      retired: z.array(jwk).default([]),
+    })
+    .default({ retired: [] }),
+  /** Federated homeservers: inline public JWKs, or a JWKS URL fetched and cached. */
+  peers: z
+    .record(
+      homeserver,
+      z.strictObject({ keys: z.array(jwk).optional(), jwksUrl: z.url().optional() })
+        .refine((p) => p.keys !== undefined || p.jwksUrl !== undefined, "needs keys or jwksUrl"),
+    )
+    .default({}),
+  // Refetching a peer's JWKS on an unknown kid lets it rotate keys without us restarting;
+  // the cooldown stops forged kids from turning us into a request amplifier.
+  jwksRefreshCooldownSeconds: z.number().int().min(1).default(60),
+  limits: z.strictObject({
+      maxMessageBytes: z.number().int().min(1024).max(DEFAULT_EVENT_LIMITS.maxMessageBytes).default(DEFAULT_EVENT_LIMITS.maxMessageBytes),
+      maxBodyBytes: z.number().int().min(1).max(DEFAULT_EVENT_LIMITS.maxBodyBytes).default(DEFAULT_EVENT_LIMITS.maxBodyBytes),
+      maxFutureSkewSeconds: z.number().int().min(0).default(DEFAULT_EVENT_LIMITS.maxFutureSkewSeconds),
+      maxLifetimeSeconds: z.number().int().min(1).max(DEFAULT_EVENT_LIMITS.maxLifetimeSeconds).default(DEFAULT_EVENT_LIMITS.maxLifetimeSeconds),
+    })
+    .default({ ...DEFAULT_EVENT_LIMITS }),
+  inbox: z.strictObject({
+      // 1 on a single server (with sync_interval: always); 3 on a 3-node cluster.
+      replicas: z.number().int().min(1).max(5).default(1),
+      // Per-sender backlog quota (DESIGN §4): about an hour of a busy peer at 25 events/s.
+      // Past it the sender's publishes are refused, not other senders' stored events dropped.
+      maxMessagesPerSender: z.number().int().min(1).default(100_000),
+      // Covers a publisher's retries after a lost acknowledgement; Postgres dedupes beyond it.
+      duplicateWindowSeconds: z.number().int().min(1).default(120),
+    })
+    .default({ replicas: 1, maxMessagesPerSender: 100_000, duplicateWindowSeconds: 120 }),
+  worker: z.strictObject({
+      consumer: z.string().regex(/^[A-Za-z0-9_-]{1,64}$/).default("receiver"),
+      // Measured: 200-event batches commit in tens of ms, far under ackWaitSeconds.
+      batchSize: z.number().int().min(1).max(10_000).default(200),
+      // An empty fetch returns after this; it bounds how long shutdown waits for a pull.
+      fetchExpiresMs: z.number().int().min(100).max(60_000).default(1000),
+      // A batch's ack timer starts when it reaches us; 30 s is ~100× a slow commit.
+      ackWaitSeconds: z.number().int().min(1).default(30),
+      // Bounds redelivery storms and memory: a few batches per worker in flight.
+      maxAckPending: z.number().int().min(1).default(5000),
+      // Back-off before a batch that failed for a transient reason (Postgres down) is redelivered.
+      retryDelayMs: z.number().int().min(0).default(2000),
+    })
+    .default({ consumer: "receiver", batchSize: 200, fetchExpiresMs: 1000, ackWaitSeconds: 30, maxAckPending: 5000, retryDelayMs: 2000 }),
+  fanout: z.strictObject({
+      // A day covers a destination's outage; the protocol allows up to 7.
+      eventLifetimeSeconds: z.number().int().min(60).max(DEFAULT_EVENT_LIMITS.maxLifetimeSeconds).default(24 * 3600),
+      // A publish acknowledgement normally takes a millisecond; this bounds a stalled server.
+      publishTimeoutMs: z.number().int().min(100).default(5000),
+    })
+    .default({ eventLifetimeSeconds: 24 * 3600, publishTimeoutMs: 5000 }),
+  log: z.strictObject({ level: z.enum(["fatal", "error", "warn", "info", "debug", "trace", "silent"]).default("info") })
+    .default({ level: "info" }),
+});
+
+export type RelayConfig = Readonly<z.infer<typeof configSchema>> & { readonly postgres: { readonly schema: string } };
+export type ConfigInput = z.input<typeof configSchema>;
+
+type Json = string | number | boolean | null | Json[] | { [key: string]: Json };
+
+/** `SERVICE_TOKEN` → `serviceToken`. */
+function camel(upperSnake: string): string {
+  return upperSnake.toLowerCase().replace(/_([a-z0-9])/g, (_, c: string) => c.toUpperCase());
+}
+
+/** Settings that are strings even when they look like JSON (a digits-only password is still a password). */
+const STRING_KEYS = new Set(["homeserver", "schema", "user", "pass", "token", "serviceToken", "url", "host", "signingKeyFile", "consumer", "level", "jwksUrl"]);
+
+function envValue(key: string, raw: string): Json {
+  if (STRING_KEYS.has(key)) return raw;
+  try {
+    return JSON.parse(raw) as Json;
+  } catch {
+    return raw;
+  }
+}
+
+function setPath(target: Record<string, unknown>, path: readonly string[], value: unknown): void {
+  let node = target;
+  for (const key of path.slice(0, -1)) {
+    const next = node[key];
+    node = node[key] = next !== null && typeof next === "object" && !Array.isArray(next) ? { ...(next as object) } : {};
+  }
+  node[path.at(-1)!] = value;
+}
+
+/**
+ * Environment overrides: `FEDRELAY_<SECTION>__<KEY>=value` sets `section.key`
+ * (values are JSON when they parse as JSON), plus the conventional `NATS_URL`
+ * (comma-separated) and `DATABASE_URL`.
+ */
+export function configFromEnv(env: Readonly<Record<string, string | undefined>>): Record<string, unknown> {
+  const out: Record<string, unknown> = {};
+  if (env.NATS_URL) setPath(out, ["nats", "servers"], env.NATS_URL.split(",").map((s) => s.trim()));
+  if (env.DATABASE_URL) setPath(out, ["postgres", "url"], env.DATABASE_URL);
+  for (const [name, raw] of Object.entries(env)) {
+    if (!name.startsWith("FEDRELAY_") || raw === undefined || name === "FEDRELAY_CONFIG" || name === "FEDRELAY_NATS_SERVER") continue;
+    const path = name.slice("FEDRELAY_".length).split("__").map(camel);
+    setPath(out, path, envValue(path.at(-1)!, raw));
+  }
+  return out;
+}
+
+function merge(base: Record<string, unknown>, over: Record<string, unknown>): Record<string, unknown> {
+  const out: Record<string, unknown> = { ...base };
+  for (const [key, value] of Object.entries(over)) {
+    const prev = out[key];
+    out[key] =
+      value !== null && typeof value === "object" && !Array.isArray(value) &&
+      prev !== null && typeof prev === "object" && !Array.isArray(prev)
+        ? merge(prev as Record<string, unknown>, value as Record<string, unknown>)
+        : value;
+  }
+  return out;
+}
+
+function deepFreeze<T>(value: T): T {
+  if (value !== null && typeof value === "object" && !Object.isFrozen(value)) {
+    for (const inner of Object.values(value)) deepFreeze(inner);
+    Object.freeze(value);
+  }
+  return value;
+}
+
+export interface ConfigSources {
+  /** Text of the config file, and its path for messages. */
+  readonly file?: { readonly path: string; readonly text: string };
+  readonly env?: Readonly<Record<string, string | undefined>>;
+  /** Highest precedence: command-line flags, or a test's own settings. */
+  readonly overrides?: ConfigInput | Record<string, unknown>;
+}
+
+/**
+ * `fedrelay_<name>` with `.` → `_` and `-` → `__`: injective, since a `.` never
+ * touches a `-` in a valid name (a run of one `_` is a dot, an even run is hyphens).
+ * Names too long for a Postgres identifier (63) keep a prefix and a hash.
+ */
+export function defaultSchema(homeserver: string): string {
+  const schema = `fedrelay_${homeserver.replaceAll("-", "__").replaceAll(".", "_")}`;
+  if (schema.length <= 63) return schema;
+  return `${schema.slice(0, 50)}_${createHash("sha256").update(homeserver).digest("hex").slice(0, 12)}`;
+}
+
+/** Validates once; an invalid setting fails with `config_invalid` naming the key. */
+export function loadConfig(sources: ConfigSources = {}): RelayConfig {
+  let fromFile: Record<string, unknown> = {};
+  if (sources.file) {
+    try {
+      const parsed: unknown = JSON.parse(sources.file.text);
+      if (parsed === null || typeof parsed !== "object" || Array.isArray(parsed)) throw new Error("not a JSON object");
+      fromFile = parsed as Record<string, unknown>;
+    } catch (cause) {
+      throw new RelayError("config_invalid", `config file ${sources.file.path}: ${(cause as Error).message}`, { cause });
+    }
+  }
+  const input = merge(merge(fromFile, configFromEnv(sources.env ?? {})), (sources.overrides ?? {}) as Record<string, unknown>);
+  const result = configSchema.safeParse(input);
+  if (!result.success) {
+    const issue = result.error.issues[0]!;
+    const key = issue.path.join(".") || (issue.code === "unrecognized_keys" ? issue.keys.join(", ") : "(root)");
+    throw new RelayError("config_invalid", `config key ${key}: ${issue.message}`);
+  }
+  const config = result.data;
+  const schema = config.postgres.schema ?? defaultSchema(config.homeserver);
+  return deepFreeze({ ...config, postgres: { ...config.postgres, schema } });
+}

@@ -1,0 +1,108 @@
+/**
+ * Starts nats-server processes on free loopback ports, each with its own store
+ * directory: for the demo, tests, benchmarks and the chaos suite (as nats.js's
+ * own tests do). Never touches the machine's server at 4222.
+ */
+import { spawn, execFile, type ChildProcess } from "node:child_process";
+import { existsSync } from "node:fs";
+import { mkdtemp, readdir, readFile, rm, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { promisify } from "node:util";
+
+const ROOT = fileURLToPath(new URL("..", import.meta.url));
+const FETCH_SCRIPT = join(ROOT, "scripts/fetch-nats-server.sh");
+
+/** The cached 2.10+ binary, fetched on first use (scripts/fetch-nats-server.sh). */
+export async function natsServerBinary(explicit?: string): Promise<string> {
+  if (explicit) return explicit;
+  const cached = join(ROOT, ".cache/nats-server/nats-server");
+  if (existsSync(cached)) return cached;
+  const { stdout } = await promisify(execFile)("bash", [FETCH_SCRIPT], { encoding: "utf8" });
+  return stdout.trim();
+}
+
+export interface LocalNatsOptions {
+  readonly binary?: string;
+  /** fsync every write before acknowledging (DESIGN §4); off keeps tests fast. */
+  readonly syncAlways?: boolean;
+  readonly extraConfig?: string;
+}
+
+export interface LocalNats {
+  readonly url: string;
+  readonly port: number;
+  readonly storeDir: string;
+  /** SIGKILL, as a crash would. */
+  kill(): Promise<void>;
+  /** Start again on the same port and store. */
+  restart(): Promise<void>;
+  stop(): Promise<void>;
+}
+
+async function waitForPortsFile(dir: string, child: ChildProcess, ms = 10_000): Promise<number> {
+  const deadline = Date.now() + ms;
+  while (Date.now() < deadline) {
+    if (child.exitCode !== null) throw new Error(`nats-server exited with ${child.exitCode}`);
+    const file = (await readdir(dir)).find((f) => f.endsWith(".ports") && f.includes(`_${child.pid}.`));
+    if (file) {
+      const ports = JSON.parse(await readFile(join(dir, file), "utf8")) as { nats: string[] };
+      return Number(new URL(ports.nats[0]!).port);
+    }
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  throw new Error("nats-server did not report its ports in time");
+}
+
+export async function startLocalNats(options: LocalNatsOptions = {}): Promise<LocalNats> {
+  const binary = await natsServerBinary(options.binary);
+  const dir = await mkdtemp(join(tmpdir(), "fedrelay-nats-"));
+  const storeDir = join(dir, "js");
+  const conf = join(dir, "nats.conf");
+  let port = -1;
+  const writeConf = (): Promise<void> => writeFile(conf, [
+    `listen: "127.0.0.1:${port}"`,
+    `jetstream { store_dir: "${storeDir}"${options.syncAlways ? ", sync_interval: always" : ""} }`,
+    options.extraConfig ?? "",
+  ].join("\n"));
+
+  let child: ChildProcess | undefined;
+  const launch = async (): Promise<void> => {
+    await writeConf();
+    const proc = spawn(binary, ["-c", conf, "--ports_file_dir", dir], { stdio: "ignore" });
+    child = proc;
+    port = await waitForPortsFile(dir, proc);
+  };
+  const exited = (proc: ChildProcess): Promise<void> =>
+    proc.exitCode !== null || proc.signalCode !== null ? Promise.resolve() : new Promise((r) => proc.once("exit", () => r()));
+
+  await launch();
+  const server: LocalNats = {
+    get url() { return `nats://127.0.0.1:${port}`; },
+    get port() { return port; },
+    storeDir,
+    async kill() {
+      if (!child) return;
+      const proc = child;
+      child = undefined;
+      proc.kill("SIGKILL");
+      await exited(proc);
+      for (const f of (await readdir(dir)).filter((f) => f.endsWith(".ports"))) await rm(join(dir, f), { force: true });
+    },
+    async restart() {
+      await server.kill();
+      await launch();
+    },
+    async stop() {
+      if (child) {
+        const proc = child;
+        child = undefined;
+        proc.kill("SIGTERM");
+        await exited(proc);
+      }
+      await rm(dir, { recursive: true, force: true });
+    },
+  };
+  return server;
+}

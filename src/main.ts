@@ -1,0 +1,39 @@
+#!/usr/bin/env node
+/** The only place that reads process.env and installs signal handlers. */
+import { mkdir, open, readFile } from "node:fs/promises";
+import { dirname } from "node:path";
+import { runCli } from "./cli.ts";
+
+let signals = 0;
+const shutdownSignal = new Promise<void>((resolve) => {
+  const onSignal = (signal: NodeJS.Signals): void => {
+    signals += 1;
+    // The first signal drains gracefully; a second one means "now". Unacknowledged
+    // messages are redelivered by JetStream, so exiting early loses nothing.
+    if (signals > 1) {
+      process.stderr.write(`fedrelay: second ${signal}, exiting now\n`);
+      process.exit(1);
+    }
+    resolve();
+  };
+  process.on("SIGTERM", onSignal);
+  process.on("SIGINT", onSignal);
+});
+
+const code = await runCli(process.argv.slice(2), {
+  env: process.env,
+  stdout: (line) => process.stdout.write(`${line}\n`),
+  stderr: (line) => process.stderr.write(`${line}\n`),
+  readFile: (path) => readFile(path, "utf8"),
+  async writeSecretFile(path, text) {
+    await mkdir(dirname(path), { recursive: true });
+    const file = await open(path, "wx", 0o600);
+    try {
+      await file.writeFile(text);
+    } finally {
+      await file.close();
+    }
+  },
+  shutdownSignal,
+});
+process.exitCode = code;

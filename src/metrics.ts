@@ -1,0 +1,37 @@
+/** Typed instruments on an injected registry (never prom-client's global one). */
+import { collectDefaultMetrics, Counter, Histogram, Registry } from "prom-client";
+
+export interface RelayMetrics {
+  readonly registry: Registry;
+  readonly eventsReceived: Counter;
+  readonly eventsAccepted: Counter;
+  readonly eventsRefused: Counter<"reason">;
+  readonly deliveriesCommitted: Counter;
+  readonly recipientsRefused: Counter<"reason">;
+  readonly batchCommitSeconds: Histogram;
+  readonly batchFailures: Counter;
+  readonly eventsPublished: Counter<"destination">;
+  readonly publishFailures: Counter<"destination">;
+}
+
+export function createMetrics(registry = new Registry(), options: { defaultMetrics?: boolean } = {}): RelayMetrics {
+  if (options.defaultMetrics ?? true) collectDefaultMetrics({ register: registry });
+  const registers = [registry];
+  return {
+    registry,
+    eventsReceived: new Counter({ name: "fedrelay_events_received_total", help: "Inbox messages taken from JetStream", registers }),
+    eventsAccepted: new Counter({ name: "fedrelay_events_accepted_total", help: "Events verified and stored (duplicates excluded)", registers }),
+    eventsRefused: new Counter({ name: "fedrelay_events_refused_total", help: "Events refused, by DESIGN §7 reason (duplicate included)", labelNames: ["reason"], registers }),
+    deliveriesCommitted: new Counter({ name: "fedrelay_deliveries_committed_total", help: "Deliveries stored for local clients", registers }),
+    recipientsRefused: new Counter({ name: "fedrelay_recipients_refused_total", help: "Recipients refused within accepted events, by reason", labelNames: ["reason"], registers }),
+    batchCommitSeconds: new Histogram({
+      name: "fedrelay_batch_commit_seconds",
+      help: "Duration of one batch's Postgres transaction",
+      buckets: [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5],
+      registers,
+    }),
+    batchFailures: new Counter({ name: "fedrelay_batch_failures_total", help: "Batches not committed (transient failure; redelivered)", registers }),
+    eventsPublished: new Counter({ name: "fedrelay_events_published_total", help: "Fan-out events acknowledged by JetStream", labelNames: ["destination"], registers }),
+    publishFailures: new Counter({ name: "fedrelay_publish_failures_total", help: "Fan-out publishes that failed", labelNames: ["destination"], registers }),
+  };
+}

@@ -1,0 +1,104 @@
+/**
+ * The receive path for one batch: transport hands bytes to protocol, protocol
+ * hands claims to policy and store, the store's commit releases the acks.
+ */
+import type { JsMsg } from "@nats-io/jetstream";
+import type { Logger } from "pino";
+import { dispositionOf } from "./errors.ts";
+import type { RelayMetrics } from "./metrics.ts";
+import type { EventLimits } from "./protocol/claims.ts";
+import { verifyEvent, type KeyResolver } from "./protocol/verify.ts";
+import { commitBatch, type AcceptedInput, type EventOutcome, type RefusedInput } from "./store/commit-batch.ts";
+import type { Db } from "./store/db.ts";
+
+export interface ReceiverDeps {
+  readonly self: string;
+  readonly db: Db;
+  readonly keys: KeyResolver;
+  readonly limits: EventLimits;
+  readonly metrics: RelayMetrics;
+  readonly log: Logger;
+  /** Seconds since the epoch. */
+  readonly now: () => number;
+  readonly isSenderAllowed?: (iss: string) => boolean;
+  /** How long JetStream waits before redelivering a batch that failed for a transient reason. */
+  readonly retryDelayMs: number;
+}
+
+const SAMPLE_BYTES = 4096;
+
+/** What arrived, readable and safe to store in a text column (no NUL, no raw control bytes). */
+export function sampleOf(data: Uint8Array): string {
+  const head = Buffer.from(data.buffer, data.byteOffset, Math.min(data.byteLength, SAMPLE_BYTES)).toString("latin1");
+  // eslint-disable-next-line no-control-regex
+  return head.replace(/[\u0000-\u001f\u007f-\u00ff]/g, (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, "0")}`);
+}
+
+export type BatchResult = {
+  readonly outcomes: readonly EventOutcome[];
+  readonly refused: readonly RefusedInput[];
+};
+
+export function createReceiver(deps: ReceiverDeps): { processBatch(batch: JsMsg[]): Promise<BatchResult | undefined> } {
+  const allowAll = (): boolean => true;
+  const { metrics } = deps;
+
+  return {
+    async processBatch(batch) {
+      const now = deps.now();
+      const accepted: AcceptedInput[] = [];
+      const refused: RefusedInput[] = [];
+      const refusedMsgs: JsMsg[] = [];
+      const acceptedMsgs = new Map<number, JsMsg>();
+      metrics.eventsReceived.inc(batch.length);
+      try {
+        for (const m of batch) {
+          const verdict = await verifyEvent(m.data, m.subject, {
+            self: deps.self,
+            limits: deps.limits,
+            keys: deps.keys,
+            isSenderAllowed: deps.isSenderAllowed ?? allowAll,
+            now,
+          });
+          if (verdict.ok) {
+            accepted.push({ streamSeq: m.seq, event: verdict.event });
+            acceptedMsgs.set(m.seq, m);
+          } else {
+            refused.push({ streamSeq: m.seq, subject: m.subject, reason: verdict.reason, detail: verdict.detail, claimed: verdict.claimed, sample: sampleOf(m.data) });
+            refusedMsgs.push(m);
+          }
+        }
+        const stop = metrics.batchCommitSeconds.startTimer();
+        const outcomes = await commitBatch(deps.db, accepted, refused);
+        stop();
+
+        // Committed: now, and only now, the acks.
+        for (const o of outcomes) {
+          acceptedMsgs.get(o.streamSeq)!.ack();
+          if (o.status === "duplicate") {
+            metrics.eventsRefused.inc({ reason: "duplicate" });
+          } else {
+            metrics.eventsAccepted.inc();
+            metrics.deliveriesCommitted.inc(o.decision.accepted.length);
+            for (const r of o.decision.refused) metrics.recipientsRefused.inc({ reason: r.reason });
+          }
+        }
+        refused.forEach((r, i) => {
+          const m = refusedMsgs[i]!;
+          if (dispositionOf(r.reason) === "term") m.term(r.reason);
+          else m.ack();
+          metrics.eventsRefused.inc({ reason: r.reason });
+          deps.log.info({ seq: r.streamSeq, subject: r.subject, reason: r.reason, detail: r.detail, claimed: r.claimed }, "event refused");
+        });
+        return { outcomes, refused };
+      } catch (err) {
+        // Transient (Postgres down, a timeout): nothing was committed, so nothing
+        // is acknowledged; every message comes back after the delay.
+        metrics.batchFailures.inc();
+        deps.log.error({ err, size: batch.length }, "batch failed; will be redelivered");
+        for (const m of batch) m.nak(deps.retryDelayMs);
+        return undefined;
+      }
+    },
+  };
+}

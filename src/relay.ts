@@ -1,0 +1,167 @@
+/**
+ * Composition root: createRelay(config, deps) → { start, close }. It opens
+ * everything in order and closes it in reverse, keeping the first error.
+ */
+import { jetstream, jetstreamManager } from "@nats-io/jetstream";
+import { connect, type NatsConnection } from "@nats-io/transport-node";
+import type { FastifyInstance } from "fastify";
+import type { Logger } from "pino";
+import type { RelayConfig } from "./config.ts";
+import { RelayError } from "./errors.ts";
+import { createFanout } from "./fanout.ts";
+import { createClientTokens } from "./http/auth.ts";
+import { createHttpServer, type HealthReport } from "./http/server.ts";
+import { createKeyRegistry } from "./keys/registry.ts";
+import { createMetrics, type RelayMetrics } from "./metrics.ts";
+import { importSigningKey, type PublicJwk, type SigningKey } from "./protocol/keys.ts";
+import { inboxStreamName } from "./protocol/subjects.ts";
+import { createReceiver } from "./receiver.ts";
+import { createDb, type Db } from "./store/db.ts";
+import { migrate } from "./store/migrate.ts";
+import { createDeliveryNotifier, type DeliveryNotifier } from "./store/notifier.ts";
+import { startBatchLoop, type BatchLoop } from "./transport/consumer.ts";
+import { ensureInbox } from "./transport/streams.ts";
+
+export interface RelayRoles {
+  /** HTTP API: keys, fan-out, clients' messages. */
+  readonly api: boolean;
+  /** Receiver worker: pulls this homeserver's inbox into Postgres. */
+  readonly worker: boolean;
+}
+
+export interface RelayDeps {
+  readonly log: Logger;
+  readonly metrics?: RelayMetrics;
+  /** Seconds since the epoch; tests inject their own. */
+  readonly now?: () => number;
+  readonly fetch?: typeof fetch;
+}
+
+export interface Relay {
+  start(): Promise<void>;
+  close(): Promise<void>;
+  /** `http://host:port` once started. */
+  readonly url: string;
+  readonly db: Db;
+  readonly metrics: RelayMetrics;
+  readonly signingKey: SigningKey | undefined;
+}
+
+function withTimeout<T>(promise: Promise<T>, ms: number): Promise<T | undefined> {
+  return Promise.race([promise, new Promise<undefined>((resolve) => setTimeout(() => resolve(undefined), ms).unref())]);
+}
+
+export function createRelay(config: RelayConfig, roles: RelayRoles, deps: RelayDeps): Relay {
+  const log = deps.log.child({ homeserver: config.homeserver });
+  const now = deps.now ?? (() => Date.now() / 1000);
+  const metrics = deps.metrics ?? createMetrics();
+  const signingKey = config.keys.signingKey ? importSigningKey(config.keys.signingKey) : undefined;
+  if (roles.api && !signingKey) {
+    throw new RelayError("config_invalid", "config key keys.signingKey: the API needs this homeserver's signing key (run `fedrelay keygen`, then set keys.signingKeyFile)");
+  }
+  const publicKeys: PublicJwk[] = [
+    ...(signingKey ? [signingKey.publicJwk] : []),
+    ...(config.keys.retired as unknown as PublicJwk[]),
+  ];
+  const db = createDb(config.postgres);
+
+  let nc: NatsConnection | undefined;
+  let loop: BatchLoop | undefined;
+  let notifier: DeliveryNotifier | undefined;
+  let http: FastifyInstance | undefined;
+  let url = "";
+  let closing: Promise<void> | undefined;
+
+  async function health(): Promise<HealthReport> {
+    const checks: Record<string, boolean> = {};
+    checks.postgres = (await withTimeout(db.pool.query("SELECT 1").then(() => true, () => false), 1000)) ?? false;
+    checks.nats = nc !== undefined && !nc.isClosed() &&
+      ((await withTimeout(nc.flush().then(() => true, () => false), 1000)) ?? false);
+    if (roles.worker) checks.worker = loop !== undefined && !closing;
+    return { ok: Object.values(checks).every(Boolean) && !closing, checks };
+  }
+
+  async function start(): Promise<void> {
+    await migrate(db.pool, config.postgres.schema);
+    nc = await connect({
+      servers: [...config.nats.servers],
+      name: `fedrelay ${config.homeserver}`,
+      // Never give up: a relay that stops reconnecting needs an operator.
+      maxReconnectAttempts: -1,
+      ...(config.nats.user === undefined ? {} : { user: config.nats.user, pass: config.nats.pass }),
+      ...(config.nats.token === undefined ? {} : { token: config.nats.token }),
+    });
+    const jsm = await jetstreamManager(nc);
+    await ensureInbox(jsm, config.homeserver, { ...config.inbox, maxMessageBytes: config.limits.maxMessageBytes }, config.worker);
+    const keys = createKeyRegistry({
+      self: { homeserver: config.homeserver, keys: publicKeys },
+      peers: config.peers,
+      cooldownSeconds: config.jwksRefreshCooldownSeconds,
+      log,
+      now,
+      ...(deps.fetch ? { fetch: deps.fetch } : {}),
+    });
+    await keys.ready;
+    const js = jetstream(nc);
+
+    if (roles.worker) {
+      const receiver = createReceiver({
+        self: config.homeserver, db, keys, limits: config.limits, metrics, log, now, retryDelayMs: config.worker.retryDelayMs,
+      });
+      const consumer = await js.consumers.get(inboxStreamName(config.homeserver), config.worker.consumer);
+      loop = await startBatchLoop(consumer, { batchSize: config.worker.batchSize, expiresMs: config.worker.fetchExpiresMs },
+        async (batch) => void (await receiver.processBatch(batch)));
+    }
+
+    let api;
+    if (roles.api && signingKey) {
+      notifier = await createDeliveryNotifier(db);
+      api = {
+        db,
+        notifier,
+        fanout: createFanout({
+          self: config.homeserver, js, signingKey, metrics, now,
+          eventLifetimeSeconds: config.fanout.eventLifetimeSeconds,
+          maxBodyBytes: config.limits.maxBodyBytes,
+          publishTimeoutMs: config.fanout.publishTimeoutMs,
+        }),
+        clientTokens: createClientTokens({
+          self: config.homeserver, signingKey, publicKeys: { keys: publicKeys }, ttlSeconds: config.http.clientTokenTtlSeconds, now,
+        }),
+        jwks: () => ({ keys: publicKeys }),
+        serviceToken: config.http.serviceToken,
+        maxWaitSeconds: config.http.maxWaitSeconds,
+        // A fan-out to 100,000 recipients with 43-byte capabilities, plus a 64 KiB body, base64url.
+        bodyLimit: 16 * 1024 * 1024,
+      };
+    }
+    http = await createHttpServer({ log, metrics, health, ...(api ? { api } : {}) });
+    url = await http.listen({ host: config.http.host, port: config.http.port });
+    log.info({ url, roles }, "relay started");
+  }
+
+  async function close(): Promise<void> {
+    closing ??= (async () => {
+      let first: unknown;
+      const step = async (fn: () => Promise<unknown> | undefined): Promise<void> => {
+        try { await fn(); } catch (err) { first ??= err; }
+      };
+      await step(() => http?.close());
+      await step(() => loop?.stop());
+      await step(() => notifier?.close());
+      await step(() => nc?.drain());
+      await step(() => db.close());
+      if (first !== undefined) throw first;
+    })();
+    return closing;
+  }
+
+  return {
+    start,
+    close,
+    get url() { return url; },
+    db,
+    metrics,
+    signingKey,
+  };
+}

@@ -1,0 +1,51 @@
+/** The Postgres handle: a pg pool pinned to this homeserver's schema, and kysely over it. */
+import { Kysely, PostgresDialect } from "kysely";
+import pg from "pg";
+import type { Database } from "./schema.ts";
+
+export interface Db {
+  readonly pool: pg.Pool;
+  readonly kysely: Kysely<Database>;
+  readonly schema: string;
+  close(): Promise<void>;
+}
+
+export function quoteIdent(name: string): string {
+  return `"${name.replaceAll('"', '""')}"`;
+}
+
+/** SQLSTATEs after which the same work will succeed if retried later (graphile-worker keeps the same list). */
+export const RETRYABLE_SQLSTATES: ReadonlySet<string> = new Set([
+  "40001", // serialization_failure
+  "40P01", // deadlock_detected
+  "57P01", // admin_shutdown
+  "57P02", // crash_shutdown
+  "57P03", // cannot_connect_now
+  "08000", "08003", "08006", "08001", "08004", // connection exceptions
+  "53300", // too_many_connections
+]);
+
+export function createDb(options: { url: string; schema: string; poolSize: number }): Db {
+  const pool = new pg.Pool({
+    connectionString: options.url,
+    max: options.poolSize,
+    // Every connection sees only this homeserver's tables.
+    options: `-c search_path=${quoteIdent(options.schema)}`,
+    // A worker must notice a dead server rather than hang on a half-open socket.
+    connectionTimeoutMillis: 5000,
+    keepAlive: true,
+  });
+  // An idle client losing its server emits here; without a listener Node would crash.
+  pool.on("error", () => undefined);
+  const kysely = new Kysely<Database>({ dialect: new PostgresDialect({ pool }) });
+  let closing: Promise<void> | undefined;
+  return {
+    pool,
+    kysely,
+    schema: options.schema,
+    close() {
+      closing ??= kysely.destroy();
+      return closing;
+    },
+  };
+}

@@ -1,0 +1,69 @@
+/** Row types of migrations/*.sql, for kysely. */
+import type { ColumnType } from "kysely";
+
+type Timestamp = ColumnType<Date, Date | string | undefined, Date | string>;
+/** pg returns bigint as string; cursors fit in a double for ~285 years at 1M/s. */
+type BigIntColumn = ColumnType<string, number | bigint | string, number | bigint | string>;
+type GeneratedBigInt = ColumnType<string, number | bigint | string | undefined, number | bigint | string>;
+
+export interface ClientsTable {
+  id: string;
+  delivery_seq: GeneratedBigInt;
+  acked_seq: GeneratedBigInt;
+  created_at: Timestamp;
+}
+
+export interface PeerKeysTable {
+  thumbprint: string;
+  kid: string;
+  homeserver: string;
+  jwk: ColumnType<unknown, string, string>;
+  first_seen: Timestamp;
+}
+
+export interface EventsTable {
+  iss: string;
+  jti: string;
+  grp: string;
+  issued_at: Timestamp;
+  expires_at: Timestamp;
+  token: string;
+  key_thumbprint: string;
+  stream_seq: BigIntColumn | null;
+  received_at: Timestamp;
+}
+
+export interface DeliveriesTable {
+  client_id: string;
+  seq: BigIntColumn;
+  iss: string;
+  jti: string;
+}
+
+export interface RecipientRefusalsTable {
+  iss: string;
+  jti: string;
+  client_id: string;
+  reason: string;
+  at: Timestamp;
+}
+
+export interface RefusedEventsTable {
+  stream_seq: BigIntColumn;
+  subject: string;
+  reason: string;
+  detail: string;
+  claimed_iss: string | null;
+  claimed_jti: string | null;
+  sample: string;
+  at: Timestamp;
+}
+
+export interface Database {
+  clients: ClientsTable;
+  peer_keys: PeerKeysTable;
+  events: EventsTable;
+  deliveries: DeliveriesTable;
+  recipient_refusals: RecipientRefusalsTable;
+  refused_events: RefusedEventsTable;
+}
