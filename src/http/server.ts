@@ -3,7 +3,7 @@
  * /readyz; a process with the API role also serves keys, fan-out and clients.
  * Every error is `{ error: <code>, message }` with the code's status.
  */
-import Fastify, { type FastifyBaseLogger, type FastifyInstance, type FastifyReply } from "fastify";
+import Fastify, { LogController, type FastifyBaseLogger, type FastifyInstance, type FastifyReply } from "fastify";
 import type { Logger } from "pino";
 import { z } from "zod";
 import { HTTP_STATUS, isRelayError, RelayError } from "../errors.ts";
@@ -83,7 +83,10 @@ function sendError(reply: FastifyReply, err: RelayError): FastifyReply {
 }
 
 export async function createHttpServer(deps: HttpDeps): Promise<FastifyInstance> {
-  const app = Fastify({ loggerInstance: deps.log as FastifyBaseLogger, bodyLimit: deps.api?.bodyLimit ?? 1024 * 1024, disableRequestLogging: true });
+  const app = Fastify({ loggerInstance: deps.log as FastifyBaseLogger, bodyLimit: deps.api?.bodyLimit ?? 1024 * 1024, 
+    // Per-request logs would dominate under long-polling clients; errors are still logged.
+    logController: new LogController({ disableRequestLogging: true }),
+  });
 
   app.setErrorHandler((err, request, reply) => {
     if (isRelayError(err)) return sendError(reply, err);
