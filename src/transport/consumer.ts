@@ -1,8 +1,14 @@
 /**
  * The pull loop shared by all worker processes: it takes what JetStream has
- * buffered, up to `batchSize`, and hands it over as one batch. It never waits
+ * delivered, up to `batchSize`, and hands it over as one batch. It never waits
  * to fill a batch, so a lone event is processed at once, and under load batches
  * grow by themselves (the next pull is already buffered while one commits).
+ *
+ * "What has been delivered" is everything that arrived before the next
+ * macrotask: the iterator yields buffered messages in microtasks, so one
+ * setImmediate after the first message lets the rest of the burst in. (The
+ * iterator's getPending() over-counts after internal callbacks and stalls a
+ * batch until ack_wait: measured here, 30 s stalls with two workers.)
  */
 import type { Consumer, JsMsg } from "@nats-io/jetstream";
 
@@ -12,9 +18,9 @@ export interface BatchLoopOptions {
 }
 
 export interface BatchLoop {
-  /** Settles when the loop has ended, with the error that ended it, if any. */
+  /** Settles when the loop has ended. */
   readonly done: Promise<void>;
-  /** Stops pulling, lets the batch in hand finish, releases what was buffered. */
+  /** Stops pulling, lets the batch in hand finish, gives back what was buffered. */
   stop(): Promise<void>;
 }
 
@@ -25,28 +31,55 @@ export async function startBatchLoop(
 ): Promise<BatchLoop> {
   // Twice the batch: one being processed, the next already on its way.
   const messages = await consumer.consume({ max_messages: options.batchSize * 2, expires: options.expiresMs });
+  const queue: JsMsg[] = [];
   let stopping = false;
-  const done = (async () => {
-    let batch: JsMsg[] = [];
-    for await (const m of messages) {
-      if (stopping) {
-        // Buffered but never processed: give it back now rather than after ack_wait.
-        m.nak();
+  let ended = false;
+  let notify: (() => void) | undefined;
+  let resume: (() => void) | undefined;
+  const signal = (): void => { notify?.(); notify = undefined; };
+
+  const receiving = (async () => {
+    try {
+      for await (const m of messages) {
+        queue.push(m);
+        signal();
+        // Backpressure: stop taking from the iterator, so JetStream stops sending.
+        if (queue.length >= options.batchSize * 2 && !stopping) await new Promise<void>((r) => (resume = r));
+      }
+    } finally {
+      ended = true;
+      signal();
+    }
+  })();
+
+  const processing = (async () => {
+    while (!stopping) {
+      if (queue.length === 0) {
+        if (ended) break;
+        await new Promise<void>((r) => (notify = r));
         continue;
       }
-      batch.push(m);
-      if (batch.length >= options.batchSize || messages.getPending() === 0) {
-        const ready = batch;
-        batch = [];
-        await handle(ready);
-      }
+      await new Promise<void>((r) => setImmediate(r));
+      const batch = queue.splice(0, options.batchSize);
+      resume?.();
+      resume = undefined;
+      await handle(batch);
     }
-    for (const m of batch) m.nak();
   })();
+
+  const done = (async () => {
+    await processing;
+    await receiving;
+    // Delivered to us but never processed: give it back now rather than after ack_wait.
+    for (const m of queue.splice(0)) m.nak();
+  })();
+
   return {
     done,
     async stop() {
       stopping = true;
+      signal();
+      resume?.();
       await messages.close();
       await done;
     },
