@@ -1,0 +1,72 @@
+import { readFileSync } from "node:fs";
+import { describe, expect, it } from "vitest";
+import { loadConfig } from "../../src/config.ts";
+import { dispositionOf, EVENT_REASONS, HTTP_STATUS, RECIPIENT_REASONS } from "../../src/errors.ts";
+import { splitByDestination } from "../../src/fanout.ts";
+import { decideRecipients } from "../../src/policy/recipients.ts";
+import type { EventClaims } from "../../src/protocol/claims.ts";
+import { uuidv7 } from "../../src/protocol/event-id.ts";
+import { isEventId } from "../../src/protocol/names.ts";
+import { sampleOf } from "../../src/receiver.ts";
+import { messageId } from "../../src/transport/publisher.ts";
+
+const claims = (cids: string[]): EventClaims => ({
+  iss: "alpha", aud: "beta", jti: "j", iat: 0, exp: 1, grp: "g@alpha", body: "", rcpt: cids.map((cid) => ({ cid })),
+});
+
+describe("per-recipient decision", () => {
+  it("accepts known local clients and refuses the others unknown_client, keeping the event's order", () => {
+    const d = decideRecipients(claims(["bob", "mallory", "bart"]), { knownClients: new Set(["bart", "bob"]) });
+    expect(d).toEqual({ accepted: ["bob", "bart"], refused: [{ cid: "mallory", reason: "unknown_client" }] });
+  });
+  it("refuses every recipient when none is known", () => {
+    expect(decideRecipients(claims(["x"]), { knownClients: new Set() })).toEqual({ accepted: [], refused: [{ cid: "x", reason: "unknown_client" }] });
+  });
+});
+
+describe("fan-out split", () => {
+  it("groups recipients by destination in first-seen order and drops repeated clients", () => {
+    const split = splitByDestination([
+      { server: "beta", client: "bob", capability: "c1" },
+      { server: "gamma", client: "gina" },
+      { server: "beta", client: "bart" },
+      { server: "beta", client: "bob", capability: "c1" },
+    ]);
+    expect([...split.entries()]).toEqual([
+      ["beta", [{ cid: "bob", cap: "c1" }, { cid: "bart" }]],
+      ["gamma", [{ cid: "gina" }]],
+    ]);
+  });
+});
+
+describe("error codes", () => {
+  it("every protocol reason has an HTTP status, and only a duplicate is acknowledged rather than terminated", () => {
+    for (const r of [...EVENT_REASONS, ...RECIPIENT_REASONS]) expect(HTTP_STATUS[r]).toBeGreaterThanOrEqual(400);
+    expect(EVENT_REASONS.filter((r) => dispositionOf(r) === "ack")).toEqual(["duplicate"]);
+  });
+});
+
+describe("small helpers", () => {
+  it("event ids are UUIDv7, valid jti values, ordered by time", () => {
+    const a = uuidv7(1_700_000_000_000);
+    const b = uuidv7(1_700_000_000_001);
+    expect(a).toMatch(/^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/);
+    expect(isEventId(a)).toBe(true);
+    expect(a < b).toBe(true);
+  });
+  it("the Nats-Msg-Id is the unpadded base64url SHA-256 of the bytes", () => {
+    expect(messageId(Buffer.from("abc"))).toBe("ungWv48Bz-pBQUDeXa4iI7ADYaOWF3qctBD_YfIAFa0");
+  });
+  it("a refused event's sample is bounded and holds no NUL or control bytes", () => {
+    const sample = sampleOf(Buffer.concat([Buffer.from([0, 1, 0x7f, 0xff]), Buffer.from("a.b"), Buffer.alloc(10_000, 0x41)]));
+    expect(sample.startsWith("\\x00\\x01\\x7f\\xffa.b")).toBe(true);
+    expect(sample).not.toMatch(/[\u0000-\u001f]/);
+    expect(sample.length).toBeLessThanOrEqual(4096 * 4);
+  });
+  it("the example production config in deploy/ is valid", () => {
+    const path = new URL("../../deploy/fedrelay.example.json", import.meta.url);
+    const config = loadConfig({ file: { path: path.pathname, text: readFileSync(path, "utf8") } });
+    expect(config.homeserver).toBe("beta.example.org");
+    expect(config.postgres.schema).toBe("fedrelay_beta_example_org");
+  });
+});
