@@ -6,6 +6,7 @@ import { createHash } from "node:crypto";
 import { z } from "zod";
 import { RelayError } from "./errors.ts";
 import { DEFAULT_EVENT_LIMITS } from "./protocol/claims.ts";
+import { isServerPattern } from "./policy/server-rules.ts";
 import { isHomeserverName } from "./protocol/names.ts";
 
 const homeserver = z.string().refine(isHomeserverName, "must be a lowercase DNS name (DESIGN §3)");
@@ -60,6 +61,14 @@ export const configSchema = z.strictObject({
         .refine((p) => p.keys !== undefined || p.jwksUrl !== undefined, "needs keys or jwksUrl"),
     )
     .default({}),
+  /** Server-level recipient policy (DESIGN §2); the admin API and CLI add rules at run time. */
+  policy: z.strictObject({
+    mode: z.enum(["open", "allowlist"]).default("open"),
+    allow: z.array(z.string().refine(isServerPattern, "must be a homeserver name or *.suffix")).default([]),
+    deny: z.array(z.string().refine(isServerPattern, "must be a homeserver name or *.suffix")).default([]),
+    // Run-time changes reach every process within this bound; the requirement is one second.
+    refreshMs: z.number().int().min(50).max(1000).default(500),
+  }).default({ mode: "open", allow: [], deny: [], refreshMs: 500 }),
   // Refetching a peer's JWKS on an unknown kid lets it rotate keys without us restarting;
   // the cooldown stops forged kids from turning us into a request amplifier.
   jwksRefreshCooldownSeconds: z.number().int().min(1).default(60),

@@ -10,6 +10,7 @@ import type { EventLimits } from "./protocol/claims.ts";
 import { verifyEvent, type KeyResolver } from "./protocol/verify.ts";
 import { commitBatch, type AcceptedInput, type EventOutcome, type RefusedInput } from "./store/commit-batch.ts";
 import type { Db } from "./store/db.ts";
+import { storedDecisions, type ReportItem, type ReportSender } from "./reports.ts";
 
 export interface ReceiverDeps {
   readonly self: string;
@@ -23,6 +24,8 @@ export interface ReceiverDeps {
   readonly isSenderAllowed?: (iss: string) => boolean;
   /** How long JetStream waits before redelivering a batch that failed for a transient reason. */
   readonly retryDelayMs: number;
+  /** Publishes delivery reports (DESIGN §8) after the commit. */
+  readonly reports?: ReportSender;
 }
 
 const SAMPLE_BYTES = 4096;
@@ -43,6 +46,23 @@ export function createReceiver(deps: ReceiverDeps): { processBatch(batch: JsMsg[
   const allowAll = (): boolean => true;
   const { metrics } = deps;
 
+  /** After the acks: a report that fails is logged, never a reason to redeliver a stored event. */
+  async function sendReports(reports: ReportSender, outcomes: readonly EventOutcome[], bySeq: ReadonlyMap<number, AcceptedInput>): Promise<void> {
+    try {
+      const items: ReportItem[] = [];
+      const duplicates: { iss: string; jti: string; cids: string[] }[] = [];
+      for (const o of outcomes) {
+        const { iss, jti, rcpt } = bySeq.get(o.streamSeq)!.event.claims;
+        if (o.status === "stored") items.push({ sender: iss, ref: jti, ...o.decision });
+        else duplicates.push({ iss, jti, cids: rcpt.map((r) => r.cid) });
+      }
+      items.push(...(await storedDecisions(deps.db, duplicates)));
+      await reports.send(items);
+    } catch (err) {
+      deps.log.warn({ err }, "reports not sent");
+    }
+  }
+
   return {
     async processBatch(batch) {
       const now = deps.now();
@@ -50,6 +70,7 @@ export function createReceiver(deps: ReceiverDeps): { processBatch(batch: JsMsg[
       const refused: RefusedInput[] = [];
       const refusedMsgs: JsMsg[] = [];
       const acceptedMsgs = new Map<number, JsMsg>();
+      const acceptedBySeq = new Map<number, AcceptedInput>();
       metrics.eventsReceived.inc(batch.length);
       try {
         for (const m of batch) {
@@ -61,7 +82,9 @@ export function createReceiver(deps: ReceiverDeps): { processBatch(batch: JsMsg[
             now,
           });
           if (verdict.ok) {
-            accepted.push({ streamSeq: m.seq, event: verdict.event });
+            const input = { streamSeq: m.seq, event: verdict.event };
+            accepted.push(input);
+            acceptedBySeq.set(m.seq, input);
             acceptedMsgs.set(m.seq, m);
           } else {
             refused.push({ streamSeq: m.seq, subject: m.subject, reason: verdict.reason, detail: verdict.detail, claimed: verdict.claimed, sample: sampleOf(m.data) });
@@ -90,6 +113,7 @@ export function createReceiver(deps: ReceiverDeps): { processBatch(batch: JsMsg[
           metrics.eventsRefused.inc({ reason: r.reason });
           deps.log.info({ seq: r.streamSeq, subject: r.subject, reason: r.reason, detail: r.detail, claimed: r.claimed }, "event refused");
         });
+        if (deps.reports) await sendReports(deps.reports, outcomes, acceptedBySeq);
         return { outcomes, refused };
       } catch (err) {
         // Transient (Postgres down, a timeout): nothing was committed, so nothing

@@ -14,13 +14,19 @@ import { createHttpServer, type HealthReport } from "./http/server.ts";
 import { createKeyRegistry } from "./keys/registry.ts";
 import { createMetrics, type RelayMetrics } from "./metrics.ts";
 import { importSigningKey, type PublicJwk, type SigningKey } from "./protocol/keys.ts";
-import { inboxStreamName } from "./protocol/subjects.ts";
+import { inboxStreamName, reportStreamName } from "./protocol/subjects.ts";
 import { createReceiver } from "./receiver.ts";
 import { createDb, type Db } from "./store/db.ts";
 import { migrate } from "./store/migrate.ts";
 import { createDeliveryNotifier, type DeliveryNotifier } from "./store/notifier.ts";
 import { startBatchLoop, type BatchLoop } from "./transport/consumer.ts";
-import { ensureInbox } from "./transport/streams.ts";
+import { ensureInbox, ensureReportStream } from "./transport/streams.ts";
+import { isSenderAllowed } from "./policy/server-rules.ts";
+import { createReportRecorder, createReportSender } from "./reports.ts";
+import { watchServerPolicy, type PolicyWatcher } from "./store/server-policy.ts";
+
+/** Not wire: the durable consumer of this homeserver's report stream. */
+const REPORT_CONSUMER = "reports";
 
 export interface RelayRoles {
   /** HTTP API: keys, fan-out, clients' messages. */
@@ -67,6 +73,8 @@ export function createRelay(config: RelayConfig, roles: RelayRoles, deps: RelayD
 
   let nc: NatsConnection | undefined;
   let loop: BatchLoop | undefined;
+  let reportLoop: BatchLoop | undefined;
+  let policy: PolicyWatcher | undefined;
   let notifier: DeliveryNotifier | undefined;
   let http: FastifyInstance | undefined;
   let url = "";
@@ -93,6 +101,9 @@ export function createRelay(config: RelayConfig, roles: RelayRoles, deps: RelayD
     });
     const jsm = await jetstreamManager(nc);
     await ensureInbox(jsm, config.homeserver, { ...config.inbox, maxMessageBytes: config.limits.maxMessageBytes }, config.worker);
+    await ensureReportStream(jsm, config.homeserver, REPORT_CONSUMER, config.inbox.replicas);
+    policy = await watchServerPolicy(db, config.policy, config.policy.refreshMs, log);
+    const serverPolicy = policy;
     const keys = createKeyRegistry({
       self: { homeserver: config.homeserver, keys: publicKeys },
       peers: config.peers,
@@ -105,18 +116,28 @@ export function createRelay(config: RelayConfig, roles: RelayRoles, deps: RelayD
     const js = jetstream(nc);
 
     if (roles.worker) {
+      if (!signingKey) log.warn("no signing key: this worker stores events but sends no delivery reports");
       const receiver = createReceiver({
         self: config.homeserver, db, keys, limits: config.limits, metrics, log, now, retryDelayMs: config.worker.retryDelayMs,
+        isSenderAllowed: (iss) => isSenderAllowed(iss, serverPolicy.current()),
+        ...(signingKey ? {
+          reports: createReportSender({ self: config.homeserver, js, signingKey, log, metrics, now, publishTimeoutMs: config.fanout.publishTimeoutMs }),
+        } : {}),
       });
       const consumer = await js.consumers.get(inboxStreamName(config.homeserver), config.worker.consumer);
       loop = await startBatchLoop(consumer, { batchSize: config.worker.batchSize, expiresMs: config.worker.fetchExpiresMs },
         async (batch) => void (await receiver.processBatch(batch)));
+      const recorder = createReportRecorder({ self: config.homeserver, db, keys, log });
+      const reportConsumer = await js.consumers.get(reportStreamName(config.homeserver), REPORT_CONSUMER);
+      reportLoop = await startBatchLoop(reportConsumer, { batchSize: 100, expiresMs: config.worker.fetchExpiresMs }, recorder.handle);
     }
 
     let api;
     if (roles.api && signingKey) {
       notifier = await createDeliveryNotifier(db);
       api = {
+        self: config.homeserver,
+        policy: serverPolicy,
         db,
         notifier,
         fanout: createFanout({
@@ -148,6 +169,8 @@ export function createRelay(config: RelayConfig, roles: RelayRoles, deps: RelayD
       };
       await step(() => http?.close());
       await step(() => loop?.stop());
+      await step(() => reportLoop?.stop());
+      policy?.close();
       await step(() => notifier?.close());
       await step(() => nc?.drain());
       await step(() => db.close());

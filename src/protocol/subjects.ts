@@ -19,11 +19,24 @@ export function inboxStreamName(destination: string): string {
   return `FEDRELAY_IN_${subjectToken(destination)}`;
 }
 
-/** The sender token of an inbox subject (its last token), as a homeserver name. */
-export function senderOfInboxSubject(subject: string): string | undefined {
+export function reportWildcard(originalSender: string): string {
+  return `${PREFIX}.report.${subjectToken(originalSender)}.*`;
+}
+
+/** Not wire: the sender's own stream for the reports it receives. */
+export function reportStreamName(originalSender: string): string {
+  return `FEDRELAY_REPORTS_${subjectToken(originalSender)}`;
+}
+
+/** The last token of an inbox or report subject, as a homeserver name: who published it. */
+export function senderOfSubject(subject: string, kind: "inbox" | "report"): string | undefined {
   const parts = subject.split(".");
-  if (parts.length !== 5 || `${parts[0]}.${parts[1]}` !== PREFIX || parts[2] !== "inbox") {
+  if (parts.length !== 5 || `${parts[0]}.${parts[1]}` !== PREFIX || parts[2] !== kind) {
     return undefined;
   }
   return homeserverFromToken(parts[4]!);
+}
+
+export function senderOfInboxSubject(subject: string): string | undefined {
+  return senderOfSubject(subject, "inbox");
 }

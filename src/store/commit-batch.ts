@@ -14,6 +14,7 @@ import { sql, type Transaction } from "kysely";
 import type { EventReason } from "../errors.ts";
 import { decideRecipients, type RecipientDecision } from "../policy/recipients.ts";
 import type { VerifiedEvent } from "../protocol/verify.ts";
+import { loadRecipientFacts } from "./capabilities.ts";
 import type { Db } from "./db.ts";
 import type { Database } from "./schema.ts";
 
@@ -99,7 +100,8 @@ async function storeEvents(trx: Transaction<Database>, accepted: readonly Accept
       SELECT id, delivery_seq FROM clients WHERE id = ANY(${candidates}::text[]) ORDER BY id FOR UPDATE`.execute(trx)
   ).rows;
   const nextSeq = new Map(locked.map((r) => [r.id, Number(r.delivery_seq)]));
-  const facts = { knownClients: new Set(nextSeq.keys()) };
+  const presented = [...new Set(stored.flatMap((a) => a.event.claims.rcpt.flatMap((r) => (r.cap === undefined ? [] : [r.cap]))))];
+  const facts = await loadRecipientFacts(trx, new Set(nextSeq.keys()), presented);
 
   const decisions = new Map<AcceptedInput, RecipientDecision>();
   const delivery = { client: [] as string[], seq: [] as number[], iss: [] as string[], jti: [] as string[] };

@@ -44,7 +44,8 @@ export function createDb(options: { url: string; schema: string; poolSize: numbe
     kysely,
     schema: options.schema,
     close() {
-      closing ??= kysely.destroy();
+      // kysely ends the pool only if it ever used it; plain pool users (migrate) need the second step.
+      closing ??= kysely.destroy().then(() => (pool.ended ? undefined : pool.end()));
       return closing;
     },
   };

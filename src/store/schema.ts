@@ -66,4 +66,48 @@ export interface Database {
   deliveries: DeliveriesTable;
   recipient_refusals: RecipientRefusalsTable;
   refused_events: RefusedEventsTable;
+  capabilities: CapabilitiesTable;
+  client_blocks: ClientBlocksTable;
+  server_rules: ServerRulesTable;
+  server_policy: ServerPolicyTable;
+  reports: ReportsTable;
+}
+
+export interface CapabilitiesTable {
+  id: string;
+  hash: Buffer;
+  client_id: string;
+  grp: string;
+  owner: string;
+  created_at: Timestamp;
+  revoked_at: ColumnType<Date | null, Date | string | null | undefined, Date | string | null>;
+}
+
+export interface ClientBlocksTable {
+  client_id: string;
+  kind: "server" | "group";
+  target: string;
+  created_at: Timestamp;
+}
+
+export interface ServerRulesTable {
+  pattern: string;
+  action: "allow" | "deny";
+  created_at: Timestamp;
+}
+
+export interface ServerPolicyTable {
+  singleton: ColumnType<boolean, boolean | undefined, boolean>;
+  mode: "open" | "allowlist";
+  updated_at: Timestamp;
+}
+
+export interface ReportsTable {
+  destination: string;
+  ref: string;
+  jti: string;
+  accepted: ColumnType<string[], string, string>;
+  refused: ColumnType<{ cid: string; reason: string }[], string, string>;
+  token: string;
+  received_at: Timestamp;
 }

@@ -4,7 +4,7 @@ import {
   type JetStreamManager, type StreamConfig,
 } from "@nats-io/jetstream";
 import { nanos } from "@nats-io/transport-node";
-import { inboxStreamName, inboxWildcard } from "../protocol/subjects.ts";
+import { inboxStreamName, inboxWildcard, reportStreamName, reportWildcard } from "../protocol/subjects.ts";
 
 export interface InboxSettings {
   readonly replicas: number;
@@ -38,9 +38,7 @@ export function inboxStreamConfig(homeserver: string, s: InboxSettings): Partial
   };
 }
 
-/** Creates or updates the inbox stream and the workers' shared durable pull consumer. */
-export async function ensureInbox(jsm: JetStreamManager, homeserver: string, inbox: InboxSettings, consumer: ConsumerSettings): Promise<void> {
-  const config = inboxStreamConfig(homeserver, inbox);
+async function upsertStream(jsm: JetStreamManager, config: Partial<StreamConfig> & { name: string }): Promise<void> {
   try {
     await jsm.streams.info(config.name);
     await jsm.streams.update(config.name, config);
@@ -48,6 +46,12 @@ export async function ensureInbox(jsm: JetStreamManager, homeserver: string, inb
     if (!(err instanceof JetStreamApiError && err.code === JetStreamApiCodes.StreamNotFound)) throw err;
     await jsm.streams.add(config);
   }
+}
+
+/** Creates or updates the inbox stream and the workers' shared durable pull consumer. */
+export async function ensureInbox(jsm: JetStreamManager, homeserver: string, inbox: InboxSettings, consumer: ConsumerSettings): Promise<void> {
+  const config = inboxStreamConfig(homeserver, inbox);
+  await upsertStream(jsm, config);
   await jsm.consumers.add(config.name, {
     durable_name: consumer.consumer,
     ack_policy: AckPolicy.Explicit,
@@ -56,6 +60,29 @@ export async function ensureInbox(jsm: JetStreamManager, homeserver: string, inb
     max_ack_pending: consumer.maxAckPending,
     // Never give up on an event: transient failures are retried until they pass,
     // permanent ones are terminated explicitly with their reason.
+    max_deliver: -1,
+  });
+}
+
+/** The sender's stream for reports about its events, and the consumer that records them. */
+export async function ensureReportStream(jsm: JetStreamManager, homeserver: string, consumer: string, replicas: number): Promise<void> {
+  const config: Partial<StreamConfig> & { name: string } = {
+    name: reportStreamName(homeserver),
+    subjects: [reportWildcard(homeserver)],
+    storage: StorageType.File,
+    retention: RetentionPolicy.Workqueue,
+    num_replicas: replicas,
+    duplicate_window: nanos(120_000),
+    // Reports are proof for the sender; a week covers any outage of ours.
+    max_age: nanos(7 * 24 * 3600 * 1000),
+    max_msg_size: 256 * 1024,
+  };
+  await upsertStream(jsm, config);
+  await jsm.consumers.add(config.name, {
+    durable_name: consumer,
+    ack_policy: AckPolicy.Explicit,
+    deliver_policy: DeliverPolicy.All,
+    ack_wait: nanos(30_000),
     max_deliver: -1,
   });
 }

@@ -119,6 +119,13 @@ export async function http(url: string, init: { method?: string; token?: string;
   return { status: res.status, json: text ? (JSON.parse(text) as Record<string, unknown>) : {} };
 }
 
+/** The backend issues `clientId` a capability for `group` (as on a join) and returns the secret. */
+export async function grantCapability(hs: TestHomeserver, clientId: string, group: string): Promise<string> {
+  const res = await http(`${hs.relay.url}/v1/clients/${encodeURIComponent(clientId)}/capabilities`, { method: "POST", token: SERVICE_TOKEN, body: { group } });
+  if (res.status !== 201) throw new Error(`capability for ${clientId}: ${res.status} ${JSON.stringify(res.json)}`);
+  return res.json.capability as string;
+}
+
 /** Registers a client on a homeserver and returns its bearer token. */
 export async function addClient(hs: TestHomeserver, clientId: string): Promise<string> {
   const put = await http(`${hs.relay.url}/v1/clients/${encodeURIComponent(clientId)}`, { method: "PUT", token: SERVICE_TOKEN });

@@ -10,7 +10,7 @@ import { createKeyRegistry } from "../../src/keys/registry.ts";
 import { commitBatch } from "../../src/store/commit-batch.ts";
 import { publishEvent } from "../../src/transport/publisher.ts";
 import {
-  addClient, eventClaims, eventually, http, identity, natsClient, SERVICE_TOKEN, signed, startHomeserver,
+  addClient, eventClaims, eventually, grantCapability, http, identity, natsClient, SERVICE_TOKEN, signed, startHomeserver,
   type Identity, type NatsClient, type TestHomeserver,
 } from "../helpers/federation.ts";
 
@@ -54,11 +54,13 @@ describe("delivery from the owner to a client of another homeserver", () => {
   it("a fan-out from alpha reaches beta's clients, which pick it up over HTTP and acknowledge it", async () => {
     const bobToken = await addClient(betaHs, "bob");
     const bartToken = await addClient(betaHs, "bart");
+    const bobCap = await grantCapability(betaHs, "bob", "climbing@alpha");
+    const bartCap = await grantCapability(betaHs, "bart", "climbing@alpha");
     const res = await http(`${alphaHs.relay.url}/v1/fanout`, {
       method: "POST", token: SERVICE_TOKEN,
       body: {
         group: "climbing@alpha", body: Buffer.from("belay on?").toString("base64url"), ctype: "text/plain", seq: 7,
-        recipients: [{ server: "beta", client: "bob" }, { server: "beta", client: "bart" }],
+        recipients: [{ server: "beta", client: "bob", capability: bobCap }, { server: "beta", client: "bart", capability: bartCap }],
       },
     });
     expect(res.status).toBe(200);
@@ -78,7 +80,8 @@ describe("delivery from the owner to a client of another homeserver", () => {
 
   it("the same event published twice, byte for byte or re-signed, is stored once", async () => {
     const token = await addClient(betaHs, "carol");
-    const first = await signed(alpha, "beta", [{ cid: "carol" }]);
+    const cap = await grantCapability(betaHs, "carol", "g@alpha");
+    const first = await signed(alpha, "beta", [{ cid: "carol", cap }]);
     const seq1 = await publishTo("beta", "alpha", first.token);
     const again = await publishEvent(client.js, inboxSubject("beta", "alpha"), Buffer.from(first.token), 5000);
     // JetStream drops identical bytes by their content hash...
@@ -86,7 +89,7 @@ describe("delivery from the owner to a client of another homeserver", () => {
     // ...and Postgres drops a re-signed copy (new bytes, same iss and jti).
     const resigned = await signEvent({ ...first.claims, iat: first.claims.iat - 1 }, alpha.key);
     await publishTo("beta", "alpha", resigned);
-    const marker = await signed(alpha, "beta", [{ cid: "carol" }]);
+    const marker = await signed(alpha, "beta", [{ cid: "carol", cap }]);
     await publishTo("beta", "alpha", marker.token);
 
     const messages = await eventually(async () => {
@@ -101,7 +104,7 @@ describe("delivery from the owner to a client of another homeserver", () => {
     const gammaHs = await startHomeserver(gamma, { natsUrl: nats.url, peers: [alpha], roles: { api: true, worker: false } });
     try {
       const token = await addClient(gammaHs, "gina");
-      const event = await signed(alpha, "gamma", [{ cid: "gina" }]);
+      const event = await signed(alpha, "gamma", [{ cid: "gina", cap: await grantCapability(gammaHs, "gina", "g@alpha") }]);
       const seq = await publishTo("gamma", "alpha", event.token);
       // The dead worker's commit: the event is in Postgres, its message still unacknowledged in the stream.
       const keys = createKeyRegistry({ self: { homeserver: "gamma", keys: [] }, peers: { alpha: { keys: [alpha.publicJwk] } }, cooldownSeconds: 60 });
@@ -130,14 +133,14 @@ describe("delivery from the owner to a client of another homeserver", () => {
     }
   });
 
-  it("accepts the known clients of an event and refuses unknown ones as unknown_client", async () => {
+  it("accepts the recipients with a capability and refuses one without as no_capability", async () => {
     const token = await addClient(betaHs, "dave");
-    const event = await signed(alpha, "beta", [{ cid: "dave" }, { cid: "nobody-here" }]);
+    const event = await signed(alpha, "beta", [{ cid: "dave", cap: await grantCapability(betaHs, "dave", "g@alpha") }, { cid: "nobody-here" }]);
     await publishTo("beta", "alpha", event.token);
     await eventually(async () => (await messagesOf(betaHs, token)).length === 1);
     const refusals = await betaHs.relay.db.kysely.selectFrom("recipient_refusals").select(["client_id", "reason"])
       .where("jti", "=", event.claims.jti).execute();
-    expect(refusals).toEqual([{ client_id: "nobody-here", reason: "unknown_client" }]);
+    expect(refusals).toEqual([{ client_id: "nobody-here", reason: "no_capability" }]);
   });
 });
 
@@ -193,7 +196,7 @@ describe("forged events never reach Postgres", () => {
 
   it("a forgery reusing a genuine jti does not make the genuine event a duplicate", async () => {
     const token = await addClient(betaHs, "erin");
-    const genuine = await signed(alpha, "beta", [{ cid: "erin" }]);
+    const genuine = await signed(alpha, "beta", [{ cid: "erin", cap: await grantCapability(betaHs, "erin", "g@alpha") }]);
     const forged = await signEvent(genuine.claims, importSigningKey({ ...gamma.jwk, kid: alpha.key.kid }));
     await publishTo("beta", "alpha", forged);
     await publishTo("beta", "alpha", genuine.token);

@@ -5,7 +5,7 @@ import { createKeyRegistry } from "../../src/keys/registry.ts";
 import { startLocalNats, type LocalNats } from "../../src/local-nats.ts";
 import { inboxSubject } from "../../src/protocol/subjects.ts";
 import { publishEvent } from "../../src/transport/publisher.ts";
-import { addClient, eventually, http, identity, natsClient, signed, startHomeserver, type Identity } from "../helpers/federation.ts";
+import { addClient, eventually, grantCapability, http, identity, natsClient, signed, startHomeserver, type Identity } from "../helpers/federation.ts";
 
 /** A peer's JWKS endpoint whose keys the test changes, counting fetches. */
 let server: Server;
@@ -81,7 +81,7 @@ describe("a homeserver that knows its peer only by JWKS URL", () => {
     const client = await natsClient(nats.url);
     try {
       const token = await addClient(betaHs, "bob");
-      const event = await signed(alpha, "beta", [{ cid: "bob" }]);
+      const event = await signed(alpha, "beta", [{ cid: "bob", cap: await grantCapability(betaHs, "bob", "g@alpha") }]);
       await publishEvent(client.js, inboxSubject("beta", "alpha"), Buffer.from(event.token), 5000);
       const got = await eventually(async () => {
         const res = await http(`${betaHs.relay.url}/v1/messages`, { token });

@@ -3,6 +3,7 @@ import { sql } from "kysely";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { startLocalNats, type LocalNats } from "../../src/local-nats.ts";
 import { inboxSubject } from "../../src/protocol/subjects.ts";
+import { issueCapability } from "../../src/store/capabilities.ts";
 import { registerClient } from "../../src/store/clients.ts";
 import { createDb, type Db } from "../../src/store/db.ts";
 import { migrate } from "../../src/store/migrate.ts";
@@ -46,7 +47,11 @@ describe("several worker processes share one consumer", () => {
     db = createDb(config.postgres);
     await migrate(db.pool, config.postgres.schema);
     await ensureInbox(await jetstreamManager(client.nc), "beta", { ...config.inbox, maxMessageBytes: config.limits.maxMessageBytes }, config.worker);
-    for (let c = 0; c < CLIENTS; c++) await registerClient(db, `client-${c}`);
+    const caps: string[] = [];
+    for (let c = 0; c < CLIENTS; c++) {
+      await registerClient(db, `client-${c}`);
+      caps.push((await issueCapability(db, `client-${c}`, "g@alpha", "alpha")).capability);
+    }
 
     const path = await writeConfigFile({ ...config, keys: { retired: [] } });
     const workers: WorkerProcess[] = await Promise.all([startWorkerProcess(path), startWorkerProcess(path)]);
@@ -54,7 +59,8 @@ describe("several worker processes share one consumer", () => {
       const jtis = new Set<string>();
       for (let i = 0; i < EVENTS; i += 100) {
         await Promise.all(Array.from({ length: 100 }, async (_, k) => {
-          const e = await signed(alpha, "beta", [{ cid: `client-${(i + k) % CLIENTS}` }]);
+          const c = (i + k) % CLIENTS;
+          const e = await signed(alpha, "beta", [{ cid: `client-${c}`, cap: caps[c]! }]);
           jtis.add(e.claims.jti);
           await publishEvent(client.js, inboxSubject("beta", "alpha"), Buffer.from(e.token), 5000);
         }));

@@ -3,26 +3,10 @@ import { describe, expect, it } from "vitest";
 import { loadConfig } from "../../src/config.ts";
 import { dispositionOf, EVENT_REASONS, HTTP_STATUS, RECIPIENT_REASONS } from "../../src/errors.ts";
 import { splitByDestination } from "../../src/fanout.ts";
-import { decideRecipients } from "../../src/policy/recipients.ts";
-import type { EventClaims } from "../../src/protocol/claims.ts";
 import { uuidv7 } from "../../src/protocol/event-id.ts";
 import { isEventId } from "../../src/protocol/names.ts";
 import { sampleOf } from "../../src/receiver.ts";
 import { messageId } from "../../src/transport/publisher.ts";
-
-const claims = (cids: string[]): EventClaims => ({
-  iss: "alpha", aud: "beta", jti: "j", iat: 0, exp: 1, grp: "g@alpha", body: "", rcpt: cids.map((cid) => ({ cid })),
-});
-
-describe("per-recipient decision", () => {
-  it("accepts known local clients and refuses the others unknown_client, keeping the event's order", () => {
-    const d = decideRecipients(claims(["bob", "mallory", "bart"]), { knownClients: new Set(["bart", "bob"]) });
-    expect(d).toEqual({ accepted: ["bob", "bart"], refused: [{ cid: "mallory", reason: "unknown_client" }] });
-  });
-  it("refuses every recipient when none is known", () => {
-    expect(decideRecipients(claims(["x"]), { knownClients: new Set() })).toEqual({ accepted: [], refused: [{ cid: "x", reason: "unknown_client" }] });
-  });
-});
 
 describe("fan-out split", () => {
   it("groups recipients by destination in first-seen order and drops repeated clients", () => {

@@ -1,0 +1,106 @@
+/**
+ * Delivery reports (DESIGN §8), both ways: the destination signs and publishes
+ * one per event that passed verification; the sender verifies and records
+ * those it receives, and wakes a fan-out request waiting for them.
+ */
+import type { JetStreamClient, JsMsg } from "@nats-io/jetstream";
+import { sql } from "kysely";
+import type { Logger } from "pino";
+import type { RecipientReason } from "./errors.ts";
+import type { RelayMetrics } from "./metrics.ts";
+import type { SigningKey } from "./protocol/keys.ts";
+import { reportClaims, verifyReport } from "./protocol/report.ts";
+import { signReport } from "./protocol/sign.ts";
+import { reportSubject, senderOfSubject } from "./protocol/subjects.ts";
+import type { KeyResolver } from "./protocol/verify.ts";
+import type { Db } from "./store/db.ts";
+import { publishEvent } from "./transport/publisher.ts";
+
+export interface ReportItem {
+  readonly sender: string;
+  readonly ref: string;
+  readonly accepted: readonly string[];
+  readonly refused: readonly { cid: string; reason: RecipientReason }[];
+}
+
+export interface ReportSender {
+  send(items: readonly ReportItem[]): Promise<void>;
+}
+
+export function createReportSender(deps: {
+  self: string; js: JetStreamClient; signingKey: SigningKey; log: Logger; metrics: RelayMetrics; now: () => number; publishTimeoutMs: number;
+}): ReportSender {
+  return {
+    async send(items) {
+      await Promise.all(items.map(async (item) => {
+        const claims = reportClaims({ destination: deps.self, sender: item.sender, ref: item.ref, accepted: item.accepted, refused: item.refused, now: deps.now() });
+        const token = await signReport(claims, deps.signingKey);
+        try {
+          await publishEvent(deps.js, reportSubject(item.sender, deps.self), Buffer.from(token, "latin1"), deps.publishTimeoutMs);
+          deps.metrics.reportsSent.inc();
+        } catch (err) {
+          // The sender may not run a report stream (or be down); its events are stored regardless.
+          deps.metrics.reportFailures.inc();
+          deps.log.warn({ sender: item.sender, ref: item.ref, err: (err as Error).message }, "report not delivered");
+        }
+      }));
+    },
+  };
+}
+
+/** A duplicate's report repeats the original decision, from what was stored. */
+export async function storedDecisions(db: Db, events: readonly { iss: string; jti: string; cids: readonly string[] }[]): Promise<ReportItem[]> {
+  if (events.length === 0) return [];
+  const rows = await sql<{ iss: string; jti: string; client_id: string; reason: RecipientReason }>`
+    SELECT iss, jti, client_id, reason FROM recipient_refusals
+    WHERE (iss, jti) IN (SELECT * FROM unnest(${events.map((e) => e.iss)}::text[], ${events.map((e) => e.jti)}::text[]))`.execute(db.kysely);
+  return events.map((e) => {
+    const refused = rows.rows.filter((r) => r.iss === e.iss && r.jti === e.jti).map((r) => ({ cid: r.client_id, reason: r.reason }));
+    const refusedIds = new Set(refused.map((r) => r.cid));
+    return { sender: e.iss, ref: e.jti, accepted: e.cids.filter((c) => !refusedIds.has(c)), refused };
+  });
+}
+
+export interface StoredReport {
+  readonly server: string;
+  readonly event: string;
+  readonly accepted: readonly string[];
+  readonly refused: readonly { cid: string; reason: string }[];
+}
+
+/** Records verified reports; the notification wakes fan-out requests waiting on `report:<ref>`. */
+export function createReportRecorder(deps: { self: string; db: Db; keys: KeyResolver; log: Logger }): { handle(batch: JsMsg[]): Promise<void> } {
+  return {
+    async handle(batch) {
+      for (const m of batch) {
+        const token = Buffer.from(m.data).toString("latin1");
+        const verdict = await verifyReport(token, senderOfSubject(m.subject, "report"), { self: deps.self, keys: deps.keys });
+        if (!verdict.ok) {
+          deps.log.warn({ subject: m.subject, detail: verdict.detail }, "report refused");
+          m.term(verdict.detail);
+          continue;
+        }
+        const c = verdict.claims;
+        try {
+          await deps.db.kysely.transaction().execute(async (trx) => {
+            await trx.insertInto("reports").values({
+              destination: c.iss, ref: c.ref, jti: c.jti, accepted: JSON.stringify(c.accepted), refused: JSON.stringify(c.refused), token,
+            }).onConflict((oc) => oc.columns(["destination", "ref"]).doNothing()).execute();
+            await sql`SELECT pg_notify(${deps.db.schema}, ${`report:${c.ref}`})`.execute(trx);
+          });
+          m.ack();
+        } catch (err) {
+          deps.log.error({ err }, "recording a report failed; will retry");
+          m.nak(1000);
+        }
+      }
+    },
+  };
+}
+
+export async function reportsFor(db: Db, refs: readonly string[]): Promise<StoredReport[]> {
+  if (refs.length === 0) return [];
+  const rows = await db.kysely.selectFrom("reports").select(["destination", "ref", "accepted", "refused"])
+    .where("ref", "in", [...refs]).orderBy("destination").execute();
+  return rows.map((r) => ({ server: r.destination, event: r.ref, accepted: r.accepted, refused: r.refused }));
+}
