@@ -2,11 +2,12 @@
 
 -- Delivery capabilities: only the SHA-256 of the secret is stored, bound to
 -- (client, group, owner). Revoked ones are kept, so a late event using one is
--- refused capability_revoked rather than capability_mismatch.
+-- refused capability_revoked rather than capability_mismatch; so are those of
+-- a removed client (no foreign key), so its events are refused unknown_client.
 CREATE TABLE capabilities (
   id          text PRIMARY KEY,
   hash        bytea NOT NULL UNIQUE,
-  client_id   text NOT NULL REFERENCES clients (id) ON DELETE CASCADE,
+  client_id   text NOT NULL,
   grp         text NOT NULL,
   owner       text NOT NULL,
   created_at  timestamptz NOT NULL DEFAULT now(),

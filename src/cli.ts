@@ -6,9 +6,12 @@ import { isRelayError, RelayError } from "./errors.ts";
 import { generateSigningJwk, importSigningKey } from "./protocol/keys.ts";
 import { createRelay, type RelayRoles } from "./relay.ts";
 import { createClientTokens } from "./http/auth.ts";
-import { isClientId } from "./protocol/names.ts";
-import { registerClient } from "./store/clients.ts";
-import { createDb } from "./store/db.ts";
+import { isClientId, parseGroupId } from "./protocol/names.ts";
+import { clientExists, registerClient } from "./store/clients.ts";
+import { createDb, type Db } from "./store/db.ts";
+import { issueCapability, listCapabilities, revokeCapability } from "./store/capabilities.ts";
+import { deleteRule, loadRuntimePolicy, putRule, setMode } from "./store/server-policy.ts";
+import { isServerPattern, mergePolicies } from "./policy/server-rules.ts";
 import { migrate } from "./store/migrate.ts";
 
 export interface CliIo {
@@ -54,6 +57,18 @@ async function readOrFail(io: CliIo, path: string, what: string): Promise<string
     return await io.readFile(path);
   } catch (cause) {
     throw new RelayError("config_invalid", `cannot read ${what} ${path}: ${(cause as NodeJS.ErrnoException).code ?? (cause as Error).message}`, { cause });
+  }
+}
+
+/** Opens the homeserver's database (migrated) for one operator command. */
+async function withDb(values: Record<string, unknown>, io: CliIo, fn: (db: Db, config: RelayConfig) => Promise<number>): Promise<number> {
+  const config = await readConfig(values, io);
+  const db = createDb(config.postgres);
+  try {
+    await migrate(db.pool, config.postgres.schema);
+    return await fn(db, config);
+  } finally {
+    await db.close();
   }
 }
 
@@ -147,6 +162,78 @@ export const COMMANDS: Readonly<Record<string, Command>> = {
         await db.close();
       }
       return 0;
+    },
+  },
+  policy: {
+    summary: "show or change the server-level policy (applies to every process within a second)",
+    usage: `fedrelay policy list | allow PATTERN | deny PATTERN | remove PATTERN | mode open|allowlist [--config FILE]\n  PATTERN is a homeserver name or *.suffix\n${CONFIG_HELP}`,
+    options: configOption,
+    async run({ values, positionals }, io) {
+      const [action, arg] = positionals;
+      // Usage errors before any connection: a typo must not touch the database.
+      if (!["list", "allow", "deny", "remove", "mode"].includes(action ?? "")) {
+        throw new RelayError("bad_request", `policy takes list, allow, deny, remove or mode, got ${JSON.stringify(action ?? "")}`);
+      }
+      if (["allow", "deny", "remove"].includes(action!) && !isServerPattern(arg)) {
+        throw new RelayError("bad_request", `policy ${action} needs a homeserver name or *.suffix, got ${JSON.stringify(arg ?? "")}`);
+      }
+      if (action === "mode" && arg !== "open" && arg !== "allowlist") throw new RelayError("bad_request", "policy mode takes open or allowlist");
+      return withDb(values, io, async (db, config) => {
+        switch (action) {
+          case "list": {
+            const runtime = await loadRuntimePolicy(db);
+            const merged = mergePolicies(config.policy, runtime);
+            io.stdout(JSON.stringify({ ...merged, configured: { mode: config.policy.mode, allow: config.policy.allow, deny: config.policy.deny }, runtime }, null, 2));
+            return 0;
+          }
+          case "allow":
+          case "deny":
+            await putRule(db, arg!, action);
+            io.stdout(`${action} ${arg}`);
+            return 0;
+          case "remove":
+            if (!(await deleteRule(db, arg!))) throw new RelayError("not_found", `no run-time rule ${arg}`);
+            io.stdout(`removed ${arg}`);
+            return 0;
+          default:
+            await setMode(db, arg as "open" | "allowlist");
+            io.stdout(`mode ${arg}`);
+            return 0;
+        }
+      });
+    },
+  },
+  capability: {
+    summary: "issue, list or revoke a client's delivery capabilities",
+    usage: `fedrelay capability issue CLIENT GROUP | list CLIENT | revoke ID [--config FILE]\n${CONFIG_HELP}`,
+    options: configOption,
+    async run({ values, positionals }, io) {
+      const [action, a, b] = positionals;
+      const group = parseGroupId(b);
+      if (action === "issue" && (!isClientId(a) || !group)) throw new RelayError("bad_request", "capability issue needs CLIENT and GROUP (<local>@<owner>)");
+      if (action === "list" && !isClientId(a)) throw new RelayError("bad_request", "capability list needs CLIENT");
+      if (action === "revoke" && !a) throw new RelayError("bad_request", "capability revoke needs ID");
+      if (!["issue", "list", "revoke"].includes(action ?? "")) {
+        throw new RelayError("bad_request", `capability takes issue, list or revoke, got ${JSON.stringify(action ?? "")}`);
+      }
+      return withDb(values, io, async (db) => {
+        switch (action) {
+          case "issue": {
+            if (!(await clientExists(db, a!))) throw new RelayError("not_found", `no client ${a}`);
+            const cap = await issueCapability(db, a!, b!, group!.owner);
+            io.stderr(`fedrelay: capability ${cap.id} for ${a} in ${b}; the secret (shown once):`);
+            io.stdout(cap.capability);
+            return 0;
+          }
+          case "list":
+            io.stdout(JSON.stringify(await listCapabilities(db, a!), null, 2));
+            return 0;
+          default:
+            if (!(await revokeCapability(db, a!))) throw new RelayError("not_found", `no capability ${a}`);
+            io.stdout(`revoked ${a}`);
+            return 0;
+        }
+      });
     },
   },
   demo: {

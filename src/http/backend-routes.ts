@@ -6,7 +6,7 @@ import { fanoutRequestSchema } from "../fanout.ts";
 import { isServerPattern } from "../policy/server-rules.ts";
 import { isClientId, parseGroupId } from "../protocol/names.ts";
 import { reportsFor, type StoredReport } from "../reports.ts";
-import { clientExists, registerClient } from "../store/clients.ts";
+import { clientExists, registerClient, removeClient } from "../store/clients.ts";
 import { issueCapability, listCapabilities, revokeCapability } from "../store/capabilities.ts";
 import { deleteRule, loadRuntimePolicy, putRule, setMode } from "../store/server-policy.ts";
 import { capabilityRequest } from "./client-routes.ts";
@@ -63,6 +63,12 @@ export function registerBackendRoutes(app: FastifyInstance, api: ApiDeps): void 
     const id = clientParam(request.params.id);
     const created = await registerClient(api.db, id);
     return reply.status(created ? 201 : 200).send({ client: id, created });
+  });
+
+  app.delete<{ Params: { id: string } }>("/v1/clients/:id", async (request, reply) => {
+    const id = clientParam(request.params.id);
+    if (!(await removeClient(api.db, id))) throw new RelayError("not_found", `no client ${id}`);
+    return reply.status(204).send();
   });
 
   app.post<{ Params: { id: string } }>("/v1/clients/:id/tokens", async (request, reply) => {

@@ -1,11 +1,28 @@
 /** Local clients of this homeserver. */
 import type { Db } from "./db.ts";
 
-/** Registers a client; true when it is new. Registering twice is harmless (the backend may retry). */
+/**
+ * Registers a client; true when it is new. Registering twice is harmless (the
+ * backend may retry). A new client that reuses a removed client's id does not
+ * inherit its capabilities: they are revoked in the same transaction.
+ */
 export async function registerClient(db: Db, clientId: string): Promise<boolean> {
-  const result = await db.kysely
-    .insertInto("clients").values({ id: clientId }).onConflict((oc) => oc.column("id").doNothing()).executeTakeFirst();
-  return result.numInsertedOrUpdatedRows === 1n;
+  return db.kysely.transaction().execute(async (trx) => {
+    const result = await trx
+      .insertInto("clients").values({ id: clientId }).onConflict((oc) => oc.column("id").doNothing()).executeTakeFirst();
+    const created = result.numInsertedOrUpdatedRows === 1n;
+    if (created) {
+      await trx.updateTable("capabilities").set({ revoked_at: new Date() })
+        .where("client_id", "=", clientId).where("revoked_at", "is", null).execute();
+    }
+    return created;
+  });
+}
+
+/** Removes a client and its pending deliveries and blocks; events and capabilities stay for the record. */
+export async function removeClient(db: Db, clientId: string): Promise<boolean> {
+  const result = await db.kysely.deleteFrom("clients").where("id", "=", clientId).executeTakeFirst();
+  return result.numDeletedRows > 0n;
 }
 
 export async function clientExists(db: Db, clientId: string): Promise<boolean> {
