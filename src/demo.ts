@@ -25,7 +25,9 @@ export interface DemoOptions {
 
 const HOMESERVERS = ["alpha", "beta", "gamma"] as const;
 type Name = (typeof HOMESERVERS)[number];
-const MEMBERS: Readonly<Record<Name, readonly string[]>> = { alpha: ["alice"], beta: ["bob", "bart"], gamma: ["gina"] };
+const MEMBERS: Readonly<Record<Name, readonly string[]>> = { alpha: ["alice"], beta: ["bob", "bart"], gamma: ["gina", "gus"] };
+/** gus is in alpha's member list but never handed alpha a capability: gamma refuses deliveries to him. */
+const WITHOUT_CAPABILITY = "gus@gamma";
 const GROUP = "climbing@alpha";
 
 async function call(url: string, init: { method?: string; token?: string; body?: unknown } = {}): Promise<Record<string, unknown>> {
@@ -90,19 +92,40 @@ export async function runDemo(options: DemoOptions): Promise<void> {
         tokens.set(`${c}@${h}`, (await call(`${base}/v1/clients/${c}/tokens`, { method: "POST", token: serviceToken })).token as string);
       }
     }
-    const recipients = HOMESERVERS.flatMap((h) => MEMBERS[h].map((client) => ({ server: h, client })));
+    // Joining: each member asks its own homeserver for a delivery capability for the
+    // group and hands it to the owner, alpha, which presents it on every fan-out.
+    const recipients: { server: string; client: string; capability?: string }[] = [];
+    for (const h of HOMESERVERS) {
+      for (const client of MEMBERS[h]) {
+        if (`${client}@${h}` === WITHOUT_CAPABILITY) {
+          recipients.push({ server: h, client });
+          continue;
+        }
+        const cap = await call(`${byName.get(h)!.url}/v1/capabilities`, { method: "POST", token: tokens.get(`${client}@${h}`)!, body: { group: GROUP } });
+        recipients.push({ server: h, client, capability: cap.capability as string });
+      }
+    }
     out("");
-    out(`group ${GROUP}: ${recipients.map((r) => `${r.client}@${r.server}`).join(", ")}`);
+    out(`group ${GROUP}: ${recipients.map((r) => `${r.client}@${r.server}${r.capability ? "" : " (no capability)"}`).join(", ")}`);
 
     for (let i = 1; i <= options.messages; i++) {
       const text = `message ${i} from alice: ${["belay on?", "climbing!", "off belay"][(i - 1) % 3]}`;
-      const result = await call(`${byName.get("alpha")!.url}/v1/fanout`, {
+      // The first fan-out waits for the destinations' signed delivery reports.
+      const result = await call(`${byName.get("alpha")!.url}/v1/fanout${i === 1 ? "?wait=5" : ""}`, {
         method: "POST",
         token: serviceToken,
         body: { group: GROUP, body: Buffer.from(text).toString("base64url"), ctype: "text/plain", seq: i, recipients },
       });
       const events = result.events as { server: string; event: string; recipients: number }[];
       out(`alpha fans out #${i} as ${events.map((e) => `${e.server}(${e.recipients})`).join(" + ")}  event ${result.id as string}`);
+      const reports = result.reports as { server: string; accepted: string[]; refused: { cid: string; reason: string }[] }[] | undefined;
+      for (const r of reports ?? []) {
+        const refused = r.refused.map((x) => `${x.cid}: ${x.reason}`).join(", ");
+        out(`    report from ${r.server}: accepted ${r.accepted.join(", ") || "none"}${refused ? `; refused ${refused}` : ""}`);
+      }
+      if (reports && !reports.some((r) => r.refused.some((x) => `${x.cid}@${r.server}` === WITHOUT_CAPABILITY && x.reason === "no_capability"))) {
+        throw new Error(`no report refused ${WITHOUT_CAPABILITY} for lack of a capability`);
+      }
     }
 
     // A forgery: gamma publishes, on its own subject, an event claiming to be alpha's.
@@ -122,18 +145,20 @@ export async function runDemo(options: DemoOptions): Promise<void> {
         const base = byName.get(h)!.url;
         const token = tokens.get(`${c}@${h}`)!;
         const got: Record<string, unknown>[] = [];
-        const deadline = Date.now() + 10_000;
+        const deadline = Date.now() + (`${c}@${h}` === WITHOUT_CAPABILITY ? 1000 : 10_000);
         while (got.length < options.messages && Date.now() < deadline) {
           const after = (got.at(-1)?.cursor as number | undefined) ?? 0;
-          const page = await call(`${base}/v1/messages?after=${after}&wait=2`, { token });
+          const page = await call(`${base}/v1/messages?after=${after}&wait=1`, { token });
           got.push(...(page.messages as Record<string, unknown>[]));
         }
         if (got.length > 0) await call(`${base}/v1/messages/ack`, { method: "POST", token, body: { through: got.at(-1)!.cursor } });
-        out(`${`${c}@${h}`.padEnd(12)} received ${got.length}/${options.messages}`);
+        const note = `${c}@${h}` === WITHOUT_CAPABILITY ? " (gamma refused every delivery: no_capability)" : "";
+        out(`${`${c}@${h}`.padEnd(12)} received ${got.length}/${options.messages}${note}`);
         for (const m of got) {
           out(`    #${String(m.seq)} from ${String(m.from)} in ${String(m.group)}: "${Buffer.from(m.body as string, "base64url").toString()}"`);
         }
-        if (got.length !== options.messages) throw new Error(`${c}@${h} received ${got.length} of ${options.messages} messages`);
+        const expected = `${c}@${h}` === WITHOUT_CAPABILITY ? 0 : options.messages;
+        if (got.length !== expected) throw new Error(`${c}@${h} received ${got.length} of ${expected} messages`);
       }
     }
 
