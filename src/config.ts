@@ -5,11 +5,14 @@
 import { createHash } from "node:crypto";
 import { z } from "zod";
 import { RelayError } from "./errors.ts";
-import { DEFAULT_EVENT_LIMITS } from "./protocol/claims.ts";
+import { DEFAULT_EVENT_LIMITS, MAX_RECIPIENTS } from "./protocol/claims.ts";
 import { isServerPattern } from "./policy/server-rules.ts";
-import { isHomeserverName } from "./protocol/names.ts";
+import { isClientId, isHomeserverName } from "./protocol/names.ts";
 
 const homeserver = z.string().refine(isHomeserverName, "must be a lowercase DNS name (DESIGN §3)");
+const limitSchema = z.strictObject({ rate: z.number().min(0), burst: z.number().min(1) });
+// A sender's bucket must hold one whole event: up to 1,000 recipients (DESIGN §5).
+const senderLimitSchema = z.strictObject({ rate: z.number().min(0), burst: z.number().min(MAX_RECIPIENTS, `must be at least ${MAX_RECIPIENTS} (one event's recipients)`) });
 const jwk = z.looseObject({ kty: z.string(), kid: z.string() });
 
 export const configSchema = z.strictObject({
@@ -69,6 +72,31 @@ export const configSchema = z.strictObject({
     // Run-time changes reach every process within this bound; the requirement is one second.
     refreshMs: z.number().int().min(50).max(1000).default(500),
   }).default({ mode: "open", allow: [], deny: [], refreshMs: 500 }),
+  /**
+   * Delivery rate limits (token buckets, exact across workers). Normal chat is a
+   * message a second or less per client even in busy groups, so the defaults sit
+   * an order of magnitude above it, with bursts sized for a backlog replayed
+   * after an outage; a flood is cut to the sustained rate.
+   */
+  rateLimits: z.strictObject({
+    enabled: z.boolean().default(true),
+    // All senders together, per client: 20/s sustained, 10 minutes of 1/s at once.
+    client: limitSchema.default({ rate: 20, burst: 600 }),
+    // One homeserver to one client: a quarter of the client's budget.
+    senderClient: limitSchema.default({ rate: 5, burst: 300 }),
+    // One homeserver to all our clients: 2,000 deliveries/s, twenty 1,000-member messages at once.
+    sender: senderLimitSchema.default({ rate: 2000, burst: 20_000 }),
+    servers: z.record(homeserver, senderLimitSchema).default({}),
+    clients: z.record(z.string().refine(isClientId, "must be a client id"), limitSchema).default({}),
+    // An event over its sender's limit is retried until this old, then refused: 5 minutes
+    // rides out a burst without letting a flooding sender queue work for hours.
+    maxDelaySeconds: z.number().int().min(1).max(24 * 3600).default(300),
+  }).default({
+    enabled: true, client: { rate: 20, burst: 600 }, senderClient: { rate: 5, burst: 300 }, sender: { rate: 2000, burst: 20_000 },
+    servers: {}, clients: {}, maxDelaySeconds: 300,
+  }),
+  /** Tests only: freeze the relay's clock at this time (seconds since the epoch), in every process that reads this config. */
+  clock: z.strictObject({ frozenAt: z.number().min(0).optional() }).default({}),
   // Refetching a peer's JWKS on an unknown kid lets it rotate keys without us restarting;
   // the cooldown stops forged kids from turning us into a request amplifier.
   jwksRefreshCooldownSeconds: z.number().int().min(1).default(60),

@@ -13,6 +13,7 @@ export interface RelayMetrics {
   readonly eventsPublished: Counter<"destination">;
   readonly publishFailures: Counter<"destination">;
   readonly reportsSent: Counter;
+  readonly eventsDelayed: Counter;
   readonly reportFailures: Counter;
 }
 
@@ -35,6 +36,7 @@ export function createMetrics(registry = new Registry(), options: { defaultMetri
     batchFailures: new Counter({ name: "fedrelay_batch_failures_total", help: "Batches not committed (transient failure; redelivered)", registers }),
     eventsPublished: new Counter({ name: "fedrelay_events_published_total", help: "Fan-out events acknowledged by JetStream", labelNames: ["destination"], registers }),
     publishFailures: new Counter({ name: "fedrelay_publish_failures_total", help: "Fan-out publishes that failed", labelNames: ["destination"], registers }),
+    eventsDelayed: new Counter({ name: "fedrelay_events_delayed_total", help: "Events sent back for later because their sender was over its rate limit", registers }),
     reportsSent: new Counter({ name: "fedrelay_reports_sent_total", help: "Delivery reports published to senders", registers }),
     reportFailures: new Counter({ name: "fedrelay_report_failures_total", help: "Delivery reports that could not be published", registers }),
   };

@@ -5,6 +5,7 @@
 import type { JsMsg } from "@nats-io/jetstream";
 import type { Logger } from "pino";
 import { dispositionOf } from "./errors.ts";
+import type { RateLimits } from "./policy/rate-limit.ts";
 import type { RelayMetrics } from "./metrics.ts";
 import type { EventLimits } from "./protocol/claims.ts";
 import { verifyEvent, type KeyResolver } from "./protocol/verify.ts";
@@ -26,7 +27,12 @@ export interface ReceiverDeps {
   readonly retryDelayMs: number;
   /** Publishes delivery reports (DESIGN §8) after the commit. */
   readonly reports?: ReportSender;
+  /** The limits in force now (config plus run-time overrides); absent: no rate limiting. */
+  readonly rateLimits?: () => RateLimits;
 }
+
+/** A delayed event is looked at again at least this often, so a refilled bucket is noticed. */
+const MAX_DELAY_MS = 30_000;
 
 const SAMPLE_BYTES = 4096;
 
@@ -52,6 +58,7 @@ export function createReceiver(deps: ReceiverDeps): { processBatch(batch: JsMsg[
       const items: ReportItem[] = [];
       const duplicates: { iss: string; jti: string; cids: string[] }[] = [];
       for (const o of outcomes) {
+        if (o.status === "delayed") continue;
         const { iss, jti, rcpt } = bySeq.get(o.streamSeq)!.event.claims;
         if (o.status === "stored") items.push({ sender: iss, ref: jti, ...o.decision });
         else duplicates.push({ iss, jti, cids: rcpt.map((r) => r.cid) });
@@ -82,7 +89,7 @@ export function createReceiver(deps: ReceiverDeps): { processBatch(batch: JsMsg[
             now,
           });
           if (verdict.ok) {
-            const input = { streamSeq: m.seq, event: verdict.event };
+            const input = { streamSeq: m.seq, event: verdict.event, publishedAt: m.info.timestampNanos / 1e9 };
             accepted.push(input);
             acceptedBySeq.set(m.seq, input);
             acceptedMsgs.set(m.seq, m);
@@ -92,12 +99,20 @@ export function createReceiver(deps: ReceiverDeps): { processBatch(batch: JsMsg[
           }
         }
         const stop = metrics.batchCommitSeconds.startTimer();
-        const outcomes = await commitBatch(deps.db, accepted, refused);
+        const outcomes = await commitBatch(deps.db, accepted, refused, { now, rateLimits: deps.rateLimits?.() });
         stop();
 
         // Committed: now, and only now, the acks.
         for (const o of outcomes) {
-          acceptedMsgs.get(o.streamSeq)!.ack();
+          const m = acceptedMsgs.get(o.streamSeq)!;
+          if (o.status === "delayed") {
+            // Over its sender's limit: back to JetStream until the bucket has refilled.
+            // Only this message waits; the rest of the batch is committed.
+            m.nak(Math.min(Math.max(100, Math.ceil(o.waitSeconds * 1000)), MAX_DELAY_MS));
+            metrics.eventsDelayed.inc();
+            continue;
+          }
+          m.ack();
           if (o.status === "duplicate") {
             metrics.eventsRefused.inc({ reason: "duplicate" });
           } else {

@@ -59,7 +59,8 @@ function withTimeout<T>(promise: Promise<T>, ms: number): Promise<T | undefined>
 
 export function createRelay(config: RelayConfig, roles: RelayRoles, deps: RelayDeps): Relay {
   const log = deps.log.child({ homeserver: config.homeserver });
-  const now = deps.now ?? (() => Date.now() / 1000);
+  const frozenAt = config.clock.frozenAt;
+  const now = deps.now ?? (frozenAt === undefined ? () => Date.now() / 1000 : () => frozenAt);
   const metrics = deps.metrics ?? createMetrics();
   const signingKey = config.keys.signingKey ? importSigningKey(config.keys.signingKey) : undefined;
   if (roles.api && !signingKey) {
@@ -102,7 +103,7 @@ export function createRelay(config: RelayConfig, roles: RelayRoles, deps: RelayD
     const jsm = await jetstreamManager(nc);
     await ensureInbox(jsm, config.homeserver, { ...config.inbox, maxMessageBytes: config.limits.maxMessageBytes }, config.worker);
     await ensureReportStream(jsm, config.homeserver, REPORT_CONSUMER, config.inbox.replicas);
-    policy = await watchServerPolicy(db, config.policy, config.policy.refreshMs, log);
+    policy = await watchServerPolicy(db, { policy: config.policy, rateLimits: config.rateLimits }, config.policy.refreshMs, log);
     const serverPolicy = policy;
     const keys = createKeyRegistry({
       self: { homeserver: config.homeserver, keys: publicKeys },
@@ -120,6 +121,7 @@ export function createRelay(config: RelayConfig, roles: RelayRoles, deps: RelayD
       const receiver = createReceiver({
         self: config.homeserver, db, keys, limits: config.limits, metrics, log, now, retryDelayMs: config.worker.retryDelayMs,
         isSenderAllowed: (iss) => isSenderAllowed(iss, serverPolicy.current()),
+        rateLimits: () => serverPolicy.rates(),
         ...(signingKey ? {
           reports: createReportSender({ self: config.homeserver, js, signingKey, log, metrics, now, publishTimeoutMs: config.fanout.publishTimeoutMs }),
         } : {}),

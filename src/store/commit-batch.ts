@@ -1,17 +1,20 @@
 /**
  * The one write of the receive path: a batch of verified events, their
- * deliveries and refusals, in a single transaction. Acknowledgements to
- * JetStream are released only after it commits.
+ * deliveries, refusals and rate-limit charges, in a single transaction.
+ * Acknowledgements to JetStream are released only after it commits.
  *
- * Expected races, and why they are fine:
+ * Locks are taken in one global order, so concurrent batches queue rather than
+ * deadlock: event keys (sorted), then client rows (sorted), then rate buckets
+ * (sorted). Expected races, and why they are fine:
  * - an event already stored (redelivery, a second worker, a retried publish):
  *   ON CONFLICT (iss, jti) DO NOTHING, and it is reported as a duplicate;
- * - two batches delivering to the same clients: client rows are locked in id
- *   order, so they queue rather than deadlock, and each client's cursors
- *   follow commit order.
+ * - two batches delivering to the same clients: the client row lock orders
+ *   their cursors by commit;
+ * - two batches charging the same bucket: the row lock makes the charge exact.
  */
 import { sql, type Transaction } from "kysely";
-import type { EventReason } from "../errors.ts";
+import type { EventReason, RecipientReason } from "../errors.ts";
+import { chargeEvent, bucketKey, limitFor, type BucketState, type RateLimits } from "../policy/rate-limit.ts";
 import { decideRecipients, type RecipientDecision } from "../policy/recipients.ts";
 import type { VerifiedEvent } from "../protocol/verify.ts";
 import { loadRecipientFacts } from "./capabilities.ts";
@@ -21,6 +24,8 @@ import type { Database } from "./schema.ts";
 export interface AcceptedInput {
   readonly streamSeq: number;
   readonly event: VerifiedEvent;
+  /** When JetStream stored the message (seconds): how long a rate-limited event has waited. */
+  readonly publishedAt?: number;
 }
 
 export interface RefusedInput {
@@ -34,18 +39,30 @@ export interface RefusedInput {
 
 export type EventOutcome =
   | { readonly streamSeq: number; readonly status: "stored"; readonly decision: RecipientDecision }
-  | { readonly streamSeq: number; readonly status: "duplicate" };
+  | { readonly streamSeq: number; readonly status: "duplicate" }
+  /** Over the sender's limit: not stored; redeliver after `waitSeconds`. */
+  | { readonly streamSeq: number; readonly status: "delayed"; readonly waitSeconds: number };
+
+export interface CommitOptions {
+  /** Seconds since the epoch, from the relay's (injectable) clock. */
+  readonly now: number;
+  /** Off: no bucket is read or charged. */
+  readonly rateLimits?: RateLimits | undefined;
+}
 
 /** NOTIFY payloads are capped at 8000 bytes; past that, wake every waiter. */
 const MAX_NOTIFY_PAYLOAD = 7900;
+
+const eventKey = (a: AcceptedInput): string => `${a.event.claims.iss}\u0000${a.event.claims.jti}`;
 
 export async function commitBatch(
   db: Db,
   accepted: readonly AcceptedInput[],
   refused: readonly RefusedInput[],
+  options: CommitOptions,
 ): Promise<EventOutcome[]> {
   return db.kysely.transaction().execute(async (trx) => {
-    const outcomes = await storeEvents(trx, accepted);
+    const outcomes = await storeEvents(trx, accepted, options);
     if (refused.length > 0) await recordRefusedEvents(trx, refused);
     const woken = new Set<string>();
     for (const o of outcomes) if (o.status === "stored") for (const cid of o.decision.accepted) woken.add(cid);
@@ -57,40 +74,14 @@ export async function commitBatch(
   });
 }
 
-async function storeEvents(trx: Transaction<Database>, accepted: readonly AcceptedInput[]): Promise<EventOutcome[]> {
+async function storeEvents(trx: Transaction<Database>, accepted: readonly AcceptedInput[], options: CommitOptions): Promise<EventOutcome[]> {
   // The same event twice in one batch (a redelivery racing its original) is stored once.
   const firstOf = new Map<string, AcceptedInput>();
-  for (const a of accepted) {
-    const id = `${a.event.claims.iss}\u0000${a.event.claims.jti}`;
-    if (!firstOf.has(id)) firstOf.set(id, a);
-  }
-  // Sorted, so concurrent batches take the unique-index locks in one order and never deadlock.
+  for (const a of accepted) if (!firstOf.has(eventKey(a))) firstOf.set(eventKey(a), a);
   const unique = [...firstOf.entries()].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)).map(([, a]) => a);
-  if (unique.length === 0) return accepted.map((a) => ({ streamSeq: a.streamSeq, status: "duplicate" as const }));
+  if (unique.length === 0) return [];
 
-  const keys = new Map(unique.map((a) => [a.event.key.thumbprint, a.event.key]));
-  await trx
-    .insertInto("peer_keys")
-    .values([...keys.values()].map((k) => ({ thumbprint: k.thumbprint, kid: k.kid, homeserver: k.homeserver, jwk: JSON.stringify(k.jwk) })))
-    .onConflict((oc) => oc.column("thumbprint").doNothing())
-    .execute();
-
-  const inserted = await sql<{ iss: string; jti: string }>`
-    INSERT INTO events (iss, jti, grp, issued_at, expires_at, token, key_thumbprint, stream_seq)
-    SELECT * FROM unnest(
-      ${unique.map((a) => a.event.claims.iss)}::text[],
-      ${unique.map((a) => a.event.claims.jti)}::text[],
-      ${unique.map((a) => a.event.claims.grp)}::text[],
-      ${unique.map((a) => new Date(a.event.claims.iat * 1000).toISOString())}::timestamptz[],
-      ${unique.map((a) => new Date(a.event.claims.exp * 1000).toISOString())}::timestamptz[],
-      ${unique.map((a) => a.event.token)}::text[],
-      ${unique.map((a) => a.event.key.thumbprint)}::text[],
-      ${unique.map((a) => a.streamSeq)}::bigint[]
-    )
-    ON CONFLICT (iss, jti) DO NOTHING
-    RETURNING iss, jti`.execute(trx);
-  const isNew = new Set(inserted.rows.map((r) => `${r.iss}\u0000${r.jti}`));
-  const stored = unique.filter((a) => isNew.has(`${a.event.claims.iss}\u0000${a.event.claims.jti}`));
+  const stored = await insertNewEvents(trx, unique);
 
   // Lock every addressed client that exists, in id order: the lock both proves
   // the client exists at commit time and orders its cursors.
@@ -104,11 +95,20 @@ async function storeEvents(trx: Transaction<Database>, accepted: readonly Accept
   const facts = await loadRecipientFacts(trx, new Set(nextSeq.keys()), presented);
 
   const decisions = new Map<AcceptedInput, RecipientDecision>();
+  for (const a of stored) decisions.set(a, decideRecipients(a.event.claims, facts));
+  const delays = options.rateLimits?.enabled ? await chargeRateLimits(trx, decisions, options.rateLimits, options.now) : new Map<AcceptedInput, number>();
+  if (delays.size > 0) {
+    // Delayed events were inserted above only to learn they are new: take them back, so
+    // their redelivery is not mistaken for a duplicate.
+    const back = [...delays.keys()];
+    await sql`DELETE FROM events WHERE (iss, jti) IN (SELECT * FROM unnest(
+      ${back.map((a) => a.event.claims.iss)}::text[], ${back.map((a) => a.event.claims.jti)}::text[]))`.execute(trx);
+  }
+
   const delivery = { client: [] as string[], seq: [] as number[], iss: [] as string[], jti: [] as string[] };
   const refusal = { client: [] as string[], reason: [] as string[], iss: [] as string[], jti: [] as string[] };
-  for (const a of stored) {
-    const decision = decideRecipients(a.event.claims, facts);
-    decisions.set(a, decision);
+  for (const [a, decision] of decisions) {
+    if (delays.has(a)) continue;
     const { iss, jti } = a.event.claims;
     for (const cid of decision.accepted) {
       const seq = nextSeq.get(cid)! + 1;
@@ -135,10 +135,104 @@ async function storeEvents(trx: Transaction<Database>, accepted: readonly Accept
       SELECT * FROM unnest(${refusal.client}::text[], ${refusal.reason}::text[], ${refusal.iss}::text[], ${refusal.jti}::text[])`.execute(trx);
   }
 
-  return accepted.map((a) => {
+  return accepted.map((a): EventOutcome => {
     const decision = decisions.get(a);
-    return decision ? { streamSeq: a.streamSeq, status: "stored" as const, decision } : { streamSeq: a.streamSeq, status: "duplicate" as const };
+    const wait = delays.get(a);
+    if (wait !== undefined) return { streamSeq: a.streamSeq, status: "delayed", waitSeconds: wait };
+    return decision ? { streamSeq: a.streamSeq, status: "stored", decision } : { streamSeq: a.streamSeq, status: "duplicate" };
   });
+}
+
+/** Inserts the batch's events (already sorted) and returns those that were new. */
+async function insertNewEvents(trx: Transaction<Database>, unique: readonly AcceptedInput[]): Promise<AcceptedInput[]> {
+  const keys = new Map(unique.map((a) => [a.event.key.thumbprint, a.event.key]));
+  await trx
+    .insertInto("peer_keys")
+    .values([...keys.values()].map((k) => ({ thumbprint: k.thumbprint, kid: k.kid, homeserver: k.homeserver, jwk: JSON.stringify(k.jwk) })))
+    .onConflict((oc) => oc.column("thumbprint").doNothing())
+    .execute();
+  const inserted = await sql<{ iss: string; jti: string }>`
+    INSERT INTO events (iss, jti, grp, issued_at, expires_at, token, key_thumbprint, stream_seq)
+    SELECT * FROM unnest(
+      ${unique.map((a) => a.event.claims.iss)}::text[],
+      ${unique.map((a) => a.event.claims.jti)}::text[],
+      ${unique.map((a) => a.event.claims.grp)}::text[],
+      ${unique.map((a) => new Date(a.event.claims.iat * 1000).toISOString())}::timestamptz[],
+      ${unique.map((a) => new Date(a.event.claims.exp * 1000).toISOString())}::timestamptz[],
+      ${unique.map((a) => a.event.token)}::text[],
+      ${unique.map((a) => a.event.key.thumbprint)}::text[],
+      ${unique.map((a) => a.streamSeq)}::bigint[]
+    )
+    ON CONFLICT (iss, jti) DO NOTHING
+    RETURNING iss, jti`.execute(trx);
+  const isNew = new Set(inserted.rows.map((r) => `${r.iss}\u0000${r.jti}`));
+  return unique.filter((a) => isNew.has(eventKey(a)));
+}
+
+/**
+ * Charges the buckets of every candidate delivery, in batch order, and moves
+ * rate-limited recipients into the refusals. Returns the events to delay (over
+ * their sender's limit and not yet waiting longer than allowed), with how long.
+ */
+async function chargeRateLimits(
+  trx: Transaction<Database>,
+  decisions: Map<AcceptedInput, RecipientDecision>,
+  limits: RateLimits,
+  now: number,
+): Promise<Map<AcceptedInput, number>> {
+  const bursts = new Map<string, number>();
+  for (const [a, d] of decisions) {
+    const iss = a.event.claims.iss;
+    if (d.accepted.length > 0) bursts.set(bucketKey("sender", iss, ""), limitFor(limits, "sender", iss, "").burst);
+    for (const cid of d.accepted) {
+      bursts.set(bucketKey("client", iss, cid), limitFor(limits, "client", iss, cid).burst);
+      bursts.set(bucketKey("sender_client", iss, cid), limitFor(limits, "sender_client", iss, cid).burst);
+    }
+  }
+  const delays = new Map<AcceptedInput, number>();
+  if (bursts.size === 0) return delays;
+  const keys = [...bursts.keys()].sort();
+  // One statement creates missing buckets (full) and locks all of them, in key order.
+  const rows = await sql<{ key: string; tokens: number; updated_at: number }>`
+    INSERT INTO rate_buckets (key, tokens, updated_at)
+    SELECT * FROM unnest(${keys}::text[], ${keys.map((k) => bursts.get(k)!)}::float8[], ${keys.map(() => now)}::float8[])
+    ON CONFLICT (key) DO UPDATE SET key = EXCLUDED.key
+    RETURNING key, tokens, updated_at`.execute(trx);
+  const state: BucketState = new Map(rows.rows.map((r) => [r.key, { tokens: r.tokens, updatedAt: r.updated_at }]));
+  const before = new Map(state);
+
+  for (const [a, d] of decisions) {
+    const charge = chargeEvent(limits, state, a.event.claims.iss, d.accepted, now);
+    if (charge.kind === "delay") {
+      const waited = a.publishedAt === undefined ? 0 : now - a.publishedAt;
+      if (waited + Math.min(charge.waitSeconds, limits.maxDelaySeconds) <= limits.maxDelaySeconds) {
+        delays.set(a, charge.waitSeconds);
+        continue;
+      }
+      // Waited as long as allowed: every candidate is refused, and the event is stored as refused.
+      decisions.set(a, limitedDecision(d, new Set(d.accepted)));
+    } else if (charge.limited.size > 0) {
+      decisions.set(a, limitedDecision(d, charge.limited));
+    }
+  }
+
+  const changed = [...state].filter(([k, b]) => before.get(k)?.tokens !== b.tokens || before.get(k)?.updatedAt !== b.updatedAt);
+  if (changed.length > 0) {
+    await sql`
+      UPDATE rate_buckets SET tokens = v.tokens, updated_at = v.updated_at
+      FROM unnest(${changed.map(([k]) => k)}::text[], ${changed.map(([, b]) => b.tokens)}::float8[], ${changed.map(([, b]) => b.updatedAt)}::float8[])
+        AS v(key, tokens, updated_at)
+      WHERE rate_buckets.key = v.key`.execute(trx);
+  }
+  return delays;
+}
+
+function limitedDecision(d: RecipientDecision, limited: ReadonlySet<string>): RecipientDecision {
+  const reason: RecipientReason = "rate_limited";
+  return {
+    accepted: d.accepted.filter((c) => !limited.has(c)),
+    refused: [...d.refused, ...d.accepted.filter((c) => limited.has(c)).map((cid) => ({ cid, reason }))],
+  };
 }
 
 async function recordRefusedEvents(trx: Transaction<Database>, refused: readonly RefusedInput[]): Promise<void> {

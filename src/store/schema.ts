@@ -71,6 +71,8 @@ export interface Database {
   server_rules: ServerRulesTable;
   server_policy: ServerPolicyTable;
   reports: ReportsTable;
+  rate_buckets: RateBucketsTable;
+  rate_overrides: RateOverridesTable;
 }
 
 export interface CapabilitiesTable {
@@ -110,4 +112,18 @@ export interface ReportsTable {
   refused: ColumnType<{ cid: string; reason: string }[], string, string>;
   token: string;
   received_at: Timestamp;
+}
+
+export interface RateBucketsTable {
+  key: string;
+  tokens: number;
+  updated_at: number;
+}
+
+export interface RateOverridesTable {
+  scope: "server" | "client";
+  subject: string;
+  rate: number;
+  burst: number;
+  updated_at: Timestamp;
 }

@@ -112,7 +112,7 @@ describe("delivery from the owner to a client of another homeserver", () => {
         self: "gamma", limits: gammaHs.config.limits, keys, isSenderAllowed: () => true, now: Date.now() / 1000,
       });
       if (!verdict.ok) throw new Error(verdict.detail);
-      await commitBatch(gammaHs.relay.db, [{ streamSeq: seq, event: verdict.event }], []);
+      await commitBatch(gammaHs.relay.db, [{ streamSeq: seq, event: verdict.event }], [], { now: Date.now() / 1000, rateLimits: gammaHs.config.rateLimits });
 
       const { createRelay } = await import("../../src/relay.ts");
       const { pino } = await import("pino");

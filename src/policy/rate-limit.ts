@@ -1,0 +1,119 @@
+/**
+ * Token buckets (DESIGN §2, spam prevention) as pure functions of bucket state
+ * and time. The store loads and locks the buckets a batch touches, these
+ * functions decide, and the store writes the new state in the same transaction
+ * that commits the deliveries: exact across worker processes, and a crash never
+ * charges for a delivery that was not stored.
+ */
+
+export interface Limit {
+  /** Tokens (deliveries) added per second. */
+  readonly rate: number;
+  /** Bucket capacity: how many deliveries may arrive at once after a quiet spell. */
+  readonly burst: number;
+}
+
+export interface Bucket {
+  readonly tokens: number;
+  /** Seconds since the epoch. */
+  readonly updatedAt: number;
+}
+
+export type Scope = "client" | "sender" | "sender_client";
+
+/** A bucket nobody has used starts full. */
+export function fullBucket(limit: Limit, now: number): Bucket {
+  return { tokens: limit.burst, updatedAt: now };
+}
+
+export function refill(bucket: Bucket, limit: Limit, now: number): Bucket {
+  // A clock that went backwards (another worker's, or an NTP step) refills nothing.
+  const elapsed = Math.max(0, now - bucket.updatedAt);
+  return { tokens: Math.min(limit.burst, bucket.tokens + elapsed * limit.rate), updatedAt: Math.max(now, bucket.updatedAt) };
+}
+
+export type Take = { readonly ok: true; readonly bucket: Bucket } | { readonly ok: false; readonly bucket: Bucket; readonly waitSeconds: number };
+
+/** Takes `n` tokens, or says how long until there are `n` (Infinity if `n` exceeds the burst). */
+export function take(bucket: Bucket, limit: Limit, now: number, n = 1): Take {
+  const current = refill(bucket, limit, now);
+  if (current.tokens >= n) return { ok: true, bucket: { ...current, tokens: current.tokens - n } };
+  const waitSeconds = n > limit.burst || limit.rate <= 0 ? Infinity : (n - current.tokens) / limit.rate;
+  return { ok: false, bucket: current, waitSeconds };
+}
+
+export function bucketKey(scope: Scope, sender: string, client: string): string {
+  switch (scope) {
+    case "client": return `c:${client}`;
+    case "sender": return `s:${sender}`;
+    case "sender_client": return `sc:${sender}:${client}`;
+  }
+}
+
+export interface RateLimits {
+  readonly enabled: boolean;
+  readonly client: Limit;
+  readonly sender: Limit;
+  readonly senderClient: Limit;
+  /** Per-homeserver replacement of `sender` (a trusted peer). */
+  readonly servers: Readonly<Record<string, Limit>>;
+  /** Per-client replacement of `client` (a bot that receives a lot). */
+  readonly clients: Readonly<Record<string, Limit>>;
+  /** How long an event over its sender's limit may be delayed before it is refused. */
+  readonly maxDelaySeconds: number;
+}
+
+export function limitFor(limits: RateLimits, scope: Scope, sender: string, client: string): Limit {
+  switch (scope) {
+    case "client": return limits.clients[client] ?? limits.client;
+    case "sender": return limits.servers[sender] ?? limits.sender;
+    case "sender_client": return limits.senderClient;
+  }
+}
+
+export type BucketState = Map<string, Bucket>;
+
+export type EventCharge =
+  | { readonly kind: "charged"; readonly limited: ReadonlySet<string> }
+  | { readonly kind: "delay"; readonly waitSeconds: number };
+
+/**
+ * Charges one event's candidate recipients (those that passed every other
+ * check) against `state`, which it updates in place. The sender's bucket is
+ * checked for the whole event first: over it, the event is delayed whole and
+ * nothing is charged. Otherwise each recipient takes from its client and
+ * (sender, client) buckets, and is rate-limited alone if either is empty; the
+ * sender's bucket pays only for recipients that got through.
+ */
+export function chargeEvent(limits: RateLimits, state: BucketState, sender: string, candidates: readonly string[], now: number): EventCharge {
+  const get = (scope: Scope, client: string): { key: string; limit: Limit; bucket: Bucket } => {
+    const key = bucketKey(scope, sender, client);
+    const limit = limitFor(limits, scope, sender, client);
+    return { key, limit, bucket: state.get(key) ?? fullBucket(limit, now) };
+  };
+  if (candidates.length === 0) return { kind: "charged", limited: new Set() };
+  const s = get("sender", "");
+  const senderTake = take(s.bucket, s.limit, now, candidates.length);
+  if (!senderTake.ok) return { kind: "delay", waitSeconds: senderTake.waitSeconds };
+
+  const limited = new Set<string>();
+  let passed = 0;
+  for (const cid of candidates) {
+    const c = get("client", cid);
+    const sc = get("sender_client", cid);
+    const ct = take(c.bucket, c.limit, now);
+    const sct = take(sc.bucket, sc.limit, now);
+    if (ct.ok && sct.ok) {
+      state.set(c.key, ct.bucket);
+      state.set(sc.key, sct.bucket);
+      passed += 1;
+    } else {
+      // A refused delivery costs nothing in either bucket: keep only the refill.
+      state.set(c.key, refill(c.bucket, c.limit, now));
+      state.set(sc.key, refill(sc.bucket, sc.limit, now));
+      limited.add(cid);
+    }
+  }
+  state.set(s.key, take(s.bucket, s.limit, now, passed).bucket);
+  return { kind: "charged", limited };
+}
