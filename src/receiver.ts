@@ -56,12 +56,12 @@ export function createReceiver(deps: ReceiverDeps): { processBatch(batch: JsMsg[
   async function sendReports(reports: ReportSender, outcomes: readonly EventOutcome[], bySeq: ReadonlyMap<number, AcceptedInput>): Promise<void> {
     try {
       const items: ReportItem[] = [];
-      const duplicates: { iss: string; jti: string; cids: string[] }[] = [];
+      const duplicates: { iss: string; jti: string }[] = [];
       for (const o of outcomes) {
         if (o.status === "delayed") continue;
-        const { iss, jti, rcpt } = bySeq.get(o.streamSeq)!.event.claims;
+        const { iss, jti } = bySeq.get(o.streamSeq)!.event.claims;
         if (o.status === "stored") items.push({ sender: iss, ref: jti, ...o.decision });
-        else duplicates.push({ iss, jti, cids: rcpt.map((r) => r.cid) });
+        else duplicates.push({ iss, jti });
       }
       items.push(...(await storedDecisions(deps.db, duplicates)));
       await reports.send(items);

@@ -48,16 +48,24 @@ export function createReportSender(deps: {
   };
 }
 
-/** A duplicate's report repeats the original decision, from what was stored. */
-export async function storedDecisions(db: Db, events: readonly { iss: string; jti: string; cids: readonly string[] }[]): Promise<ReportItem[]> {
+/**
+ * A duplicate's report repeats the original decision, from what was stored:
+ * the original event's recipients (its stored token, not the duplicate's
+ * claims, which a retry may have changed) less the recorded refusals.
+ */
+export async function storedDecisions(db: Db, events: readonly { iss: string; jti: string }[]): Promise<ReportItem[]> {
   if (events.length === 0) return [];
-  const rows = await sql<{ iss: string; jti: string; client_id: string; reason: RecipientReason }>`
-    SELECT iss, jti, client_id, reason FROM recipient_refusals
-    WHERE (iss, jti) IN (SELECT * FROM unnest(${events.map((e) => e.iss)}::text[], ${events.map((e) => e.jti)}::text[]))`.execute(db.kysely);
-  return events.map((e) => {
-    const refused = rows.rows.filter((r) => r.iss === e.iss && r.jti === e.jti).map((r) => ({ cid: r.client_id, reason: r.reason }));
+  const keys = sql`(SELECT * FROM unnest(${events.map((e) => e.iss)}::text[], ${events.map((e) => e.jti)}::text[]))`;
+  const [originals, refusals] = await Promise.all([
+    sql<{ iss: string; jti: string; token: string }>`SELECT iss, jti, token FROM events WHERE (iss, jti) IN ${keys}`.execute(db.kysely),
+    sql<{ iss: string; jti: string; client_id: string; reason: RecipientReason }>`
+      SELECT iss, jti, client_id, reason FROM recipient_refusals WHERE (iss, jti) IN ${keys}`.execute(db.kysely),
+  ]);
+  return originals.rows.map((e) => {
+    const rcpt = (JSON.parse(Buffer.from(e.token.split(".")[1]!, "base64url").toString("utf8")) as { rcpt: { cid: string }[] }).rcpt;
+    const refused = refusals.rows.filter((r) => r.iss === e.iss && r.jti === e.jti).map((r) => ({ cid: r.client_id, reason: r.reason }));
     const refusedIds = new Set(refused.map((r) => r.cid));
-    return { sender: e.iss, ref: e.jti, accepted: e.cids.filter((c) => !refusedIds.has(c)), refused };
+    return { sender: e.iss, ref: e.jti, accepted: rcpt.map((r) => r.cid).filter((c) => !refusedIds.has(c)), refused };
   });
 }
 
