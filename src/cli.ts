@@ -6,11 +6,12 @@ import { isRelayError, RelayError } from "./errors.ts";
 import { generateSigningJwk, importSigningKey } from "./protocol/keys.ts";
 import { createRelay, type RelayRoles } from "./relay.ts";
 import { createClientTokens } from "./http/auth.ts";
-import { isClientId, parseGroupId } from "./protocol/names.ts";
+import { isClientId, isHomeserverName, parseGroupId } from "./protocol/names.ts";
 import { clientExists, registerClient } from "./store/clients.ts";
 import { createDb, type Db } from "./store/db.ts";
 import { issueCapability, listCapabilities, revokeCapability } from "./store/capabilities.ts";
-import { deleteRule, loadRuntimePolicy, putRule, setMode } from "./store/server-policy.ts";
+import { deleteRateOverride, deleteRule, loadRateOverrides, loadRuntimePolicy, mergeRateLimits, putRateOverride, putRule, setMode } from "./store/server-policy.ts";
+import { MAX_RECIPIENTS } from "./protocol/claims.ts";
 import { isServerPattern, mergePolicies } from "./policy/server-rules.ts";
 import { migrate } from "./store/migrate.ts";
 
@@ -200,6 +201,37 @@ export const COMMANDS: Readonly<Record<string, Command>> = {
             io.stdout(`mode ${arg}`);
             return 0;
         }
+      });
+    },
+  },
+  ratelimit: {
+    summary: "show or override delivery rate limits for a homeserver or a client (applies within a second)",
+    usage: `fedrelay ratelimit list | set server|client NAME RATE BURST | remove server|client NAME [--config FILE]\n  RATE is deliveries per second, BURST the bucket size\n${CONFIG_HELP}`,
+    options: configOption,
+    async run({ values, positionals }, io) {
+      const [action, scope, name, rateText, burstText] = positionals;
+      const rate = Number(rateText);
+      const burst = Number(burstText);
+      if (!["list", "set", "remove"].includes(action ?? "")) throw new RelayError("bad_request", `ratelimit takes list, set or remove, got ${JSON.stringify(action ?? "")}`);
+      if (action !== "list") {
+        if (scope !== "server" && scope !== "client") throw new RelayError("bad_request", "ratelimit set/remove takes server or client");
+        if (scope === "server" ? !isHomeserverName(name) : !isClientId(name)) throw new RelayError("bad_request", `${JSON.stringify(name ?? "")} is not a ${scope === "server" ? "homeserver name" : "client id"}`);
+      }
+      if (action === "set" && (!(rate >= 0) || !(burst >= (scope === "server" ? MAX_RECIPIENTS : 1)))) {
+        throw new RelayError("bad_request", `ratelimit set needs RATE >= 0 and BURST >= ${scope === "server" ? MAX_RECIPIENTS : 1}`);
+      }
+      return withDb(values, io, async (db, config) => {
+        if (action === "list") {
+          const overrides = await loadRateOverrides(db);
+          io.stdout(JSON.stringify({ ...mergeRateLimits(config.rateLimits, overrides), runtime: overrides }, null, 2));
+        } else if (action === "set") {
+          await putRateOverride(db, scope as "server" | "client", name!, { rate, burst });
+          io.stdout(`${scope} ${name}: ${rate}/s, burst ${burst}`);
+        } else {
+          if (!(await deleteRateOverride(db, scope as "server" | "client", name!))) throw new RelayError("not_found", `no run-time limit for ${name}`);
+          io.stdout(`removed ${scope} ${name}`);
+        }
+        return 0;
       });
     },
   },

@@ -4,17 +4,19 @@ import { z } from "zod";
 import { RelayError } from "../errors.ts";
 import { fanoutRequestSchema } from "../fanout.ts";
 import { isServerPattern } from "../policy/server-rules.ts";
-import { isClientId, parseGroupId } from "../protocol/names.ts";
+import { MAX_RECIPIENTS } from "../protocol/claims.ts";
+import { isClientId, isHomeserverName, parseGroupId } from "../protocol/names.ts";
 import { reportsFor, type StoredReport } from "../reports.ts";
 import { clientExists, registerClient, removeClient } from "../store/clients.ts";
 import { issueCapability, listCapabilities, revokeCapability } from "../store/capabilities.ts";
-import { deleteRule, loadRuntimePolicy, putRule, setMode } from "../store/server-policy.ts";
+import { deleteRateOverride, deleteRule, loadRateOverrides, loadRuntimePolicy, putRateOverride, putRule, setMode } from "../store/server-policy.ts";
 import { capabilityRequest } from "./client-routes.ts";
 import { longPoll, parse, requireService, type ApiDeps } from "./common.ts";
 
 const fanoutQuery = z.strictObject({ wait: z.string().regex(/^\d{1,3}$/, "must be whole seconds").transform(Number).optional() });
 const ruleBody = z.strictObject({ action: z.enum(["allow", "deny"]) });
 const modeBody = z.strictObject({ mode: z.enum(["open", "allowlist"]) });
+const limitBody = z.strictObject({ rate: z.number().min(0), burst: z.number().min(1) });
 
 function clientParam(raw: string): string {
   const id = raw; // fastify has already decoded the path parameter once
@@ -109,6 +111,30 @@ export function registerBackendRoutes(app: FastifyInstance, api: ApiDeps): void 
     await api.policy.refresh();
     return reply.status(204).send();
   });
+  app.get("/v1/admin/rate-limits", async () => {
+    const rates = api.policy.rates();
+    return { ...rates, runtime: await loadRateOverrides(api.db) };
+  });
+  for (const [scope, path] of [["server", "servers"], ["client", "clients"]] as const) {
+    app.put<{ Params: { subject: string } }>(`/v1/admin/rate-limits/${path}/:subject`, async (request) => {
+      const subject = request.params.subject;
+      if (scope === "server" ? !isHomeserverName(subject) : !isClientId(subject)) {
+        throw new RelayError("bad_request", `"${subject}" is not a ${scope === "server" ? "homeserver name" : "client id"}`);
+      }
+      const limit = parse(limitBody, request.body, "rate limit");
+      // A sender's bucket must hold a whole event (DESIGN §5: up to 1,000 recipients).
+      if (scope === "server" && limit.burst < MAX_RECIPIENTS) throw new RelayError("bad_request", `rate limit burst: must be at least ${MAX_RECIPIENTS} for a homeserver`);
+      await putRateOverride(api.db, scope, subject, limit);
+      await api.policy.refresh();
+      return { [scope]: subject, ...limit };
+    });
+    app.delete<{ Params: { subject: string } }>(`/v1/admin/rate-limits/${path}/:subject`, async (request, reply) => {
+      if (!(await deleteRateOverride(api.db, scope, request.params.subject))) throw new RelayError("not_found", `no run-time limit for ${request.params.subject}`);
+      await api.policy.refresh();
+      return reply.status(204).send();
+    });
+  }
+
   app.put("/v1/admin/policy/mode", async (request) => {
     const { mode } = parse(modeBody, request.body, "policy mode");
     await setMode(api.db, mode);
