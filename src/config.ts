@@ -122,7 +122,8 @@ export const configSchema = z.strictObject({
       // Measured: 200-event batches commit in tens of ms, far under ackWaitSeconds.
       batchSize: z.number().int().min(1).max(10_000).default(200),
       // An empty fetch returns after this; it bounds how long shutdown waits for a pull.
-      fetchExpiresMs: z.number().int().min(100).max(60_000).default(1000),
+      // nats.js refuses pull expiries under a second.
+      fetchExpiresMs: z.number().int().min(1000).max(60_000).default(1000),
       // A batch's ack timer starts when it reaches us; 30 s is ~100× a slow commit.
       ackWaitSeconds: z.number().int().min(1).default(30),
       // Bounds redelivery storms and memory: a few batches per worker in flight.

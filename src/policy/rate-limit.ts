@@ -67,7 +67,8 @@ export function limitFor(limits: RateLimits, scope: Scope, sender: string, clien
   switch (scope) {
     case "client": return limits.clients[client] ?? limits.client;
     case "sender": return limits.servers[sender] ?? limits.sender;
-    case "sender_client": return limits.senderClient;
+    // A client with its own limit (a bot that receives a lot) gets it from each sender too.
+    case "sender_client": return limits.clients[client] ?? limits.senderClient;
   }
 }
 

@@ -204,9 +204,11 @@ async function chargeRateLimits(
   for (const [a, d] of decisions) {
     const charge = chargeEvent(limits, state, a.event.claims.iss, d.accepted, now);
     if (charge.kind === "delay") {
+      // Until it has waited maxDelaySeconds, an event keeps coming back (at least that often,
+      // so a limit raised meanwhile, even from rate 0, still lets it through).
       const waited = a.publishedAt === undefined ? 0 : now - a.publishedAt;
-      if (waited + Math.min(charge.waitSeconds, limits.maxDelaySeconds) <= limits.maxDelaySeconds) {
-        delays.set(a, charge.waitSeconds);
+      if (waited < limits.maxDelaySeconds) {
+        delays.set(a, Math.min(charge.waitSeconds, limits.maxDelaySeconds - waited));
         continue;
       }
       // Waited as long as allowed: every candidate is refused, and the event is stored as refused.

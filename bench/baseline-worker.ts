@@ -1,0 +1,62 @@
+/**
+ * The baseline of `npm run bench`: the ideal pipeline, with none of the relay's
+ * code. Pull a batch from a JetStream durable consumer, verify each Ed25519 JWS
+ * with node:crypto, insert the batch's deliveries with one multi-row
+ * INSERT … ON CONFLICT DO NOTHING, acknowledge.
+ *
+ * usage: node bench/baseline-worker.ts NATS_URL STREAM CONSUMER PG_URL TABLE PUBLIC_X BATCH
+ */
+import { createPublicKey, verify } from "node:crypto";
+import { jetstream, type JsMsg } from "@nats-io/jetstream";
+import { connect } from "@nats-io/transport-node";
+import pg from "pg";
+
+const [natsUrl, stream, consumerName, pgUrl, table, publicX, batchText] = process.argv.slice(2) as [string, string, string, string, string, string, string];
+const batchSize = Number(batchText);
+const key = createPublicKey({ key: { kty: "OKP", crv: "Ed25519", x: publicX }, format: "jwk" });
+const pool = new pg.Pool({ connectionString: pgUrl, max: 2 });
+const nc = await connect({ servers: natsUrl });
+const consumer = await jetstream(nc).consumers.get(stream, consumerName);
+
+let stopping = false;
+process.on("SIGTERM", () => { stopping = true; void messages.close(); });
+// Pull continuously (twice a batch buffered) and process whatever has arrived by the
+// next macrotask, up to a batch: no waiting to fill a batch, as an ideal pipeline would.
+const messages = await consumer.consume({ max_messages: batchSize * 2 });
+const queue: JsMsg[] = [];
+let wake: (() => void) | undefined;
+let ended = false;
+void (async () => {
+  for await (const m of messages) { queue.push(m); wake?.(); wake = undefined; }
+  ended = true;
+  wake?.();
+})();
+process.stderr.write("ready\n");
+
+while (!stopping) {
+  if (queue.length === 0) {
+    if (ended) break;
+    await new Promise<void>((r) => (wake = r));
+    continue;
+  }
+  await new Promise<void>((r) => setImmediate(r));
+  const batch = queue.splice(0, batchSize);
+  const events: string[] = [];
+  const clients: string[] = [];
+  for (const m of batch) {
+    const token = Buffer.from(m.data).toString("latin1");
+    const dot1 = token.indexOf(".");
+    const dot2 = token.indexOf(".", dot1 + 1);
+    const ok = verify(null, Buffer.from(m.data.buffer, m.data.byteOffset, dot2), key, Buffer.from(token.slice(dot2 + 1), "base64url"));
+    if (!ok) continue;
+    const claims = JSON.parse(Buffer.from(token.slice(dot1 + 1, dot2), "base64url").toString("utf8")) as { jti: string; rcpt: { cid: string }[] };
+    for (const r of claims.rcpt) {
+      events.push(claims.jti);
+      clients.push(r.cid);
+    }
+  }
+  await pool.query(`INSERT INTO ${table} (jti, cid) SELECT * FROM unnest($1::text[], $2::text[]) ON CONFLICT DO NOTHING`, [events, clients]);
+  for (const m of batch) m.ack();
+}
+await nc.drain();
+await pool.end();
