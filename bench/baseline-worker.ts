@@ -1,8 +1,8 @@
 /**
  * The baseline of `npm run bench`: the ideal pipeline, with none of the relay's
  * code. Pull a batch from a JetStream durable consumer, verify each Ed25519 JWS
- * with node:crypto, insert the batch's deliveries with one multi-row
- * INSERT … ON CONFLICT DO NOTHING, acknowledge.
+ * with node:crypto, insert the batch's events (id and token, as the relay must
+ * keep them) with one multi-row INSERT … ON CONFLICT DO NOTHING, acknowledge.
  *
  * usage: node bench/baseline-worker.ts NATS_URL STREAM CONSUMER PG_URL TABLE PUBLIC_X BATCH
  */
@@ -41,21 +41,19 @@ while (!stopping) {
   }
   await new Promise<void>((r) => setImmediate(r));
   const batch = queue.splice(0, batchSize);
-  const events: string[] = [];
-  const clients: string[] = [];
+  const jtis: string[] = [];
+  const tokens: string[] = [];
   for (const m of batch) {
     const token = Buffer.from(m.data).toString("latin1");
     const dot1 = token.indexOf(".");
     const dot2 = token.indexOf(".", dot1 + 1);
     const ok = verify(null, Buffer.from(m.data.buffer, m.data.byteOffset, dot2), key, Buffer.from(token.slice(dot2 + 1), "base64url"));
     if (!ok) continue;
-    const claims = JSON.parse(Buffer.from(token.slice(dot1 + 1, dot2), "base64url").toString("utf8")) as { jti: string; rcpt: { cid: string }[] };
-    for (const r of claims.rcpt) {
-      events.push(claims.jti);
-      clients.push(r.cid);
-    }
+    const claims = JSON.parse(Buffer.from(token.slice(dot1 + 1, dot2), "base64url").toString("utf8")) as { jti: string };
+    jtis.push(claims.jti);
+    tokens.push(token);
   }
-  await pool.query(`INSERT INTO ${table} (jti, cid) SELECT * FROM unnest($1::text[], $2::text[]) ON CONFLICT DO NOTHING`, [events, clients]);
+  await pool.query(`INSERT INTO ${table} (jti, token) SELECT * FROM unnest($1::text[], $2::text[]) ON CONFLICT DO NOTHING`, [jtis, tokens]);
   for (const m of batch) m.ack();
 }
 await nc.drain();

@@ -15,6 +15,12 @@ import type { Consumer, JsMsg } from "@nats-io/jetstream";
 export interface BatchLoopOptions {
   readonly batchSize: number;
   readonly expiresMs: number;
+  /**
+   * Batches handled at once. Two keep the CPU busy: one batch verifies while
+   * the previous one waits on its commit (measured: with one, a worker sat idle
+   * a quarter of the time).
+   */
+  readonly inFlight?: number;
 }
 
 export interface BatchLoop {
@@ -34,6 +40,7 @@ export async function startBatchLoop(
   const queue: JsMsg[] = [];
   let stopping = false;
   let ended = false;
+  let failure: unknown;
   let notify: (() => void) | undefined;
   let resume: (() => void) | undefined;
   const signal = (): void => { notify?.(); notify = undefined; };
@@ -52,6 +59,8 @@ export async function startBatchLoop(
     }
   })();
 
+  const inFlight = options.inFlight ?? 2;
+  const running = new Set<Promise<void>>();
   const processing = (async () => {
     while (!stopping) {
       if (queue.length === 0) {
@@ -59,12 +68,22 @@ export async function startBatchLoop(
         await new Promise<void>((r) => (notify = r));
         continue;
       }
+      if (running.size >= inFlight) {
+        await Promise.race(running);
+        continue;
+      }
       await new Promise<void>((r) => setImmediate(r));
       const batch = queue.splice(0, options.batchSize);
       resume?.();
       resume = undefined;
-      await handle(batch);
+      // A handler must settle each message itself; one that throws ends the loop (and `done` rejects).
+      const job: Promise<void> = handle(batch)
+        .catch((err: unknown) => { failure ??= err; stopping = true; signal(); })
+        .finally(() => running.delete(job));
+      running.add(job);
     }
+    // Shutdown and the end of the stream both wait for the batches in hand.
+    await Promise.allSettled(running);
   })();
 
   const done = (async () => {
@@ -72,6 +91,7 @@ export async function startBatchLoop(
     await receiving;
     // Delivered to us but never processed: give it back now rather than after ack_wait.
     for (const m of queue.splice(0)) m.nak();
+    if (failure !== undefined) throw failure;
   })();
 
   return {
