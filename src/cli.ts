@@ -88,7 +88,16 @@ async function runRelay(roles: RelayRoles, values: Record<string, unknown>, io: 
   }
   io.stderr(`fedrelay: ${config.homeserver} ${roles.api ? "serving" : "worker"} on ${relay.url}`);
   await io.shutdownSignal;
-  await relay.close();
+  // Readiness turns false at once; batches in hand commit and are acknowledged.
+  const deadline = config.worker.shutdownTimeoutSeconds * 1000;
+  const closed = await Promise.race([
+    relay.close().then(() => true),
+    new Promise<false>((resolve) => setTimeout(() => resolve(false), deadline).unref()),
+  ]);
+  if (!closed) {
+    io.stderr(`fedrelay: shutdown took over ${config.worker.shutdownTimeoutSeconds} s; exiting (unacknowledged events will be redelivered)`);
+    return 1;
+  }
   return 0;
 }
 

@@ -130,8 +130,11 @@ export const configSchema = z.strictObject({
       maxAckPending: z.number().int().min(1).default(5000),
       // Back-off before a batch that failed for a transient reason (Postgres down) is redelivered.
       retryDelayMs: z.number().int().min(0).default(2000),
+      // SIGTERM lets batches in hand commit; past this, exit anyway (their messages are
+      // redelivered). Under systemd's default 90 s and Kubernetes' 30 s grace period.
+      shutdownTimeoutSeconds: z.number().int().min(1).max(600).default(20),
     })
-    .default({ consumer: "receiver", batchSize: 200, fetchExpiresMs: 1000, ackWaitSeconds: 30, maxAckPending: 5000, retryDelayMs: 2000 }),
+    .default({ consumer: "receiver", batchSize: 200, fetchExpiresMs: 1000, ackWaitSeconds: 30, maxAckPending: 5000, retryDelayMs: 2000, shutdownTimeoutSeconds: 20 }),
   fanout: z.strictObject({
       // A day covers a destination's outage; the protocol allows up to 7.
       eventLifetimeSeconds: z.number().int().min(60).max(DEFAULT_EVENT_LIMITS.maxLifetimeSeconds).default(24 * 3600),

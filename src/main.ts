@@ -37,3 +37,5 @@ const code = await runCli(process.argv.slice(2), {
   shutdownSignal,
 });
 process.exitCode = code;
+// A command that is done exits, even if a library left a handle open.
+setTimeout(() => process.exit(code), 1000).unref();
