@@ -28,6 +28,8 @@ export interface LocalNatsOptions {
   /** fsync every write before acknowledging (DESIGN §4); off keeps tests fast. */
   readonly syncAlways?: boolean;
   readonly extraConfig?: string;
+  /** A fixed client port (cluster nodes); default: any free one. */
+  readonly port?: number;
 }
 
 export interface LocalNats {
@@ -60,7 +62,7 @@ export async function startLocalNats(options: LocalNatsOptions = {}): Promise<Lo
   const dir = await mkdtemp(join(tmpdir(), "fedrelay-nats-"));
   const storeDir = join(dir, "js");
   const conf = join(dir, "nats.conf");
-  let port = -1;
+  let port = options.port ?? -1;
   const writeConf = (): Promise<void> => writeFile(conf, [
     `listen: "127.0.0.1:${port}"`,
     `jetstream { store_dir: "${storeDir}"${options.syncAlways ? ", sync_interval: always" : ""} }`,
@@ -105,4 +107,69 @@ export async function startLocalNats(options: LocalNatsOptions = {}): Promise<Lo
     },
   };
   return server;
+}
+
+/** A free loopback TCP port (a cluster's route ports must be known before any node starts). */
+export async function freePort(): Promise<number> {
+  const { createServer } = await import("node:net");
+  return new Promise((resolve, reject) => {
+    const server = createServer();
+    server.once("error", reject);
+    server.listen(0, "127.0.0.1", () => {
+      const { port } = server.address() as { port: number };
+      server.close(() => resolve(port));
+    });
+  });
+}
+
+export interface LocalCluster {
+  readonly nodes: readonly LocalNats[];
+  /** Every node's client URL, for a connection that fails over. */
+  readonly urls: readonly string[];
+  stop(): Promise<void>;
+}
+
+/** `size` nats-server nodes routed into one JetStream cluster, each with its own store. */
+export async function startLocalCluster(size = 3, options: LocalNatsOptions = {}): Promise<LocalCluster> {
+  const clusterPorts = await Promise.all(Array.from({ length: size }, () => freePort()));
+  const clientPorts = await Promise.all(Array.from({ length: size }, () => freePort()));
+  const routes = clusterPorts.map((p) => `"nats-route://127.0.0.1:${p}"`).join(", ");
+  const nodes = await Promise.all(clusterPorts.map((cport, i) => startLocalNats({
+    ...options,
+    port: clientPorts[i]!,
+    extraConfig: [
+      `server_name: "n${i + 1}"`,
+      `cluster { name: "fedrelay-test", listen: "127.0.0.1:${cport}", routes: [${routes}] }`,
+      options.extraConfig ?? "",
+    ].join("\n"),
+  })));
+  await waitForJetStream(nodes.map((n) => n.url));
+  return {
+    nodes,
+    urls: nodes.map((n) => n.url),
+    async stop() {
+      await Promise.all(nodes.map((n) => n.stop()));
+    },
+  };
+}
+
+/** A new cluster answers JetStream requests only once it has elected a meta leader. */
+export async function waitForJetStream(urls: readonly string[], ms = 30_000): Promise<void> {
+  const { connect } = await import("@nats-io/transport-node");
+  const { jetstreamManager } = await import("@nats-io/jetstream");
+  const nc = await connect({ servers: [...urls] });
+  try {
+    const deadline = Date.now() + ms;
+    for (;;) {
+      try {
+        await jetstreamManager(nc, { timeout: 1000 });
+        return;
+      } catch (err) {
+        if (Date.now() > deadline) throw err;
+        await new Promise((r) => setTimeout(r, 200));
+      }
+    }
+  } finally {
+    await nc.close();
+  }
 }

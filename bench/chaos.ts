@@ -1,0 +1,202 @@
+/**
+ * `npm run chaos`: fault injection. For each scenario, publish N events while
+ * a fault strikes, then compare what was published with what is stored.
+ *
+ *   a  a worker process is killed with SIGKILL mid-batch (and replaced)
+ *   b  Postgres is restarted (pg_ctlcluster restart: run this where nothing else needs Postgres)
+ *   c  the nats-server is killed with SIGKILL and restarted (single node, sync_interval: always)
+ *   d  one node of a 3-node cluster is killed (stream replicas 3)
+ *
+ *   npm run chaos [-- --n 20000] [-- --scenarios a,b,c,d] [-- --json]
+ *
+ * Exits non-zero unless every scenario has lost = 0 and duplicated = 0.
+ */
+import { execFileSync, spawn, type ChildProcess } from "node:child_process";
+import { randomBytes } from "node:crypto";
+import { readdirSync, writeFileSync } from "node:fs";
+import { parseArgs } from "node:util";
+import { jetstream, jetstreamManager } from "@nats-io/jetstream";
+import { connect, type NatsConnection } from "@nats-io/transport-node";
+import pg from "pg";
+import { loadConfig, type RelayConfig } from "../src/config.ts";
+import { startLocalCluster, startLocalNats, type LocalNats } from "../src/local-nats.ts";
+import { capabilityHash } from "../src/policy/capabilities.ts";
+import type { EventClaims } from "../src/protocol/claims.ts";
+import { generateSigningJwk, importSigningKey, type SigningKey } from "../src/protocol/keys.ts";
+import { signEvent } from "../src/protocol/sign.ts";
+import { inboxSubject } from "../src/protocol/subjects.ts";
+import { createDb } from "../src/store/db.ts";
+import { migrate } from "../src/store/migrate.ts";
+import { messageId } from "../src/transport/publisher.ts";
+import { ensureInbox } from "../src/transport/streams.ts";
+
+const { values: args } = parseArgs({ options: { n: { type: "string" }, scenarios: { type: "string" }, json: { type: "boolean" } } });
+const N = Number(args.n ?? 20_000);
+const SCENARIOS = (args.scenarios ?? "a,b,c,d").split(",").map((s) => s.trim());
+const PG_URL = "postgresql://postgres@127.0.0.1:5432/test";
+const SCHEMA = "chaos_relay";
+const CLIENTS = 100;
+const log = (line: string): void => void process.stderr.write(`${line}\n`);
+
+interface Outcome { scenario: string; published: number; stored: number; lost: number; duplicated: number; seconds: number }
+
+function startWorker(path: string): Promise<ChildProcess> {
+  const child = spawn(process.execPath, ["src/main.ts", "worker", "--config", path], { stdio: ["ignore", "ignore", "pipe"] });
+  let err = "";
+  return new Promise((resolve, reject) => {
+    child.stderr!.setEncoding("utf8");
+    child.stderr!.on("data", (d: string) => { err += d; if (/ on http/.test(err)) resolve(child); });
+    child.once("exit", (code) => reject(new Error(`worker exited ${code}: ${err}`)));
+  });
+}
+
+const stopWorker = (c: ChildProcess): Promise<void> =>
+  c.exitCode !== null || c.signalCode !== null ? Promise.resolve() : new Promise((r) => { c.once("exit", () => r()); c.kill("SIGTERM"); });
+
+function restartPostgres(): void {
+  const version = readdirSync("/etc/postgresql")[0]!;
+  execFileSync("pg_ctlcluster", ["--skip-systemctl-redirect", version, "main", "restart"], { stdio: "ignore" });
+}
+
+async function presign(key: SigningKey, caps: string[]): Promise<Buffer[]> {
+  const iat = Math.floor(Date.now() / 1000);
+  const body = randomBytes(256).toString("base64url");
+  const out: Buffer[] = [];
+  for (let i = 0; i < N; i++) {
+    const c = i % CLIENTS;
+    const claims: EventClaims = { iss: "alpha", aud: "chaos", jti: `e${i}`, iat, exp: iat + 86400, grp: "g@alpha", rcpt: [{ cid: `c${c}`, cap: caps[c]! }], body };
+    out.push(Buffer.from(await signEvent(claims, key), "latin1"));
+  }
+  return out;
+}
+
+/** Publishes every event until JetStream acknowledges it, retrying the same bytes through outages. */
+async function publishAll(nc: NatsConnection, events: readonly Buffer[], onProgress: (done: number) => Promise<void>): Promise<void> {
+  const js = jetstream(nc);
+  let done = 0;
+  for (let i = 0; i < events.length; i += 200) {
+    await Promise.all(events.slice(i, i + 200).map(async (e) => {
+      for (;;) {
+        try {
+          await js.publish(inboxSubject("chaos", "alpha"), e, { msgID: messageId(e), timeout: 2000 });
+          return;
+        } catch {
+          await new Promise((r) => setTimeout(r, 250));
+        }
+      }
+    }));
+    done = Math.min(events.length, i + 200);
+    await onProgress(done);
+  }
+}
+
+async function counts(admin: pg.Pool): Promise<{ stored: number; duplicated: number }> {
+  const { rows } = await admin.query<{ events: string; distinct_events: string; deliveries: string; distinct_deliveries: string }>(`
+    SELECT (SELECT count(*) FROM ${SCHEMA}.events) AS events,
+           (SELECT count(DISTINCT (iss, jti)) FROM ${SCHEMA}.events) AS distinct_events,
+           (SELECT count(*) FROM ${SCHEMA}.deliveries) AS deliveries,
+           (SELECT count(DISTINCT (client_id, iss, jti)) FROM ${SCHEMA}.deliveries) AS distinct_deliveries`);
+  const r = rows[0]!;
+  return {
+    stored: Number(r.distinct_events),
+    duplicated: Number(r.events) - Number(r.distinct_events) + Number(r.deliveries) - Number(r.distinct_deliveries),
+  };
+}
+
+async function scenario(name: string, key: SigningKey, caps: string[], events: Buffer[]): Promise<Outcome> {
+  const started = Date.now();
+  const cluster = name === "d" ? await startLocalCluster(3, { syncAlways: false }) : undefined;
+  const single: LocalNats | undefined = cluster ? undefined : await startLocalNats({ syncAlways: true });
+  const urls = cluster ? [...cluster.urls] : [single!.url];
+  const admin = new pg.Pool({ connectionString: PG_URL, max: 2 });
+  admin.on("error", () => undefined);
+  const workers: ChildProcess[] = [];
+  try {
+    const config: RelayConfig = loadConfig({
+      overrides: {
+        homeserver: "chaos", nats: { servers: urls }, postgres: { url: PG_URL, schema: SCHEMA, poolSize: 4 },
+        http: { port: 0 }, peers: { alpha: { keys: [key.publicJwk] } }, log: { level: "error" },
+        inbox: { replicas: cluster ? 3 : 1 },
+        worker: { batchSize: 100, retryDelayMs: 500, ackWaitSeconds: 10 },
+        rateLimits: { enabled: false },
+      },
+    });
+    await admin.query(`DROP SCHEMA IF EXISTS ${SCHEMA} CASCADE`);
+    const db = createDb(config.postgres);
+    await migrate(db.pool, SCHEMA);
+    const ids = caps.map((_, c) => `c${c}`);
+    await db.pool.query("INSERT INTO clients (id) SELECT unnest($1::text[])", [ids]);
+    await db.pool.query("INSERT INTO capabilities (id, hash, client_id, grp, owner) SELECT 'cap' || c, h, c, 'g@alpha', 'alpha' FROM unnest($1::text[], $2::bytea[]) AS t(c, h)", [ids, caps.map(capabilityHash)]);
+    await db.close();
+
+    const nc = await connect({ servers: urls, maxReconnectAttempts: -1 });
+    await ensureInbox(await jetstreamManager(nc), "chaos", { ...config.inbox, maxMessageBytes: config.limits.maxMessageBytes }, config.worker);
+    const path = `/tmp/fedrelay-chaos-${process.pid}.json`;
+    writeFileSync(path, JSON.stringify({ ...config, keys: { retired: [] } }));
+    workers.push(await startWorker(path), await startWorker(path));
+
+    let struck = false;
+    const strike = async (): Promise<void> => {
+      if (struck) return;
+      struck = true;
+      log(`  [${name}] fault`);
+      switch (name) {
+        case "a": {
+          const victim = workers.shift()!;
+          victim.kill("SIGKILL");
+          workers.push(await startWorker(path));
+          break;
+        }
+        case "b": restartPostgres(); break;
+        case "c": await single!.restart(); break;
+        case "d": await cluster!.nodes[0]!.kill(); break;
+      }
+    };
+    // Strike when a third has been published and the workers are busy committing.
+    await publishAll(nc, events, async (done) => { if (done >= events.length / 3) await strike(); });
+    await strike();
+    log(`  [${name}] all ${events.length} published; waiting for the workers`);
+
+    let last = -1;
+    let lastChange = Date.now();
+    let result = { stored: 0, duplicated: 0 };
+    while (Date.now() - lastChange < 60_000) {
+      try {
+        result = await counts(admin);
+      } catch {
+        await new Promise((r) => setTimeout(r, 500));
+        continue;
+      }
+      if (result.stored >= events.length) break;
+      if (result.stored !== last) { last = result.stored; lastChange = Date.now(); }
+      await new Promise((r) => setTimeout(r, 250));
+    }
+    await nc.close();
+    return { scenario: name, published: events.length, stored: result.stored, lost: events.length - result.stored, duplicated: result.duplicated, seconds: (Date.now() - started) / 1000 };
+  } finally {
+    await Promise.all(workers.map(stopWorker));
+    await admin.query(`DROP SCHEMA IF EXISTS ${SCHEMA} CASCADE`).catch(() => undefined);
+    await admin.end();
+    await single?.stop();
+    await cluster?.stop();
+  }
+}
+
+const key = importSigningKey(await generateSigningJwk("alpha", "chaos", Math.floor(Date.now() / 1000) - 60));
+const caps = Array.from({ length: CLIENTS }, () => randomBytes(32).toString("base64url"));
+log(`signing ${N} events…`);
+const events = await presign(key, caps);
+const outcomes: Outcome[] = [];
+for (const s of SCENARIOS) {
+  log(`scenario ${s}`);
+  outcomes.push(await scenario(s, key, caps, events));
+}
+if (args.json) {
+  process.stdout.write(`${JSON.stringify(outcomes, null, 2)}\n`);
+} else {
+  process.stdout.write("scenario  published  stored  lost  duplicated  seconds\n");
+  for (const o of outcomes) {
+    process.stdout.write(`${o.scenario.padEnd(9)} ${String(o.published).padStart(9)} ${String(o.stored).padStart(7)} ${String(o.lost).padStart(5)} ${String(o.duplicated).padStart(11)} ${o.seconds.toFixed(1).padStart(8)}\n`);
+  }
+}
+process.exitCode = outcomes.every((o) => o.lost === 0 && o.duplicated === 0) ? 0 : 1;
