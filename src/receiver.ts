@@ -8,7 +8,7 @@ import { dispositionOf } from "./errors.ts";
 import type { RateLimits } from "./policy/rate-limit.ts";
 import type { RelayMetrics } from "./metrics.ts";
 import type { EventLimits } from "./protocol/claims.ts";
-import { verifyEvent, type KeyResolver } from "./protocol/verify.ts";
+import { verifyEvent, type KeyResolver, type Verdict } from "./protocol/verify.ts";
 import { commitBatch, type AcceptedInput, type EventOutcome, type RefusedInput } from "./store/commit-batch.ts";
 import type { Db } from "./store/db.ts";
 import { storedDecisions, type ReportItem, type ReportSender } from "./reports.ts";
@@ -87,6 +87,10 @@ export function createReceiver(deps: ReceiverDeps): { processBatch(batch: JsMsg[
             keys: deps.keys,
             isSenderAllowed: deps.isSenderAllowed ?? allowAll,
             now,
+          }).catch((err: unknown): Verdict => {
+            // A bug in verification must refuse one message, never poison its batch with retries.
+            deps.log.error({ err, seq: m.seq }, "verification threw; refusing the event as malformed");
+            return { ok: false, reason: "malformed", detail: "verification failed" };
           });
           if (verdict.ok) {
             const input = { streamSeq: m.seq, event: verdict.event, publishedAt: m.info.timestampNanos / 1e9 };

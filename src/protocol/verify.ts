@@ -52,6 +52,23 @@ export type Verdict =
 
 const ALLOWED_HEADER = new Set(["alg", "kid", "typ"]);
 
+/**
+ * A short, printable rendering of an attacker-chosen value for a refusal's
+ * detail: never recursive (a header can nest 100,000 arrays deep, which
+ * JSON.stringify would overflow on) and never with control characters (a NUL
+ * cannot be stored in Postgres text).
+ */
+export function show(value: unknown): string {
+  if (typeof value === "string") {
+    const cut = value.length > 64 ? `${value.slice(0, 64)}…` : value;
+    // eslint-disable-next-line no-control-regex
+    return `"${cut.replace(/[\u0000-\u001f\u007f"\\]/g, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, "0")}`)}"`;
+  }
+  if (typeof value === "number" || typeof value === "boolean" || value === null) return String(value);
+  if (value === undefined) return "(missing)";
+  return Array.isArray(value) ? "(an array)" : `(${typeof value === "object" ? "an object" : typeof value})`;
+}
+
 function refuse(reason: EventReason, detail: string, claimed?: { iss: string; jti: string }): Verdict {
   return claimed ? { ok: false, reason, detail, claimed } : { ok: false, reason, detail };
 }
@@ -83,10 +100,10 @@ export async function verifyEvent(data: Uint8Array, subject: string, ctx: Verify
   const payload = parseJsonObject(payloadB64);
   if (!header || !payload) return refuse("malformed", "JWS header and payload must be JSON objects");
   for (const name of Object.keys(header)) {
-    if (!ALLOWED_HEADER.has(name)) return refuse("malformed", `header member "${name}" is not allowed`);
+    if (!ALLOWED_HEADER.has(name)) return refuse("malformed", `header member ${show(name)} is not allowed`);
   }
-  if (header.alg !== EVENT_ALG) return refuse("bad_alg", `alg ${JSON.stringify(header.alg)} is not EdDSA`);
-  if (header.typ !== EVENT_TYP) return refuse("bad_typ", `typ ${JSON.stringify(header.typ)} is not ${EVENT_TYP}`);
+  if (header.alg !== EVENT_ALG) return refuse("bad_alg", `alg ${show(header.alg)} is not EdDSA`);
+  if (header.typ !== EVENT_TYP) return refuse("bad_typ", `typ ${show(header.typ)} is not ${EVENT_TYP}`);
 
   const parsed = eventClaimsSchema.safeParse(payload);
   if (!parsed.success) {
@@ -101,11 +118,11 @@ export async function verifyEvent(data: Uint8Array, subject: string, ctx: Verify
     return refuse("too_large", `body is ${bodyBytes} bytes, limit ${ctx.limits.maxBodyBytes}`, claimed);
   }
   const group = parseGroupId(claims.grp);
-  if (!group) return refuse("malformed", `grp ${JSON.stringify(claims.grp)} is not <local>@<owner>`, claimed);
+  if (!group) return refuse("malformed", `grp ${show(claims.grp)} is not <local>@<owner>`, claimed);
   const kid = header.kid;
   const kidParts = typeof kid === "string" ? splitKid(kid) : undefined;
   if (typeof kid !== "string" || !kidParts || kidParts.homeserver !== claims.iss) {
-    return refuse("unknown_key", `kid ${JSON.stringify(kid)} is not ${claims.iss}#<key-id>`, claimed);
+    return refuse("unknown_key", `kid ${show(kid)} is not ${claims.iss}#<key-id>`, claimed);
   }
 
   // Step 2: the sender and its key.
