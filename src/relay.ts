@@ -158,7 +158,7 @@ export function createRelay(config: RelayConfig, roles: RelayRoles, deps: RelayD
         bodyLimit: 16 * 1024 * 1024,
       };
     }
-    http = await createHttpServer({ log, metrics, health, ...(api ? { api } : {}) });
+    http = await createHttpServer({ log, metrics, health, isClosing: () => closing !== undefined, ...(api ? { api } : {}) });
     url = await http.listen({ host: config.http.host, port: config.http.port });
     log.info({ url, roles }, "relay started");
   }
@@ -169,11 +169,14 @@ export function createRelay(config: RelayConfig, roles: RelayRoles, deps: RelayD
       const step = async (fn: () => Promise<unknown> | undefined): Promise<void> => {
         try { await fn(); } catch (err) { first ??= err; }
       };
-      await step(() => http?.close());
+      // The worker drains first, while /readyz still answers (503: closing is set).
       await step(() => loop?.stop());
       await step(() => reportLoop?.stop());
       policy?.close();
+      // Ends long-polls at once, then HTTP: responses from here on close their connection,
+      // so a keep-alive client (a Prometheus scrape) cannot hold the shutdown open.
       await step(() => notifier?.close());
+      await step(() => http?.close());
       await step(() => nc?.drain());
       await step(() => db.close());
       if (first !== undefined) throw first;

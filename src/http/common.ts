@@ -62,5 +62,7 @@ export async function longPoll<T>(api: ApiDeps, keys: readonly string[], seconds
     }
     await Promise.race(waiters.map((w) => w.promise));
     for (const w of waiters) w.cancel();
+    // Shutting down: one last look, then answer.
+    if (api.notifier.closed) return check();
   }
 }

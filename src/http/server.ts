@@ -20,6 +20,8 @@ export interface HttpDeps {
   readonly log: Logger;
   readonly metrics: RelayMetrics;
   readonly health: () => Promise<HealthReport>;
+  /** True once shutdown has begun: responses then close their connections. */
+  readonly isClosing?: () => boolean;
   readonly api?: ApiDeps;
 }
 
@@ -43,6 +45,9 @@ export async function createHttpServer(deps: HttpDeps): Promise<FastifyInstance>
     request.log.error({ err }, "request failed");
     const unavailable = new RelayError("internal", "internal error");
     return reply.status(HTTP_STATUS.internal).send({ error: unavailable.code, message: unavailable.message });
+  });
+  app.addHook("onSend", async (_request, reply) => {
+    if (deps.isClosing?.()) reply.header("connection", "close");
   });
   app.setNotFoundHandler((request, reply) =>
     sendError(reply, new RelayError("not_found", `no route ${request.method} ${request.url.split("?")[0]}`)));

@@ -10,6 +10,8 @@ import type { Db } from "./db.ts";
 export interface DeliveryNotifier {
   /** Resolves when `clientId` may have new messages, or after `ms`. Register before querying to never miss one. */
   waiter(clientId: string, ms: number): { readonly promise: Promise<void>; cancel(): void };
+  /** After close, waiters resolve at once: a long-poll answers with what it has. */
+  readonly closed: boolean;
   close(): Promise<void>;
 }
 
@@ -48,7 +50,7 @@ export async function createDeliveryNotifier(db: Db): Promise<DeliveryNotifier> 
       const promise = new Promise<void>((resolve) => (done = resolve));
       const set = waiters.get(clientId) ?? new Set();
       waiters.set(clientId, set);
-      const timer = setTimeout(() => cancel(), ms);
+      const timer = setTimeout(() => cancel(), closed ? 0 : ms);
       const cancel = (): void => {
         clearTimeout(timer);
         set.delete(done);
@@ -57,6 +59,9 @@ export async function createDeliveryNotifier(db: Db): Promise<DeliveryNotifier> 
       };
       set.add(done);
       return { promise: promise.then(() => cancel()), cancel };
+    },
+    get closed() {
+      return closed;
     },
     async close() {
       if (closed) return;
