@@ -73,7 +73,6 @@ async function presign(key: SigningKey, caps: string[]): Promise<Buffer[]> {
 /** Publishes every event until JetStream acknowledges it, retrying the same bytes through outages. */
 async function publishAll(nc: NatsConnection, events: readonly Buffer[], onProgress: (done: number) => Promise<void>): Promise<void> {
   const js = jetstream(nc);
-  let done = 0;
   for (let i = 0; i < events.length; i += 200) {
     await Promise.all(events.slice(i, i + 200).map(async (e) => {
       for (;;) {
@@ -85,8 +84,7 @@ async function publishAll(nc: NatsConnection, events: readonly Buffer[], onProgr
         }
       }
     }));
-    done = Math.min(events.length, i + 200);
-    await onProgress(done);
+    await onProgress(Math.min(events.length, i + 200));
   }
 }
 
