@@ -46,7 +46,11 @@ function startWorker(path: string): Promise<ChildProcess> {
   return new Promise((resolve, reject) => {
     child.stderr!.setEncoding("utf8");
     child.stderr!.on("data", (d: string) => { err += d; if (/ on http/.test(err)) resolve(child); });
-    child.once("exit", (code) => reject(new Error(`worker exited ${code}: ${err}`)));
+    child.once("exit", (code, signal) => {
+      reject(new Error(`worker exited ${code}: ${err}`));
+      // After it was ready: a crash the scenario did not cause is worth seeing.
+      if (signal !== "SIGKILL" && signal !== "SIGTERM" && code !== 0) log(`  worker ${child.pid} exited ${code ?? signal}: ${err.split("\n").slice(-15).join("\n")}`);
+    });
   });
 }
 

@@ -31,13 +31,33 @@ export function createDb(options: { url: string; schema: string; poolSize: numbe
     max: options.poolSize,
     // Every connection sees only this homeserver's tables.
     options: `-c search_path=${quoteIdent(options.schema)}`,
-    // A worker must notice a dead server rather than hang on a half-open socket.
+    // A worker must notice a dead server rather than hang on a half-open socket:
+    // bounded connects, TCP keepalive after 10 s idle, and no query waits forever
+    // (a commit of a large batch takes well under a second).
     connectionTimeoutMillis: 5000,
     keepAlive: true,
+    keepAliveInitialDelayMillis: 10_000,
+    query_timeout: 60_000,
   });
   // An idle client losing its server emits here; without a listener Node would crash.
   pool.on("error", () => undefined);
-  const kysely = new Kysely<Database>({ dialect: new PostgresDialect({ pool }) });
+  // A client checked out (inside a transaction) when the server goes away emits
+  // "error" between statements: without a listener the process would crash, and
+  // returned to the pool as usual it would fail every later batch. Mark it, and
+  // have it destroyed on release.
+  const broken = new WeakSet<pg.PoolClient>();
+  pool.on("connect", (client) => client.on("error", () => broken.add(client as pg.PoolClient)));
+  const kyselyPool = {
+    async connect(): Promise<pg.PoolClient> {
+      const client = await pool.connect();
+      const release = client.release.bind(client);
+      client.release = (err?: Error | boolean) => release(err ?? (broken.has(client) ? true : undefined));
+      return client;
+    },
+    end: () => pool.end(),
+    options: pool.options,
+  };
+  const kysely = new Kysely<Database>({ dialect: new PostgresDialect({ pool: kyselyPool }) });
   let closing: Promise<void> | undefined;
   return {
     pool,
