@@ -40,17 +40,24 @@ async function readConfig(values: Record<string, unknown>, io: CliIo): Promise<R
   const path = (values.config as string | undefined) ?? io.env.FEDRELAY_CONFIG;
   const file = path === undefined ? undefined : { path, text: await readOrFail(io, path, "config file") };
   let config = loadConfig({ env: io.env, ...(file ? { file } : {}) });
-  if (config.keys.signingKeyFile && !config.keys.signingKey) {
-    const text = await readOrFail(io, config.keys.signingKeyFile, "keys.signingKeyFile");
+  // Where `keygen` writes by default: a fresh checkout runs after keygen with no config at all.
+  const keyFile = config.keys.signingKeyFile ?? (config.keys.signingKey ? undefined : await defaultKeyFile(io, config.homeserver));
+  if (keyFile && !config.keys.signingKey) {
+    const text = await readOrFail(io, keyFile, "keys.signingKeyFile");
     let jwk: unknown;
     try {
       jwk = JSON.parse(text);
     } catch {
-      throw new RelayError("config_invalid", `config key keys.signingKeyFile: ${config.keys.signingKeyFile} is not JSON`);
+      throw new RelayError("config_invalid", `config key keys.signingKeyFile: ${keyFile} is not JSON`);
     }
     config = loadConfig({ env: io.env, ...(file ? { file } : {}), overrides: { keys: { signingKey: jwk } } });
   }
   return config;
+}
+
+async function defaultKeyFile(io: CliIo, homeserver: string): Promise<string | undefined> {
+  const path = `keys/${homeserver}.jwk.json`;
+  return io.readFile(path).then(() => path, () => undefined);
 }
 
 async function readOrFail(io: CliIo, path: string, what: string): Promise<string> {

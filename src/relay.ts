@@ -64,7 +64,7 @@ export function createRelay(config: RelayConfig, roles: RelayRoles, deps: RelayD
   const metrics = deps.metrics ?? createMetrics();
   const signingKey = config.keys.signingKey ? importSigningKey(config.keys.signingKey) : undefined;
   if (roles.api && !signingKey) {
-    throw new RelayError("config_invalid", "config key keys.signingKey: the API needs this homeserver's signing key (run `fedrelay keygen`, then set keys.signingKeyFile)");
+    throw new RelayError("config_invalid", `config key keys.signingKey: the API needs this homeserver's signing key (run \`fedrelay keygen --homeserver ${config.homeserver}\`, which writes keys/${config.homeserver}.jwk.json, read by default; or set keys.signingKeyFile)`);
   }
   const publicKeys: PublicJwk[] = [
     ...(signingKey ? [signingKey.publicJwk] : []),
