@@ -21,8 +21,12 @@ export async function registerClient(db: Db, clientId: string): Promise<boolean>
 
 /** Removes a client and its pending deliveries and blocks; events and capabilities stay for the record. */
 export async function removeClient(db: Db, clientId: string): Promise<boolean> {
-  const result = await db.kysely.deleteFrom("clients").where("id", "=", clientId).executeTakeFirst();
-  return result.numDeletedRows > 0n;
+  return db.kysely.transaction().execute(async (trx) => {
+    // The client row first: its lock makes a concurrent commit for this client wait, then see it gone.
+    const result = await trx.deleteFrom("clients").where("id", "=", clientId).executeTakeFirst();
+    await trx.deleteFrom("deliveries").where("client_id", "=", clientId).execute();
+    return result.numDeletedRows > 0n;
+  });
 }
 
 export async function clientExists(db: Db, clientId: string): Promise<boolean> {

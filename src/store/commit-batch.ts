@@ -192,12 +192,14 @@ async function chargeRateLimits(
   const delays = new Map<AcceptedInput, number>();
   if (bursts.size === 0) return delays;
   const keys = [...bursts.keys()].sort();
-  // One statement creates missing buckets (full) and locks all of them, in key order.
-  const rows = await sql<{ key: string; tokens: number; updated_at: number }>`
+  // Missing buckets are created full, then all are locked in key order. (An upsert
+  // that locks by updating would write every bucket twice per batch.)
+  await sql`
     INSERT INTO rate_buckets (key, tokens, updated_at)
     SELECT * FROM unnest(${keys}::text[], ${keys.map((k) => bursts.get(k)!)}::float8[], ${keys.map(() => now)}::float8[])
-    ON CONFLICT (key) DO UPDATE SET key = EXCLUDED.key
-    RETURNING key, tokens, updated_at`.execute(trx);
+    ON CONFLICT (key) DO NOTHING`.execute(trx);
+  const rows = await sql<{ key: string; tokens: number; updated_at: number }>`
+    SELECT key, tokens, updated_at FROM rate_buckets WHERE key = ANY(${keys}::text[]) ORDER BY key FOR UPDATE`.execute(trx);
   const state: BucketState = new Map(rows.rows.map((r) => [r.key, { tokens: r.tokens, updatedAt: r.updated_at }]));
   const before = new Map(state);
 
