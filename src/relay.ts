@@ -127,7 +127,7 @@ export function createRelay(config: RelayConfig, roles: RelayRoles, deps: RelayD
         } : {}),
       });
       const consumer = await js.consumers.get(inboxStreamName(config.homeserver), config.worker.consumer);
-      loop = await startBatchLoop(consumer, { batchSize: config.worker.batchSize, expiresMs: config.worker.fetchExpiresMs },
+      loop = await startBatchLoop(consumer, { batchSize: config.worker.batchSize, maxBatchBytes: config.worker.maxBatchBytes, expiresMs: config.worker.fetchExpiresMs },
         async (batch) => void (await receiver.processBatch(batch)));
       const recorder = createReportRecorder({ self: config.homeserver, db, keys, log });
       const reportConsumer = await js.consumers.get(reportStreamName(config.homeserver), REPORT_CONSUMER);

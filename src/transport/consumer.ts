@@ -21,6 +21,12 @@ export interface BatchLoopOptions {
    * a quarter of the time).
    */
   readonly inFlight?: number;
+  /**
+   * A batch also ends at this many bytes of message data: 200 events of 1,000
+   * recipients are 12 MB of tokens and ten times that once parsed, so large
+   * events come in smaller batches (measured: peak RSS ~280 MB without it).
+   */
+  readonly maxBatchBytes?: number;
 }
 
 export interface BatchLoop {
@@ -28,6 +34,18 @@ export interface BatchLoop {
   readonly done: Promise<void>;
   /** Stops pulling, lets the batch in hand finish, gives back what was buffered. */
   stop(): Promise<void>;
+}
+
+/** How many of the queued messages make the next batch: at least one, at most `size`, within `maxBytes`. */
+export function batchLength(queue: readonly { readonly data: Uint8Array }[], size: number, maxBytes: number): number {
+  let bytes = 0;
+  let n = 0;
+  while (n < queue.length && n < size) {
+    bytes += queue[n]!.data.byteLength;
+    if (n > 0 && bytes > maxBytes) break;
+    n += 1;
+  }
+  return n;
 }
 
 export async function startBatchLoop(
@@ -73,7 +91,7 @@ export async function startBatchLoop(
         continue;
       }
       await new Promise<void>((r) => setImmediate(r));
-      const batch = queue.splice(0, options.batchSize);
+      const batch = queue.splice(0, batchLength(queue, options.batchSize, options.maxBatchBytes ?? Infinity));
       resume?.();
       resume = undefined;
       // A handler must settle each message itself; one that throws ends the loop (and `done` rejects).

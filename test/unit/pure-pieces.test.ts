@@ -7,6 +7,7 @@ import { uuidv7 } from "../../src/protocol/event-id.ts";
 import { isEventId } from "../../src/protocol/names.ts";
 import { sampleOf } from "../../src/receiver.ts";
 import { messageId } from "../../src/transport/publisher.ts";
+import { batchLength } from "../../src/transport/consumer.ts";
 
 describe("fan-out split", () => {
   it("groups recipients by destination in first-seen order and drops repeated clients", () => {
@@ -53,5 +54,21 @@ describe("small helpers", () => {
     const config = loadConfig({ file: { path: path.pathname, text: readFileSync(path, "utf8") } });
     expect(config.homeserver).toBe("beta.example.org");
     expect(config.postgres.schema).toBe("fedrelay_beta_example_org");
+  });
+});
+
+describe("batch sizing", () => {
+  const msgs = (...sizes: number[]) => sizes.map((n) => ({ data: new Uint8Array(n) }));
+  it("takes up to the batch size when messages are small", () => {
+    expect(batchLength(msgs(10, 10, 10, 10), 3, 1000)).toBe(3);
+  });
+  it("ends a batch before it exceeds the byte budget", () => {
+    expect(batchLength(msgs(400, 400, 400), 10, 1000)).toBe(2);
+  });
+  it("always takes at least one message, however large", () => {
+    expect(batchLength(msgs(5000, 10), 10, 1000)).toBe(1);
+  });
+  it("takes nothing from an empty queue", () => {
+    expect(batchLength([], 10, 1000)).toBe(0);
   });
 });
