@@ -103,17 +103,6 @@ export function dispositionOf(reason: EventReason): Disposition {
   return reason === "duplicate" ? "ack" : "term";
 }
 
-const EVENT_REASON_SET: ReadonlySet<string> = new Set(EVENT_REASONS);
-const RECIPIENT_REASON_SET: ReadonlySet<string> = new Set(RECIPIENT_REASONS);
-
-export function isEventReason(value: unknown): value is EventReason {
-  return typeof value === "string" && EVENT_REASON_SET.has(value);
-}
-
-export function isRecipientReason(value: unknown): value is RecipientReason {
-  return typeof value === "string" && RECIPIENT_REASON_SET.has(value);
-}
-
 export class RelayError extends Error {
   override readonly name = "RelayError";
   readonly code: ErrorCode;

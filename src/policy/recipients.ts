@@ -10,7 +10,6 @@
  */
 import type { RecipientReason } from "../errors.ts";
 import type { EventClaims } from "../protocol/claims.ts";
-import { parseGroupId } from "../protocol/names.ts";
 
 export interface CapabilityBinding {
   readonly clientId: string;
@@ -59,9 +58,4 @@ export function decideRecipients(claims: EventClaims, facts: RecipientFacts): Re
     else accepted.push(r.cid);
   }
   return { accepted, refused };
-}
-
-/** The owner part of a group id; the capability binds to it. */
-export function ownerOfGroup(grp: string): string | undefined {
-  return parseGroupId(grp)?.owner;
 }
