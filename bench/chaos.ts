@@ -20,15 +20,12 @@ import { connect, type NatsConnection } from "@nats-io/transport-node";
 import pg from "pg";
 import { loadConfig, type RelayConfig } from "../src/config.ts";
 import { startLocalCluster, startLocalNats, type LocalNats } from "../src/local-nats.ts";
-import { capabilityHash } from "../src/policy/capabilities.ts";
 import type { EventClaims } from "../src/protocol/claims.ts";
 import { generateSigningJwk, importSigningKey, type SigningKey } from "../src/protocol/keys.ts";
 import { signEvent } from "../src/protocol/sign.ts";
 import { inboxSubject } from "../src/protocol/subjects.ts";
-import { createDb } from "../src/store/db.ts";
-import { migrate } from "../src/store/migrate.ts";
 import { messageId } from "../src/transport/publisher.ts";
-import { ensureInbox } from "../src/transport/streams.ts";
+import { freshDestination } from "./fixtures.ts";
 
 const { values: args } = parseArgs({ options: { n: { type: "string" }, scenarios: { type: "string" }, json: { type: "boolean" } } });
 const N = Number(args.n ?? 20_000);
@@ -123,16 +120,8 @@ async function scenario(name: string, key: SigningKey, caps: string[], events: B
         rateLimits: { enabled: false },
       },
     });
-    await admin.query(`DROP SCHEMA IF EXISTS ${SCHEMA} CASCADE`);
-    const db = createDb(config.postgres);
-    await migrate(db.pool, SCHEMA);
-    const ids = caps.map((_, c) => `c${c}`);
-    await db.pool.query("INSERT INTO clients (id) SELECT unnest($1::text[])", [ids]);
-    await db.pool.query("INSERT INTO capabilities (id, hash, client_id, grp, owner) SELECT 'cap' || c, h, c, 'g@alpha', 'alpha' FROM unnest($1::text[], $2::bytea[]) AS t(c, h)", [ids, caps.map(capabilityHash)]);
-    await db.close();
-
     const nc = await connect({ servers: urls, maxReconnectAttempts: -1 });
-    await ensureInbox(await jetstreamManager(nc), "chaos", { ...config.inbox, maxMessageBytes: config.limits.maxMessageBytes }, config.worker);
+    await freshDestination(admin, await jetstreamManager(nc), config, caps);
     const path = `/tmp/fedrelay-chaos-${process.pid}.json`;
     writeFileSync(path, JSON.stringify({ ...config, keys: { retired: [] } }));
     workers.push(await startWorker(path), await startWorker(path));

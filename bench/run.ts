@@ -17,15 +17,12 @@ import { connect } from "@nats-io/transport-node";
 import pg from "pg";
 import { loadConfig, type RelayConfig } from "../src/config.ts";
 import { startLocalNats } from "../src/local-nats.ts";
-import { capabilityHash } from "../src/policy/capabilities.ts";
 import type { EventClaims } from "../src/protocol/claims.ts";
 import { generateSigningJwk, importSigningKey } from "../src/protocol/keys.ts";
 import { signEvent } from "../src/protocol/sign.ts";
 import { inboxStreamName, inboxSubject } from "../src/protocol/subjects.ts";
-import { createDb } from "../src/store/db.ts";
-import { migrate } from "../src/store/migrate.ts";
 import { messageId } from "../src/transport/publisher.ts";
-import { ensureInbox } from "../src/transport/streams.ts";
+import { freshDestination } from "./fixtures.ts";
 
 const { values: args } = parseArgs({
   options: {
@@ -87,22 +84,6 @@ function relayConfig(limits: boolean): RelayConfig {
   });
 }
 
-/** A fresh schema with 1,000 clients and their capabilities, and a fresh inbox stream. */
-async function freshRelay(config: RelayConfig): Promise<void> {
-  await admin.query(`DROP SCHEMA IF EXISTS ${SCHEMA} CASCADE`);
-  await jsm.streams.delete(inboxStreamName("bench")).catch(() => undefined);
-  const db = createDb(config.postgres);
-  await migrate(db.pool, SCHEMA);
-  const ids = caps.map((_, c) => `c${c}`);
-  await db.pool.query("INSERT INTO clients (id) SELECT unnest($1::text[])", [ids]);
-  await db.pool.query(
-    "INSERT INTO capabilities (id, hash, client_id, grp, owner) SELECT 'cap' || c, h, c, 'g@alpha', 'alpha' FROM unnest($1::text[], $2::bytea[]) AS t(c, h)",
-    [ids, caps.map((c) => capabilityHash(c))],
-  );
-  await db.close();
-  await ensureInbox(jsm, "bench", { ...config.inbox, maxMessageBytes: config.limits.maxMessageBytes }, config.worker);
-}
-
 async function freshBaseline(): Promise<void> {
   await admin.query("DROP TABLE IF EXISTS bench_baseline");
   await admin.query("CREATE TABLE bench_baseline (jti text PRIMARY KEY, token text NOT NULL)");
@@ -154,7 +135,7 @@ interface Result {
 }
 
 async function runRelay(config: RelayConfig, events: Buffer[], workers: number): Promise<{ rate: number; rss: number }> {
-  await freshRelay(config);
+  await freshDestination(admin, jsm, config, caps);
   await publishAll(inboxSubject("bench", "alpha"), events);
   const path = `/tmp/fedrelay-bench-${process.pid}.json`;
   writeFileSync(path, JSON.stringify({ ...config, keys: { retired: [] } }));
@@ -204,7 +185,7 @@ try {
   const peak = results.find((r) => r.recipients === 1 && r.workers === 2)!.relay;
   const rate = Math.max(10, Math.round(peak / 2));
   const config = relayConfig(true);
-  await freshRelay(config);
+  await freshDestination(admin, jsm, config, caps);
   const path = `/tmp/fedrelay-bench-${process.pid}.json`;
   writeFileSync(path, JSON.stringify({ ...config, keys: { retired: [] } }));
   const procs = await Promise.all([0, 1].map(() => startProcess(["src/main.ts", "worker", "--config", path], / on http/)));

@@ -23,15 +23,12 @@ import { connect } from "@nats-io/transport-node";
 import pg from "pg";
 import { loadConfig, type RelayConfig } from "../src/config.ts";
 import { startLocalNats } from "../src/local-nats.ts";
-import { capabilityHash } from "../src/policy/capabilities.ts";
 import type { EventClaims } from "../src/protocol/claims.ts";
 import { generateSigningJwk, importSigningKey } from "../src/protocol/keys.ts";
 import { signEvent } from "../src/protocol/sign.ts";
 import { inboxStreamName, inboxSubject } from "../src/protocol/subjects.ts";
-import { createDb } from "../src/store/db.ts";
-import { migrate } from "../src/store/migrate.ts";
 import { messageId } from "../src/transport/publisher.ts";
-import { ensureInbox } from "../src/transport/streams.ts";
+import { freshDestination } from "./fixtures.ts";
 
 const { values: args } = parseArgs({
   options: {
@@ -142,18 +139,7 @@ function mean(xs: readonly number[]): number {
 
 let exitCode: number;
 try {
-  // A fresh schema with the clients and their capabilities, and the inbox stream.
-  await admin.query(`DROP SCHEMA IF EXISTS ${SCHEMA} CASCADE`);
-  const db = createDb(config.postgres);
-  await migrate(db.pool, SCHEMA);
-  const ids = caps.map((_, c) => `c${c}`);
-  await db.pool.query("INSERT INTO clients (id) SELECT unnest($1::text[])", [ids]);
-  await db.pool.query(
-    "INSERT INTO capabilities (id, hash, client_id, grp, owner) SELECT 'cap' || c, h, c, 'g@alpha', 'alpha' FROM unnest($1::text[], $2::bytea[]) AS t(c, h)",
-    [ids, caps.map((c) => capabilityHash(c))],
-  );
-  await db.close();
-  await ensureInbox(jsm, "soak", { ...config.inbox, maxMessageBytes: config.limits.maxMessageBytes }, config.worker);
+  await freshDestination(admin, jsm, config, caps);
 
   // Sign the first chunk before the clock starts.
   const t0Sign = performance.now();
