@@ -61,8 +61,10 @@ export async function commitBatch(
   refused: readonly RefusedInput[],
   options: CommitOptions,
 ): Promise<EventOutcome[]> {
-  return db.kysely.transaction().execute(async (trx) => {
-    const outcomes = await storeEvents(trx, accepted, options);
+  const known = storedKeys.get(db) ?? new Set<string>();
+  storedKeys.set(db, known);
+  const outcomes = await db.kysely.transaction().execute(async (trx) => {
+    const outcomes = await storeEvents(trx, accepted, options, known);
     if (refused.length > 0) await recordRefusedEvents(trx, refused);
     const woken = new Set<string>();
     for (const o of outcomes) if (o.status === "stored") for (const cid of o.decision.accepted) woken.add(cid);
@@ -72,16 +74,27 @@ export async function commitBatch(
     }
     return outcomes;
   });
+  // Only once committed is a key known to be stored (a rolled-back insert must be retried).
+  for (const a of accepted) known.add(a.event.key.thumbprint);
+  return outcomes;
 }
 
-async function storeEvents(trx: Transaction<Database>, accepted: readonly AcceptedInput[], options: CommitOptions): Promise<EventOutcome[]> {
+/** Thumbprints of verifying keys already in peer_keys, per database: saves a statement per batch. */
+const storedKeys = new WeakMap<Db, Set<string>>();
+
+async function storeEvents(
+  trx: Transaction<Database>,
+  accepted: readonly AcceptedInput[],
+  options: CommitOptions,
+  knownKeys: ReadonlySet<string>,
+): Promise<EventOutcome[]> {
   // The same event twice in one batch (a redelivery racing its original) is stored once.
   const firstOf = new Map<string, AcceptedInput>();
   for (const a of accepted) if (!firstOf.has(eventKey(a))) firstOf.set(eventKey(a), a);
   const unique = [...firstOf.entries()].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)).map(([, a]) => a);
   if (unique.length === 0) return [];
 
-  const stored = await insertNewEvents(trx, unique);
+  const stored = await insertNewEvents(trx, unique, knownKeys);
 
   // Lock every addressed client that exists, in id order: the lock both proves
   // the client exists at commit time and orders its cursors.
@@ -144,9 +157,9 @@ async function storeEvents(trx: Transaction<Database>, accepted: readonly Accept
 }
 
 /** Inserts the batch's events (already sorted) and returns those that were new. */
-async function insertNewEvents(trx: Transaction<Database>, unique: readonly AcceptedInput[]): Promise<AcceptedInput[]> {
-  const keys = new Map(unique.map((a) => [a.event.key.thumbprint, a.event.key]));
-  await trx
+async function insertNewEvents(trx: Transaction<Database>, unique: readonly AcceptedInput[], knownKeys: ReadonlySet<string>): Promise<AcceptedInput[]> {
+  const keys = new Map(unique.filter((a) => !knownKeys.has(a.event.key.thumbprint)).map((a) => [a.event.key.thumbprint, a.event.key]));
+  if (keys.size > 0) await trx
     .insertInto("peer_keys")
     .values([...keys.values()].map((k) => ({ thumbprint: k.thumbprint, kid: k.kid, homeserver: k.homeserver, jwk: JSON.stringify(k.jwk) })))
     .onConflict((oc) => oc.column("thumbprint").doNothing())
