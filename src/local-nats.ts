@@ -5,11 +5,14 @@
  */
 import { spawn, execFile, type ChildProcess } from "node:child_process";
 import { existsSync } from "node:fs";
+import { createServer } from "node:net";
 import { mkdtemp, readdir, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { promisify } from "node:util";
+import { jetstreamManager } from "@nats-io/jetstream";
+import { connect } from "@nats-io/transport-node";
 
 const ROOT = fileURLToPath(new URL("..", import.meta.url));
 const FETCH_SCRIPT = join(ROOT, "scripts/fetch-nats-server.sh");
@@ -111,7 +114,6 @@ export async function startLocalNats(options: LocalNatsOptions = {}): Promise<Lo
 
 /** A free loopback TCP port (a cluster's route ports must be known before any node starts). */
 export async function freePort(): Promise<number> {
-  const { createServer } = await import("node:net");
   return new Promise((resolve, reject) => {
     const server = createServer();
     server.once("error", reject);
@@ -155,8 +157,6 @@ export async function startLocalCluster(size = 3, options: LocalNatsOptions = {}
 
 /** A new cluster answers JetStream requests only once it has elected a meta leader. */
 export async function waitForJetStream(urls: readonly string[], ms = 30_000): Promise<void> {
-  const { connect } = await import("@nats-io/transport-node");
-  const { jetstreamManager } = await import("@nats-io/jetstream");
   const nc = await connect({ servers: [...urls] });
   try {
     const deadline = Date.now() + ms;

@@ -8,6 +8,7 @@ import { sql } from "kysely";
 import type { Logger } from "pino";
 import type { RecipientReason } from "./errors.ts";
 import type { RelayMetrics } from "./metrics.ts";
+import { storedClaims } from "./protocol/claims.ts";
 import type { SigningKey } from "./protocol/keys.ts";
 import { reportClaims, verifyReport } from "./protocol/report.ts";
 import { signReport } from "./protocol/sign.ts";
@@ -62,7 +63,7 @@ export async function storedDecisions(db: Db, events: readonly { iss: string; jt
       SELECT iss, jti, client_id, reason FROM recipient_refusals WHERE (iss, jti) IN ${keys}`.execute(db.kysely),
   ]);
   return originals.rows.map((e) => {
-    const rcpt = (JSON.parse(Buffer.from(e.token.split(".")[1]!, "base64url").toString("utf8")) as { rcpt: { cid: string }[] }).rcpt;
+    const { rcpt } = storedClaims(e.token);
     const refused = refusals.rows.filter((r) => r.iss === e.iss && r.jti === e.jti).map((r) => ({ cid: r.client_id, reason: r.reason }));
     const refusedIds = new Set(refused.map((r) => r.cid));
     return { sender: e.iss, ref: e.jti, accepted: rcpt.map((r) => r.cid).filter((c) => !refusedIds.has(c)), refused };

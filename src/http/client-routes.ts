@@ -2,6 +2,7 @@
 import type { FastifyInstance } from "fastify";
 import { z } from "zod";
 import { RelayError } from "../errors.ts";
+import { storedClaims } from "../protocol/claims.ts";
 import { isHomeserverName, parseGroupId } from "../protocol/names.ts";
 import { deleteBlock, issueCapability, listBlocks, listCapabilities, putBlock, revokeCapability, type BlockKind } from "../store/capabilities.ts";
 import { ackThrough, listMessages, type StoredMessage } from "../store/messages.ts";
@@ -18,12 +19,8 @@ export const capabilityRequest = z.strictObject({
   group: z.string().refine((g) => parseGroupId(g) !== undefined, "must be <local>@<owner>"),
 });
 
-function decodePayload(token: string): Record<string, unknown> {
-  return JSON.parse(Buffer.from(token.split(".")[1]!, "base64url").toString("utf8")) as Record<string, unknown>;
-}
-
 export function messageView(m: StoredMessage): Record<string, unknown> {
-  const claims = decodePayload(m.token);
+  const claims = storedClaims(m.token);
   return {
     cursor: m.cursor,
     from: m.iss,

@@ -5,7 +5,7 @@
  */
 import Fastify, { LogController, type FastifyBaseLogger, type FastifyInstance, type FastifyReply } from "fastify";
 import type { Logger } from "pino";
-import { HTTP_STATUS, isRelayError, RelayError } from "../errors.ts";
+import { isRelayError, RelayError } from "../errors.ts";
 import type { RelayMetrics } from "../metrics.ts";
 import { registerBackendRoutes } from "./backend-routes.ts";
 import { registerClientRoutes } from "./client-routes.ts";
@@ -43,8 +43,7 @@ export async function createHttpServer(deps: HttpDeps): Promise<FastifyInstance>
       return sendError(reply, new RelayError("bad_request", e.message));
     }
     request.log.error({ err }, "request failed");
-    const unavailable = new RelayError("internal", "internal error");
-    return reply.status(HTTP_STATUS.internal).send({ error: unavailable.code, message: unavailable.message });
+    return sendError(reply, new RelayError("internal", "internal error"));
   });
   app.addHook("onSend", async (_request, reply) => {
     if (deps.isClosing?.()) reply.header("connection", "close");
