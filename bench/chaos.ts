@@ -11,7 +11,7 @@
  *
  * Exits non-zero unless every scenario has lost = 0 and duplicated = 0.
  */
-import { execFileSync, spawn, type ChildProcess } from "node:child_process";
+import { execFileSync } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { readdirSync, writeFileSync } from "node:fs";
 import { parseArgs } from "node:util";
@@ -25,7 +25,7 @@ import { generateSigningJwk, importSigningKey, type SigningKey } from "../src/pr
 import { signEvent } from "../src/protocol/sign.ts";
 import { inboxSubject } from "../src/protocol/subjects.ts";
 import { messageId } from "../src/transport/publisher.ts";
-import { freshDestination } from "./fixtures.ts";
+import { freshDestination, startProcess, type BenchProcess } from "./fixtures.ts";
 
 const { values: args } = parseArgs({ options: { n: { type: "string" }, scenarios: { type: "string" }, json: { type: "boolean" } } });
 const N = Number(args.n ?? 20_000);
@@ -37,22 +37,14 @@ const log = (line: string): void => void process.stderr.write(`${line}\n`);
 
 interface Outcome { scenario: string; published: number; stored: number; lost: number; duplicated: number; seconds: number }
 
-function startWorker(path: string): Promise<ChildProcess> {
-  const child = spawn(process.execPath, ["src/main.ts", "worker", "--config", path], { stdio: ["ignore", "ignore", "pipe"] });
-  let err = "";
-  return new Promise((resolve, reject) => {
-    child.stderr!.setEncoding("utf8");
-    child.stderr!.on("data", (d: string) => { err += d; if (/ on http/.test(err)) resolve(child); });
-    child.once("exit", (code, signal) => {
-      reject(new Error(`worker exited ${code}: ${err}`));
-      // After it was ready: a crash the scenario did not cause is worth seeing.
-      if (signal !== "SIGKILL" && signal !== "SIGTERM" && code !== 0) log(`  worker ${child.pid} exited ${code ?? signal}: ${err.split("\n").slice(-15).join("\n")}`);
-    });
+const startWorker = (path: string): Promise<BenchProcess> =>
+  startProcess(["src/main.ts", "worker", "--config", path], {
+    ready: / on http/,
+    // A crash the scenario did not cause is worth seeing.
+    onExit: (code, signal, err) => {
+      if (signal !== "SIGKILL" && signal !== "SIGTERM" && code !== 0) log(`  a worker exited ${code ?? signal}: ${err.split("\n").slice(-15).join("\n")}`);
+    },
   });
-}
-
-const stopWorker = (c: ChildProcess): Promise<void> =>
-  c.exitCode !== null || c.signalCode !== null ? Promise.resolve() : new Promise((r) => { c.once("exit", () => r()); c.kill("SIGTERM"); });
 
 function restartPostgres(): void {
   const version = readdirSync("/etc/postgresql")[0]!;
@@ -109,7 +101,7 @@ async function scenario(name: string, key: SigningKey, caps: string[], events: B
   const urls = cluster ? [...cluster.urls] : [single!.url];
   const admin = new pg.Pool({ connectionString: PG_URL, max: 2 });
   admin.on("error", () => undefined);
-  const workers: ChildProcess[] = [];
+  const workers: BenchProcess[] = [];
   try {
     const config: RelayConfig = loadConfig({
       overrides: {
@@ -134,7 +126,7 @@ async function scenario(name: string, key: SigningKey, caps: string[], events: B
       switch (name) {
         case "a": {
           const victim = workers.shift()!;
-          victim.kill("SIGKILL");
+          victim.child.kill("SIGKILL");
           workers.push(await startWorker(path));
           break;
         }
@@ -165,7 +157,7 @@ async function scenario(name: string, key: SigningKey, caps: string[], events: B
     await nc.close();
     return { scenario: name, published: events.length, stored: result.stored, lost: events.length - result.stored, duplicated: result.duplicated, seconds: (Date.now() - started) / 1000 };
   } finally {
-    await Promise.all(workers.map(stopWorker));
+    await Promise.all(workers.map((w) => w.stop()));
     await admin.query(`DROP SCHEMA IF EXISTS ${SCHEMA} CASCADE`).catch(() => undefined);
     await admin.end();
     await single?.stop();

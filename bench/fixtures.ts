@@ -1,4 +1,6 @@
-/** Set-up shared by bench, chaos and soak: a fresh destination ready to receive alpha's events. */
+/** Set-up shared by bench, chaos and soak: a fresh destination, and the worker processes. */
+import { spawn, type ChildProcess } from "node:child_process";
+import { fileURLToPath } from "node:url";
 import type { JetStreamManager } from "@nats-io/jetstream";
 import type pg from "pg";
 import type { RelayConfig } from "../src/config.ts";
@@ -29,4 +31,46 @@ export async function freshDestination(admin: pg.Pool, jsm: JetStreamManager, co
     await db.close();
   }
   await ensureInbox(jsm, config.homeserver, { ...config.inbox, maxMessageBytes: config.limits.maxMessageBytes }, config.worker);
+}
+
+const ROOT = fileURLToPath(new URL("..", import.meta.url));
+
+export interface BenchProcess {
+  readonly child: ChildProcess;
+  /** Everything it wrote to stderr so far. */
+  stderr(): string;
+  exited(): boolean;
+  /** SIGTERM, and its exit (at once if it already exited). */
+  stop(): Promise<void>;
+}
+
+/**
+ * `node ARGV…` from the repository root, resolved once its stderr matches
+ * `ready` (a relay worker prints "… on http://…"), rejected if it exits first.
+ * `onExit` hears of an exit after that, for a crash nobody caused.
+ */
+export function startProcess(
+  argv: readonly string[],
+  options: { ready: RegExp; env?: NodeJS.ProcessEnv; onExit?: (code: number | null, signal: NodeJS.Signals | null, stderr: string) => void },
+): Promise<BenchProcess> {
+  const child = spawn(process.execPath, argv, { cwd: ROOT, stdio: ["ignore", "ignore", "pipe"], env: options.env ?? process.env });
+  let err = "";
+  const exited = (): boolean => child.exitCode !== null || child.signalCode !== null;
+  const handle: BenchProcess = {
+    child,
+    stderr: () => err,
+    exited,
+    stop: () => (exited() ? Promise.resolve() : new Promise((resolve) => { child.once("exit", () => resolve()); child.kill("SIGTERM"); })),
+  };
+  return new Promise((resolve, reject) => {
+    child.stderr!.setEncoding("utf8");
+    child.stderr!.on("data", (d: string) => {
+      err += d;
+      if (options.ready.test(err)) resolve(handle);
+    });
+    child.once("exit", (code, signal) => {
+      reject(new Error(`${argv.join(" ")} exited ${code ?? signal}: ${err}`));
+      options.onExit?.(code, signal, err);
+    });
+  });
 }

@@ -7,7 +7,6 @@
  *
  *   npm run bench [-- --json] [-- --smoke] [-- --n1 20000 --n10 10000 --n1000 200 --latency-seconds 10]
  */
-import { spawn, type ChildProcess } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { readFileSync, writeFileSync } from "node:fs";
 import { cpus, totalmem } from "node:os";
@@ -22,7 +21,7 @@ import { generateSigningJwk, importSigningKey } from "../src/protocol/keys.ts";
 import { signEvent } from "../src/protocol/sign.ts";
 import { inboxStreamName, inboxSubject } from "../src/protocol/subjects.ts";
 import { messageId } from "../src/transport/publisher.ts";
-import { freshDestination } from "./fixtures.ts";
+import { freshDestination, startProcess, type BenchProcess } from "./fixtures.ts";
 
 const { values: args } = parseArgs({
   options: {
@@ -92,22 +91,10 @@ async function freshBaseline(): Promise<void> {
   await jsm.consumers.add("BASELINE", { durable_name: "w", ack_policy: AckPolicy.Explicit, max_ack_pending: 5000 });
 }
 
-interface Proc { child: ChildProcess; stop(): Promise<void>; stderr(): string }
-
-function startProcess(argv: string[], readyPattern: RegExp): Promise<Proc> {
-  // Workers run with the heap caps deploy/ recommends (relay and baseline alike): V8 otherwise
-  // grows the heap lazily on a large machine (measured: ~295 MB RSS uncapped, ~150 MB capped, ~5 % slower).
-  const child = spawn(process.execPath, argv, { stdio: ["ignore", "ignore", "pipe"], env: { ...process.env, NODE_OPTIONS: WORKER_NODE_OPTIONS } });
-  let err = "";
-  return new Promise((resolve, reject) => {
-    child.stderr!.setEncoding("utf8");
-    child.stderr!.on("data", (d: string) => {
-      err += d;
-      if (readyPattern.test(err)) resolve({ child, stderr: () => err, stop: () => new Promise((r) => { child.once("exit", () => r()); child.kill("SIGTERM"); }) });
-    });
-    child.once("exit", (code) => reject(new Error(`${argv.join(" ")} exited ${code}: ${err}`)));
-  });
-}
+/** Workers (relay and baseline alike) run with the heap caps deploy/ recommends: V8 otherwise grows
+ * the heap lazily on a large machine (measured: ~295 MB RSS uncapped, ~150 MB capped, ~5 % slower). */
+const startWorker = (argv: string[], ready: RegExp): Promise<BenchProcess> =>
+  startProcess(argv, { ready, env: { ...process.env, NODE_OPTIONS: WORKER_NODE_OPTIONS } });
 
 function peakRssMb(pid: number): number {
   const status = readFileSync(`/proc/${pid}/status`, "utf8");
@@ -115,11 +102,11 @@ function peakRssMb(pid: number): number {
 }
 
 /** Events/s from the first delivery to an empty consumer, polled on JetStream. */
-async function drain(stream: string, consumer: string, n: number, procs: readonly Proc[]): Promise<number> {
+async function drain(stream: string, consumer: string, n: number, procs: readonly BenchProcess[]): Promise<number> {
   let start = 0;
   for (;;) {
     const info = await jsm.consumers.info(stream, consumer);
-    const dead = procs.find((p) => p.child.exitCode !== null);
+    const dead = procs.find((p) => p.exited());
     if (dead) throw new Error(`a worker exited with ${dead.child.exitCode}: ${dead.stderr()}`);
     if (!start && info.delivered.consumer_seq > 0) start = performance.now();
     if (info.ack_floor.stream_seq > 0 && info.num_pending === 0 && info.num_ack_pending === 0) {
@@ -140,7 +127,7 @@ async function runRelay(config: RelayConfig, events: Buffer[], workers: number):
   const path = `/tmp/fedrelay-bench-${process.pid}.json`;
   writeFileSync(path, JSON.stringify({ ...config, keys: { retired: [] } }));
   const prof = args["cpu-prof"] ? ["--cpu-prof", `--cpu-prof-dir=${args["cpu-prof"]}`] : [];
-  const procs = await Promise.all(Array.from({ length: workers }, () => startProcess([...prof, "src/main.ts", "worker", "--config", path], / on http/)));
+  const procs = await Promise.all(Array.from({ length: workers }, () => startWorker([...prof, "src/main.ts", "worker", "--config", path], / on http/)));
   const rate = await drain(inboxStreamName("bench"), "receiver", events.length, procs);
   const rss = Math.max(...procs.map((p) => peakRssMb(p.child.pid!)));
   await Promise.all(procs.map((p) => p.stop()));
@@ -151,7 +138,7 @@ async function runBaseline(events: Buffer[], workers: number): Promise<{ rate: n
   await freshBaseline();
   await publishAll("baseline.alpha", events);
   const procs = await Promise.all(Array.from({ length: workers }, () =>
-    startProcess(["bench/baseline-worker.ts", nats.url, "BASELINE", "w", PG_URL, "bench_baseline", alpha.publicJwk.x, String(BATCH)], /ready/)));
+    startWorker(["bench/baseline-worker.ts", nats.url, "BASELINE", "w", PG_URL, "bench_baseline", alpha.publicJwk.x, String(BATCH)], /ready/)));
   const rate = await drain("BASELINE", "w", events.length, procs);
   const rss = Math.max(...procs.map((p) => peakRssMb(p.child.pid!)));
   await Promise.all(procs.map((p) => p.stop()));
@@ -188,7 +175,7 @@ try {
   await freshDestination(admin, jsm, config, caps);
   const path = `/tmp/fedrelay-bench-${process.pid}.json`;
   writeFileSync(path, JSON.stringify({ ...config, keys: { retired: [] } }));
-  const procs = await Promise.all([0, 1].map(() => startProcess(["src/main.ts", "worker", "--config", path], / on http/)));
+  const procs = await Promise.all([0, 1].map(() => startWorker(["src/main.ts", "worker", "--config", path], / on http/)));
   const total = rate * LATENCY_SECONDS;
   log(`latency: ${total} events at ${rate}/s for ${LATENCY_SECONDS} s…`);
   const events = await presign(1, total);

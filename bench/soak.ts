@@ -13,10 +13,8 @@
  * With --json the lines go to stderr and stdout is one JSON object (`npm run -s`
  * keeps npm's own banner off stdout).
  */
-import { spawn, type ChildProcess } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { readFileSync, rmSync, writeFileSync } from "node:fs";
-import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
 import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import { connect } from "@nats-io/transport-node";
@@ -28,7 +26,7 @@ import { generateSigningJwk, importSigningKey } from "../src/protocol/keys.ts";
 import { signEvent } from "../src/protocol/sign.ts";
 import { inboxStreamName, inboxSubject } from "../src/protocol/subjects.ts";
 import { messageId } from "../src/transport/publisher.ts";
-import { freshDestination } from "./fixtures.ts";
+import { freshDestination, startProcess, type BenchProcess } from "./fixtures.ts";
 
 const { values: args } = parseArgs({
   options: {
@@ -50,7 +48,6 @@ const TOTAL = Math.round(RATE * SECONDS);
 const CLIENTS = 1000;
 const PG_URL = process.env.DATABASE_URL ?? "postgresql://postgres@127.0.0.1:5432/test";
 const SCHEMA = `soak_${process.pid}`;
-const ROOT = fileURLToPath(new URL("..", import.meta.url));
 /** Signed events kept ready ahead of the publisher. */
 const AHEAD_SECONDS = 3;
 /** Publishes awaiting their JetStream acknowledgement, at most. */
@@ -67,7 +64,7 @@ const js = jetstream(nc);
 const jsm = await jetstreamManager(nc);
 const admin = new pg.Pool({ connectionString: PG_URL, max: 2 });
 const configPath = `/tmp/fedrelay-soak-${process.pid}.json`;
-let worker: ChildProcess | undefined;
+let worker: BenchProcess | undefined;
 
 const alphaJwk = await generateSigningJwk("alpha", "soak", Math.floor(Date.now() / 1000) - 60);
 const alpha = importSigningKey(alphaJwk);
@@ -149,19 +146,9 @@ try {
   out(`soak: signed the first ${signed} in ${signMs.toFixed(0)} ms (${(signed / (signMs / 1000)).toFixed(0)}/s); the rest are signed ahead while publishing`);
 
   writeFileSync(configPath, JSON.stringify({ ...config, keys: { retired: [] } }));
-  const child = spawn(process.execPath, ["src/main.ts", "worker", "--config", configPath], { cwd: ROOT, stdio: ["ignore", "ignore", "pipe"] });
-  worker = child;
-  let stderr = "";
-  child.stderr!.setEncoding("utf8");
-  await new Promise<void>((resolve, reject) => {
-    child.stderr!.on("data", (d: string) => {
-      stderr += d;
-      if (/ on http/.test(stderr)) resolve();
-    });
-    child.once("exit", (code) => reject(new Error(`worker exited with ${code}: ${stderr}`)));
-  });
-  const pid = child.pid!;
-  const dead = (): boolean => child.exitCode !== null || child.signalCode !== null;
+  const w = await startProcess(["src/main.ts", "worker", "--config", configPath], { ready: / on http/ });
+  worker = w;
+  const pid = w.child.pid!;
 
   // Publish at a fixed rate: each tick sends what is due since the start.
   let published = 0;
@@ -186,7 +173,7 @@ try {
   const header = "    t  published      rss  backlog";
   out(header);
   while (sent < TOTAL || retry.length > 0) {
-    if (dead()) throw new Error(`the worker exited with ${child.exitCode ?? child.signalCode}: ${stderr}`);
+    if (w.exited()) throw new Error(`the worker exited with ${w.child.exitCode ?? w.child.signalCode}: ${w.stderr()}`);
     if (failures > 1000) throw new Error(`${failures} publishes failed; is nats-server overloaded?`);
     const due = Math.min(TOTAL, Math.floor(elapsed() * RATE));
     while (retry.length > 0 && inFlight < MAX_IN_FLIGHT) publish(retry.shift()!);
@@ -219,7 +206,7 @@ try {
   let last = await backlog();
   let progressAt = performance.now();
   while (last > 0) {
-    if (dead()) throw new Error(`the worker exited with ${child.exitCode ?? child.signalCode}: ${stderr}`);
+    if (w.exited()) throw new Error(`the worker exited with ${w.child.exitCode ?? w.child.signalCode}: ${w.stderr()}`);
     await sleep(200);
     const now = await backlog();
     if (now < last) progressAt = performance.now();
@@ -250,15 +237,12 @@ try {
     }, null, 2)}\n`);
   }
   exitCode = memoryOk && countsOk ? 0 : 1;
-  await new Promise<void>((resolve) => {
-    child.once("exit", () => resolve());
-    child.kill("SIGTERM");
-  });
+  await w.stop();
 } catch (err) {
   out(`soak: ${(err as Error).message}`);
   exitCode = 1;
 } finally {
-  if (worker && worker.exitCode === null && worker.signalCode === null) worker.kill("SIGKILL");
+  if (worker && !worker.exited()) worker.child.kill("SIGKILL");
   rmSync(configPath, { force: true });
   await nc.close();
   await admin.query(`DROP SCHEMA IF EXISTS ${SCHEMA} CASCADE`).catch(() => undefined);
