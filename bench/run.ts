@@ -8,7 +8,7 @@
  *   npm run bench [-- --json] [-- --smoke] [-- --n1 20000 --n10 10000 --n1000 200 --latency-seconds 10]
  */
 import { randomBytes } from "node:crypto";
-import { readFileSync, writeFileSync } from "node:fs";
+import { readdirSync, readFileSync, writeFileSync } from "node:fs";
 import { cpus, totalmem } from "node:os";
 import { parseArgs } from "node:util";
 import { AckPolicy, jetstream, jetstreamManager, RetentionPolicy, StorageType } from "@nats-io/jetstream";
@@ -27,6 +27,7 @@ const { values: args } = parseArgs({
   options: {
     json: { type: "boolean" }, smoke: { type: "boolean" },
     "cpu-prof": { type: "string" }, only: { type: "string" },
+    "node-options": { type: "string" },
     n1: { type: "string" }, n10: { type: "string" }, n1000: { type: "string" }, "latency-seconds": { type: "string" },
   },
 });
@@ -41,7 +42,7 @@ const CLIENTS = 1000;
 const PG_URL = "postgresql://postgres@127.0.0.1:5432/test";
 const SCHEMA = "bench_relay";
 const BATCH = 200;
-const WORKER_NODE_OPTIONS = "--max-old-space-size=160 --max-semi-space-size=8";
+const WORKER_NODE_OPTIONS = args["node-options"] ?? "--max-old-space-size=160 --max-semi-space-size=8";
 const log = (line: string): void => void (args.json ? process.stderr : process.stdout).write(`${line}\n`);
 
 const nats = await startLocalNats();
@@ -91,6 +92,11 @@ async function freshBaseline(): Promise<void> {
   await jsm.consumers.add("BASELINE", { durable_name: "w", ack_policy: AckPolicy.Explicit, max_ack_pending: 5000 });
 }
 
+/** With --cpu-prof DIR, each worker writes DIR/<relay|baseline>-<n>.cpuprofile. */
+let profiled = 0;
+const profile = (kind: string): string[] =>
+  args["cpu-prof"] ? ["--cpu-prof", `--cpu-prof-dir=${args["cpu-prof"]}`, `--cpu-prof-name=${kind}-${++profiled}.cpuprofile`] : [];
+
 /** Workers (relay and baseline alike) run with the heap caps deploy/ recommends: V8 otherwise grows
  * the heap lazily on a large machine (measured: ~295 MB RSS uncapped, ~150 MB capped, ~5 % slower). */
 const startWorker = (argv: string[], ready: RegExp): Promise<BenchProcess> =>
@@ -99,6 +105,40 @@ const startWorker = (argv: string[], ready: RegExp): Promise<BenchProcess> =>
 function peakRssMb(pid: number): number {
   const status = readFileSync(`/proc/${pid}/status`, "utf8");
   return Number(/VmHWM:\s+(\d+)/.exec(status)![1]) / 1024;
+}
+
+/** CPU seconds (user + system) a process has used; 0 once it is gone. Linux clock ticks are 1/100 s. */
+function cpuSeconds(pid: number): number {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+    const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+    return (Number(fields[11]) + Number(fields[12])) / 100;
+  } catch {
+    return 0;
+  }
+}
+
+const postgresPids = (): number[] =>
+  readdirSync("/proc").filter((d) => /^\d+$/.test(d)).map(Number).filter((pid) => {
+    try { return readFileSync(`/proc/${pid}/comm`, "utf8").trim() === "postgres"; } catch { return false; }
+  });
+
+/** Where the CPU went while the workers drained the stream, in ms per 1,000 events. */
+interface CpuSplit { workers: number; postgres: number; nats: number }
+
+function cpuMeter(workerPids: readonly number[]): (events: number) => CpuSplit {
+  const pgBefore = new Map(postgresPids().map((pid) => [pid, cpuSeconds(pid)]));
+  const workersBefore = workerPids.reduce((t, pid) => t + cpuSeconds(pid), 0);
+  const natsBefore = cpuSeconds(nats.pid!);
+  return (events) => {
+    const perK = (seconds: number): number => (seconds * 1000 * 1000) / events;
+    const pg = postgresPids().reduce((t, pid) => t + cpuSeconds(pid) - (pgBefore.get(pid) ?? 0), 0);
+    return {
+      workers: perK(workerPids.reduce((t, pid) => t + cpuSeconds(pid), 0) - workersBefore),
+      postgres: perK(pg),
+      nats: perK(cpuSeconds(nats.pid!) - natsBefore),
+    };
+  };
 }
 
 /** Events/s from the first delivery to an empty consumer, polled on JetStream. */
@@ -119,31 +159,55 @@ async function drain(stream: string, consumer: string, n: number, procs: readonl
 interface Result {
   case: string; recipients: number; workers: number; events: number; relay: number; baseline: number; ratio: number;
   deliveriesPerSec: number; peakRssMb: number; baselinePeakRssMb: number; limitsOffRelay?: number;
+  /** CPU ms per 1,000 events, by process, for relay and baseline. */
+  cpu: { relay: CpuSplit; baseline: CpuSplit };
+  /** The relay's mean events per committed batch, and mean commit time (ms). */
+  meanBatch: number; meanCommitMs: number;
 }
 
-async function runRelay(config: RelayConfig, events: Buffer[], workers: number): Promise<{ rate: number; rss: number }> {
+/** From a relay worker's /metrics: how many batches it committed and their total commit time. */
+interface BatchStats { batches: number; commitSeconds: number }
+
+async function batchStats(proc: BenchProcess): Promise<BatchStats> {
+  const url = / on (http:\/\/[^\s"]+)/.exec(proc.stderr())![1]!;
+  const text = await (await fetch(`${url}/metrics`)).text();
+  const value = (name: string): number => Number(new RegExp(`^${name} (\\S+)$`, "m").exec(text)?.[1] ?? 0);
+  return { batches: value("fedrelay_batch_commit_seconds_count"), commitSeconds: value("fedrelay_batch_commit_seconds_sum") };
+}
+
+interface Run { rate: number; rss: number; cpu: CpuSplit; batches?: BatchStats }
+
+/** Drains the stream with `procs`, then stops them: rate, peak RSS of the largest, CPU split. */
+async function measure(stream: string, consumer: string, events: number, procs: readonly BenchProcess[], relay: boolean): Promise<Run> {
+  const cpu = cpuMeter(procs.map((p) => p.child.pid!));
+  const rate = await drain(stream, consumer, events, procs);
+  const split = cpu(events);
+  const rss = Math.max(...procs.map((p) => peakRssMb(p.child.pid!)));
+  const batches = relay ? (await Promise.all(procs.map(batchStats))).reduce((a, b) => ({
+    batches: a.batches + b.batches, commitSeconds: a.commitSeconds + b.commitSeconds,
+  })) : undefined;
+  await Promise.all(procs.map((p) => p.stop()));
+  return { rate, rss, cpu: split, ...(batches ? { batches } : {}) };
+}
+
+async function runRelay(config: RelayConfig, events: Buffer[], workers: number): Promise<Run> {
   await freshDestination(admin, jsm, config, caps);
   await publishAll(inboxSubject("bench", "alpha"), events);
   const path = `/tmp/fedrelay-bench-${process.pid}.json`;
   writeFileSync(path, JSON.stringify({ ...config, keys: { retired: [] } }));
-  const prof = args["cpu-prof"] ? ["--cpu-prof", `--cpu-prof-dir=${args["cpu-prof"]}`] : [];
-  const procs = await Promise.all(Array.from({ length: workers }, () => startWorker([...prof, "src/main.ts", "worker", "--config", path], / on http/)));
-  const rate = await drain(inboxStreamName("bench"), "receiver", events.length, procs);
-  const rss = Math.max(...procs.map((p) => peakRssMb(p.child.pid!)));
-  await Promise.all(procs.map((p) => p.stop()));
-  return { rate, rss };
+  const procs = await Promise.all(Array.from({ length: workers }, () => startWorker([...profile("relay"), "src/main.ts", "worker", "--config", path], / on http/)));
+  return measure(inboxStreamName("bench"), "receiver", events.length, procs, true);
 }
 
-async function runBaseline(events: Buffer[], workers: number): Promise<{ rate: number; rss: number }> {
+async function runBaseline(events: Buffer[], workers: number): Promise<Run> {
   await freshBaseline();
   await publishAll("baseline.alpha", events);
   const procs = await Promise.all(Array.from({ length: workers }, () =>
-    startWorker(["bench/baseline-worker.ts", nats.url, "BASELINE", "w", PG_URL, "bench_baseline", alpha.publicJwk.x, String(BATCH)], /ready/)));
-  const rate = await drain("BASELINE", "w", events.length, procs);
-  const rss = Math.max(...procs.map((p) => peakRssMb(p.child.pid!)));
-  await Promise.all(procs.map((p) => p.stop()));
-  return { rate, rss };
+    startWorker([...profile("baseline"), "bench/baseline-worker.ts", nats.url, "BASELINE", "w", PG_URL, "bench_baseline", alpha.publicJwk.x, String(BATCH)], /ready/)));
+  return measure("BASELINE", "w", events.length, procs, false);
 }
+
+const showCpu = (c: CpuSplit): string => `${c.workers.toFixed(0)}/${c.postgres.toFixed(0)}/${c.nats.toFixed(0)}`;
 
 const results: Result[] = [];
 try {
@@ -159,11 +223,13 @@ try {
       const r: Result = {
         case: `${recipients} rcpt, ${workers} worker${workers > 1 ? "s" : ""}`, recipients, workers, events: events.length,
         relay: relay.rate, baseline: baseline.rate, ratio: relay.rate / baseline.rate, deliveriesPerSec: relay.rate * recipients,
-        peakRssMb: relay.rss, baselinePeakRssMb: baseline.rss,
+        peakRssMb: relay.rss, baselinePeakRssMb: baseline.rss, cpu: { relay: relay.cpu, baseline: baseline.cpu },
+        meanBatch: events.length / relay.batches!.batches, meanCommitMs: (1000 * relay.batches!.commitSeconds) / relay.batches!.batches,
         ...(limitsOff === undefined ? {} : { limitsOffRelay: limitsOff }),
       };
       results.push(r);
       log(`  ${r.case}: relay ${r.relay.toFixed(0)} ev/s, baseline ${r.baseline.toFixed(0)} ev/s, ratio ${r.ratio.toFixed(2)}, ${r.deliveriesPerSec.toFixed(0)} deliveries/s, peak RSS ${r.peakRssMb.toFixed(0)} MB (baseline ${r.baselinePeakRssMb.toFixed(0)} MB)${limitsOff ? `, limits off ${limitsOff.toFixed(0)} ev/s` : ""}`);
+      log(`    CPU ms per 1,000 events (workers/postgres/nats): relay ${showCpu(r.cpu.relay)}, baseline ${showCpu(r.cpu.baseline)}; relay batches: ${r.meanBatch.toFixed(0)} events, commit ${r.meanCommitMs.toFixed(1)} ms`);
     }
   }
 

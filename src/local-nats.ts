@@ -39,6 +39,8 @@ export interface LocalNats {
   readonly url: string;
   readonly port: number;
   readonly storeDir: string;
+  /** The running server's process id (the bench accounts its CPU time). */
+  readonly pid: number | undefined;
   /** SIGKILL, as a crash would. */
   kill(): Promise<void>;
   /** Start again on the same port and store. */
@@ -86,6 +88,7 @@ export async function startLocalNats(options: LocalNatsOptions = {}): Promise<Lo
   const server: LocalNats = {
     get url() { return `nats://127.0.0.1:${port}`; },
     get port() { return port; },
+    get pid() { return child?.pid; },
     storeDir,
     async kill() {
       if (!child) return;
