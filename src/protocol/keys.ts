@@ -21,11 +21,13 @@ export interface PrivateJwk extends PublicJwk {
   readonly d: string;
 }
 
-/** A peer's key, ready for the hot path: node:crypto verifies with `publicKey`. */
+/** A peer's key, ready for the hot path: libsodium verifies with `raw`, jose with `publicKey`. */
 export interface VerificationKey {
   readonly kid: string;
   readonly homeserver: string;
   readonly publicKey: KeyObject;
+  /** The 32-byte Ed25519 public key, as node:crypto validated it. */
+  readonly raw: Buffer;
   readonly jwk: PublicJwk;
   /** RFC 7638 thumbprint: how a stored event names the key that verified it. */
   readonly thumbprint: string;
@@ -83,6 +85,7 @@ export async function importVerificationKey(jwk: unknown): Promise<VerificationK
     kid: pub.kid,
     homeserver,
     publicKey,
+    raw: Buffer.from(publicKey.export({ format: "jwk" }).x!, "base64url"),
     jwk: pub,
     thumbprint: await calculateJwkThumbprint({ kty: pub.kty, crv: pub.crv, x: pub.x }),
     validFrom: pub.nbf,
