@@ -10,6 +10,7 @@ export interface RelayMetrics {
   readonly recipientsRefused: Counter<"reason">;
   readonly batchCommitSeconds: Histogram;
   readonly batchFailures: Counter;
+  readonly senderBucketRaces: Counter;
   readonly eventsPublished: Counter<"destination">;
   readonly publishFailures: Counter<"destination">;
   readonly reportsSent: Counter;
@@ -34,6 +35,11 @@ export function createMetrics(registry = new Registry(), options: { defaultMetri
       registers,
     }),
     batchFailures: new Counter({ name: "fedrelay_batch_failures_total", help: "Batches not committed (transient failure; redelivered)", registers }),
+    senderBucketRaces: new Counter({
+      name: "fedrelay_sender_bucket_races_total",
+      help: "Batches committed a second time, with the sender's bucket locked, because it was charged concurrently and fell short",
+      registers,
+    }),
     eventsPublished: new Counter({ name: "fedrelay_events_published_total", help: "Fan-out events acknowledged by JetStream", labelNames: ["destination"], registers }),
     publishFailures: new Counter({ name: "fedrelay_publish_failures_total", help: "Fan-out publishes that failed", labelNames: ["destination"], registers }),
     eventsDelayed: new Counter({ name: "fedrelay_events_delayed_total", help: "Events sent back for later because their sender was over its rate limit", registers }),

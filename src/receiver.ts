@@ -111,7 +111,9 @@ export function createReceiver(deps: ReceiverDeps): { processBatch(batch: JsMsg[
           }
         }
         const stop = metrics.batchCommitSeconds.startTimer();
-        const outcomes = await commitBatch(deps.db, accepted, refused, { now, rateLimits: deps.rateLimits?.() });
+        const outcomes = await commitBatch(deps.db, accepted, refused, {
+          now, rateLimits: deps.rateLimits?.(), onSenderRace: () => metrics.senderBucketRaces.inc(),
+        });
         stop();
 
         // Committed: now, and only now, the acks.

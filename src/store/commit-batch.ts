@@ -4,17 +4,27 @@
  * Acknowledgements to JetStream are released only after it commits.
  *
  * Locks are taken in one global order, so concurrent batches queue rather than
- * deadlock: event keys (sorted), then client rows (sorted), then rate buckets
- * (sorted). Expected races, and why they are fine:
+ * deadlock: event keys (sorted), then client rows (sorted), then client-scoped
+ * rate buckets (sorted), and the senders' buckets last. Expected races, and why
+ * they are fine:
  * - an event already stored (redelivery, a second worker, a retried publish):
  *   ON CONFLICT (iss, jti) DO NOTHING, and it is reported as a duplicate;
  * - two batches delivering to the same clients: the client row lock orders
  *   their cursors by commit;
  * - two batches charging the same bucket: the row lock makes the charge exact.
+ *
+ * A sender's bucket is one row every batch from that sender charges, so every
+ * worker would queue on it for the rest of the transaction. It is read without
+ * a lock and charged by the transaction's last statement instead, on the
+ * condition that it still holds enough tokens for every candidate of the batch:
+ * then no event would have been delayed by the bucket as it is at commit, and
+ * every decision stands. If it does not (a sender close to its limit, charged
+ * concurrently), the transaction is rolled back and the batch runs again with
+ * the sender's bucket locked before anything is decided.
  */
 import { sql, type Transaction } from "kysely";
 import type { EventReason, RecipientReason } from "../errors.ts";
-import { chargeEvent, bucketKey, limitFor, type BucketState, type RateLimits } from "../policy/rate-limit.ts";
+import { chargeEvent, bucketKey, fullBucket, limitFor, refill, type BucketState, type Limit, type RateLimits } from "../policy/rate-limit.ts";
 import { decideRecipients, type RecipientDecision } from "../policy/recipients.ts";
 import type { VerifiedEvent } from "../protocol/verify.ts";
 import { loadRecipientFacts } from "./capabilities.ts";
@@ -48,12 +58,17 @@ export interface CommitOptions {
   readonly now: number;
   /** Off: no bucket is read or charged. */
   readonly rateLimits?: RateLimits | undefined;
+  /** Told when the batch runs a second time after a race on a sender's bucket. */
+  readonly onSenderRace?: () => void;
 }
 
 /** NOTIFY payloads are capped at 8000 bytes; past that, wake every waiter. */
 const MAX_NOTIFY_PAYLOAD = 7900;
 
 const eventKey = (a: AcceptedInput): string => `${a.event.claims.iss}\u0000${a.event.claims.jti}`;
+
+/** The sender's bucket changed between reading and charging it: run the batch again, locking it first. */
+class SenderBucketRace extends Error {}
 
 export async function commitBatch(
   db: Db,
@@ -63,20 +78,66 @@ export async function commitBatch(
 ): Promise<EventOutcome[]> {
   const known = storedKeys.get(db) ?? new Set<string>();
   storedKeys.set(db, known);
-  const outcomes = await db.kysely.transaction().execute(async (trx) => {
-    const outcomes = await storeEvents(trx, accepted, options, known);
+  const attempt = (lockSenders: boolean): Promise<EventOutcome[]> => db.kysely.transaction().execute(async (trx) => {
+    const { outcomes, senderCharges } = await storeEvents(trx, accepted, options, known, lockSenders);
     if (refused.length > 0) await recordRefusedEvents(trx, refused);
     const woken = new Set<string>();
     for (const o of outcomes) if (o.status === "stored") for (const cid of o.decision.accepted) woken.add(cid);
-    if (woken.size > 0) {
-      const payload = [...woken].join("\n");
-      await sql`SELECT pg_notify(${db.schema}, ${payload.length <= MAX_NOTIFY_PAYLOAD ? payload : "*"})`.execute(trx);
-    }
+    const notify = woken.size === 0 ? undefined : [...woken].join("\n");
+    await chargeSendersAndNotify(trx, senderCharges, options.now, db.schema, notify === undefined || notify.length <= MAX_NOTIFY_PAYLOAD ? notify : "*");
     return outcomes;
   });
+  let outcomes: EventOutcome[];
+  try {
+    outcomes = await attempt(false);
+  } catch (err) {
+    if (!(err instanceof SenderBucketRace)) throw err;
+    options.onSenderRace?.();
+    outcomes = await attempt(true);
+  }
   // Only once committed is a key known to be stored (a rolled-back insert must be retried).
   for (const a of accepted) known.add(a.event.key.thumbprint);
   return outcomes;
+}
+
+/** A sender bucket's charge, made by the transaction's last statement. */
+interface SenderCharge {
+  readonly key: string;
+  readonly limit: Limit;
+  /** Tokens the batch's stored deliveries take. */
+  readonly charged: number;
+  /** Tokens the bucket must hold for the batch's decisions to stand: all its events' candidates. */
+  readonly needed: number;
+}
+
+/**
+ * The last statement: charges the senders' buckets (the refill mirrors refill()
+ * in policy/rate-limit.ts) where they still hold what the batch needs, and wakes
+ * the long-polls of the clients that got deliveries (NOTIFY is sent on commit).
+ */
+async function chargeSendersAndNotify(
+  trx: Transaction<Database>,
+  charges: readonly SenderCharge[],
+  now: number,
+  channel: string,
+  notify: string | undefined,
+): Promise<void> {
+  if (charges.length === 0) {
+    if (notify !== undefined) await sql`SELECT pg_notify(${channel}, ${notify})`.execute(trx);
+    return;
+  }
+  const { rows } = await sql<{ charged: number }>`
+    WITH charged AS (
+      UPDATE rate_buckets AS b
+      SET tokens = least(v.burst, b.tokens + greatest(0, ${now}::float8 - b.updated_at) * v.rate) - v.charged,
+          updated_at = greatest(${now}::float8, b.updated_at)
+      FROM unnest(${charges.map((c) => c.key)}::text[], ${charges.map((c) => c.limit.rate)}::float8[], ${charges.map((c) => c.limit.burst)}::float8[],
+                  ${charges.map((c) => c.charged)}::float8[], ${charges.map((c) => c.needed)}::float8[]) AS v(key, rate, burst, charged, needed)
+      WHERE b.key = v.key AND least(v.burst, b.tokens + greatest(0, ${now}::float8 - b.updated_at) * v.rate) >= v.needed
+      RETURNING 1
+    )
+    SELECT (SELECT count(*)::int FROM charged) AS charged${notify === undefined ? sql`` : sql`, pg_notify(${channel}, ${notify})`}`.execute(trx);
+  if (rows[0]!.charged !== charges.length) throw new SenderBucketRace();
 }
 
 /** Thumbprints of verifying keys already in peer_keys, per database: saves a statement per batch. */
@@ -87,12 +148,13 @@ async function storeEvents(
   accepted: readonly AcceptedInput[],
   options: CommitOptions,
   knownKeys: ReadonlySet<string>,
-): Promise<EventOutcome[]> {
+  lockSenders: boolean,
+): Promise<{ outcomes: EventOutcome[]; senderCharges: SenderCharge[] }> {
   // The same event twice in one batch (a redelivery racing its original) is stored once.
   const firstOf = new Map<string, AcceptedInput>();
   for (const a of accepted) if (!firstOf.has(eventKey(a))) firstOf.set(eventKey(a), a);
   const unique = [...firstOf.entries()].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)).map(([, a]) => a);
-  if (unique.length === 0) return [];
+  if (unique.length === 0) return { outcomes: [], senderCharges: [] };
 
   const stored = await insertNewEvents(trx, unique, knownKeys);
 
@@ -109,7 +171,9 @@ async function storeEvents(
 
   const decisions = new Map<AcceptedInput, RecipientDecision>();
   for (const a of stored) decisions.set(a, decideRecipients(a.event.claims, facts));
-  const delays = options.rateLimits?.enabled ? await chargeRateLimits(trx, decisions, options.rateLimits, options.now) : new Map<AcceptedInput, number>();
+  const { delays, senderCharges } = options.rateLimits?.enabled
+    ? await chargeRateLimits(trx, decisions, options.rateLimits, options.now, lockSenders)
+    : { delays: new Map<AcceptedInput, number>(), senderCharges: [] };
   if (delays.size > 0) {
     // Delayed events were inserted above only to learn they are new: take them back, so
     // their redelivery is not mistaken for a duplicate.
@@ -148,12 +212,13 @@ async function storeEvents(
       SELECT * FROM unnest(${refusal.client}::text[], ${refusal.reason}::text[], ${refusal.iss}::text[], ${refusal.jti}::text[])`.execute(trx);
   }
 
-  return accepted.map((a): EventOutcome => {
+  const outcomes = accepted.map((a): EventOutcome => {
     const decision = decisions.get(a);
     const wait = delays.get(a);
     if (wait !== undefined) return { streamSeq: a.streamSeq, status: "delayed", waitSeconds: wait };
     return decision ? { streamSeq: a.streamSeq, status: "stored", decision } : { streamSeq: a.streamSeq, status: "duplicate" };
   });
+  return { outcomes, senderCharges };
 }
 
 /** Inserts the batch's events (already sorted) and returns those that were new. */
@@ -185,55 +250,94 @@ async function insertNewEvents(trx: Transaction<Database>, unique: readonly Acce
 /**
  * Charges the buckets of every candidate delivery, in batch order, and moves
  * rate-limited recipients into the refusals. Returns the events to delay (over
- * their sender's limit and not yet waiting longer than allowed), with how long.
+ * their sender's limit and not yet waiting longer than allowed), with how long,
+ * and the senders' charges, left to the transaction's last statement unless
+ * their buckets were locked here (`lockSenders`, or an event had to be delayed).
  */
 async function chargeRateLimits(
   trx: Transaction<Database>,
   decisions: Map<AcceptedInput, RecipientDecision>,
   limits: RateLimits,
   now: number,
-): Promise<Map<AcceptedInput, number>> {
+  lockSenders: boolean,
+): Promise<{ delays: Map<AcceptedInput, number>; senderCharges: SenderCharge[] }> {
   const bursts = new Map<string, number>();
+  const senders = new Map<string, string>();
   for (const [a, d] of decisions) {
     const iss = a.event.claims.iss;
-    if (d.accepted.length > 0) bursts.set(bucketKey("sender", iss, ""), limitFor(limits, "sender", iss, "").burst);
+    if (d.accepted.length > 0) senders.set(bucketKey("sender", iss, ""), iss);
     for (const cid of d.accepted) {
       bursts.set(bucketKey("client", iss, cid), limitFor(limits, "client", iss, cid).burst);
       bursts.set(bucketKey("sender_client", iss, cid), limitFor(limits, "sender_client", iss, cid).burst);
     }
   }
-  const delays = new Map<AcceptedInput, number>();
-  if (bursts.size === 0) return delays;
-  const keys = [...bursts.keys()].sort();
-  // Missing buckets are created full, then all are locked in key order. (An upsert
-  // that locks by updating would write every bucket twice per batch.)
+  if (senders.size === 0) return { delays: new Map(), senderCharges: [] };
+  for (const [key, iss] of senders) bursts.set(key, limitFor(limits, "sender", iss, "").burst);
+  const clientKeys = [...bursts.keys()].filter((k) => !senders.has(k)).sort();
+  const senderKeys = [...senders.keys()].sort();
+  // Missing buckets are created full. Client-scoped buckets are then locked in key
+  // order; senders' are only read, or locked after them when asked to.
+  const all = [...clientKeys, ...senderKeys];
   await sql`
     INSERT INTO rate_buckets (key, tokens, updated_at)
-    SELECT * FROM unnest(${keys}::text[], ${keys.map((k) => bursts.get(k)!)}::float8[], ${keys.map(() => now)}::float8[])
+    SELECT * FROM unnest(${all}::text[], ${all.map((k) => bursts.get(k)!)}::float8[], ${all.map(() => now)}::float8[])
     ON CONFLICT (key) DO NOTHING`.execute(trx);
   const rows = await sql<{ key: string; tokens: number; updated_at: number }>`
-    SELECT key, tokens, updated_at FROM rate_buckets WHERE key = ANY(${keys}::text[]) ORDER BY key FOR UPDATE`.execute(trx);
-  const state: BucketState = new Map(rows.rows.map((r) => [r.key, { tokens: r.tokens, updatedAt: r.updated_at }]));
-  const before = new Map(state);
+    WITH locked AS (SELECT key, tokens, updated_at FROM rate_buckets WHERE key = ANY(${clientKeys}::text[]) ORDER BY key FOR UPDATE)
+    SELECT * FROM locked UNION ALL SELECT key, tokens, updated_at FROM rate_buckets WHERE key = ANY(${senderKeys}::text[])`.execute(trx);
+  const before: BucketState = new Map(rows.rows.map((r) => [r.key, { tokens: r.tokens, updatedAt: r.updated_at }]));
 
-  for (const [a, d] of decisions) {
-    const charge = chargeEvent(limits, state, a.event.claims.iss, d.accepted, now);
-    if (charge.kind === "delay") {
-      // Until it has waited maxDelaySeconds, an event keeps coming back (at least that often,
-      // so a limit raised meanwhile, even from rate 0, still lets it through).
-      const waited = a.publishedAt === undefined ? 0 : now - a.publishedAt;
-      if (waited < limits.maxDelaySeconds) {
-        delays.set(a, Math.min(charge.waitSeconds, limits.maxDelaySeconds - waited));
+  /** The pure decisions over `before`; `senderHit`: some event met a sender's bucket short. */
+  const charge = () => {
+    const state = new Map(before);
+    const delays = new Map<AcceptedInput, number>();
+    const outcome = new Map(decisions);
+    const perSender = new Map<string, { charged: number; needed: number }>();
+    let senderHit = false;
+    for (const [a, d] of decisions) {
+      const iss = a.event.claims.iss;
+      const result = chargeEvent(limits, state, iss, d.accepted, now);
+      if (result.kind === "delay") {
+        senderHit = true;
+        // Until it has waited maxDelaySeconds, an event keeps coming back (at least that often,
+        // so a limit raised meanwhile, even from rate 0, still lets it through).
+        const waited = a.publishedAt === undefined ? 0 : now - a.publishedAt;
+        if (waited < limits.maxDelaySeconds) {
+          delays.set(a, Math.min(result.waitSeconds, limits.maxDelaySeconds - waited));
+          continue;
+        }
+        // Waited as long as allowed: every candidate is refused, and the event is stored as refused.
+        outcome.set(a, limitedDecision(d, new Set(d.accepted)));
         continue;
       }
-      // Waited as long as allowed: every candidate is refused, and the event is stored as refused.
-      decisions.set(a, limitedDecision(d, new Set(d.accepted)));
-    } else if (charge.limited.size > 0) {
-      decisions.set(a, limitedDecision(d, charge.limited));
+      if (result.limited.size > 0) outcome.set(a, limitedDecision(d, result.limited));
+      const sum = perSender.get(iss) ?? { charged: 0, needed: 0 };
+      sum.needed += d.accepted.length;
+      sum.charged += d.accepted.length - result.limited.size;
+      perSender.set(iss, sum);
     }
-  }
+    return { state, delays, outcome, perSender, senderHit };
+  };
 
-  const changed = [...state].filter(([k, b]) => before.get(k)?.tokens !== b.tokens || before.get(k)?.updatedAt !== b.updatedAt);
+  let result = charge();
+  // A bucket short of the batch's candidates would fail the last statement's condition anyway.
+  const short = [...result.perSender].some(([iss, sum]) => {
+    const key = bucketKey("sender", iss, "");
+    const limit = limitFor(limits, "sender", iss, "");
+    return refill(before.get(key) ?? fullBucket(limit, now), limit, now).tokens < sum.needed;
+  });
+  const locked = lockSenders || result.senderHit || short;
+  if (locked) {
+    // Close to a sender's limit: decide on the bucket as it is, and hold it until commit.
+    const fresh = await sql<{ key: string; tokens: number; updated_at: number }>`
+      SELECT key, tokens, updated_at FROM rate_buckets WHERE key = ANY(${senderKeys}::text[]) ORDER BY key FOR UPDATE`.execute(trx);
+    for (const r of fresh.rows) before.set(r.key, { tokens: r.tokens, updatedAt: r.updated_at });
+    result = charge();
+  }
+  for (const [a, d] of result.outcome) decisions.set(a, d);
+
+  const changed = [...result.state].filter(([k, b]) => (locked || !senders.has(k)) &&
+    (before.get(k)?.tokens !== b.tokens || before.get(k)?.updatedAt !== b.updatedAt));
   if (changed.length > 0) {
     await sql`
       UPDATE rate_buckets SET tokens = v.tokens, updated_at = v.updated_at
@@ -241,7 +345,12 @@ async function chargeRateLimits(
         AS v(key, tokens, updated_at)
       WHERE rate_buckets.key = v.key`.execute(trx);
   }
-  return delays;
+  const senderCharges = locked ? [] : senderKeys.flatMap((key): SenderCharge[] => {
+    const iss = senders.get(key)!;
+    const sum = result.perSender.get(iss);
+    return sum ? [{ key, limit: limitFor(limits, "sender", iss, ""), ...sum }] : [];
+  });
+  return { delays: result.delays, senderCharges };
 }
 
 function limitedDecision(d: RecipientDecision, limited: ReadonlySet<string>): RecipientDecision {

@@ -1,0 +1,108 @@
+/**
+ * The sender's bucket is read without a lock and charged by the commit's last
+ * statement (src/store/commit-batch.ts). Two batches that read it at the same
+ * time, when it holds enough for either but not both, must still charge it
+ * exactly: the second to commit runs again with the bucket locked.
+ */
+import { randomBytes } from "node:crypto";
+import pg from "pg";
+import { afterEach, beforeEach, describe, expect, it } from "vitest";
+import { loadConfig } from "../../src/config.ts";
+import type { RateLimits } from "../../src/policy/rate-limit.ts";
+import { generateSigningJwk, importSigningKey, importVerificationKey, type VerificationKey } from "../../src/protocol/keys.ts";
+import { issueCapability } from "../../src/store/capabilities.ts";
+import { registerClient } from "../../src/store/clients.ts";
+import { commitBatch, type AcceptedInput } from "../../src/store/commit-batch.ts";
+import { createDb, type Db } from "../../src/store/db.ts";
+import { migrate } from "../../src/store/migrate.ts";
+import { testSchema, type TestSchema } from "../helpers/db.ts";
+
+const NOW = 1_800_000_000;
+const SENDER = { rate: 0, burst: 100 };
+
+let schema: TestSchema;
+let first: Db;
+let second: Db;
+let key: VerificationKey;
+const caps = new Map<string, string>();
+
+beforeEach(async () => {
+  schema = testSchema("sender-bucket");
+  first = createDb({ url: schema.url, schema: schema.schema, poolSize: 2 });
+  second = createDb({ url: schema.url, schema: schema.schema, poolSize: 2 });
+  await migrate(first.pool, schema.schema);
+  for (let i = 0; i < 120; i++) {
+    await registerClient(first, `c${i}`);
+    caps.set(`c${i}`, (await issueCapability(first, `c${i}`, "g@alpha", "alpha")).capability);
+  }
+  key = await importVerificationKey(importSigningKey(await generateSigningJwk("alpha", "k1", NOW - 60)).publicJwk);
+});
+
+afterEach(async () => {
+  await first?.close();
+  await second?.close();
+  await schema?.drop();
+});
+
+/** Events that commitBatch takes as verified: one recipient each, clients c<from>…c<from+n-1>. */
+function events(from: number, n: number): AcceptedInput[] {
+  return Array.from({ length: n }, (_, i) => {
+    const cid = `c${from + i}`;
+    const claims = { iss: "alpha", aud: "beta", jti: `e${from + i}`, iat: NOW, exp: NOW + 3600, grp: "g@alpha", rcpt: [{ cid, cap: caps.get(cid)! }], body: randomBytes(8).toString("base64url") };
+    return { streamSeq: from + i + 1, event: { token: `token-${from + i}`, claims, key }, publishedAt: NOW };
+  });
+}
+
+/** A sender bucket smaller than config allows (burst ≥ 1,000): the store takes any limits. */
+function limits(): RateLimits {
+  return { ...loadConfig({}).rateLimits, servers: { alpha: SENDER }, client: { rate: 0, burst: 1000 }, senderClient: { rate: 0, burst: 1000 } };
+}
+
+describe("two batches charging one sender's bucket at once", () => {
+  it("store exactly what the bucket holds: the loser of the race runs again locked and delays the rest", async () => {
+    // The bucket and the key are stored already (the second batch would otherwise wait on the first's insert of them).
+    await first.pool.query("INSERT INTO rate_buckets (key, tokens, updated_at) VALUES ('s:alpha', $1, $2)", [SENDER.burst, NOW]);
+    await first.pool.query("INSERT INTO peer_keys (thumbprint, kid, homeserver, jwk) VALUES ($1, $2, 'alpha', $3)", [key.thumbprint, key.kid, JSON.stringify(key.jwk)]);
+    // Hold both transactions after they have read the bucket and decided (deliveries are written after that).
+    const gate = new pg.Client({ connectionString: schema.url });
+    await gate.connect();
+    await gate.query(`BEGIN; LOCK TABLE "${schema.schema}".deliveries IN EXCLUSIVE MODE`);
+    let races = 0;
+    const options = { now: NOW, rateLimits: limits(), onSenderRace: () => void (races += 1) };
+    const a = commitBatch(first, events(0, 60), [], options);
+    const b = commitBatch(second, events(60, 60), [], options);
+    try {
+      // Both are waiting on the gate once both hold their client rows and have read the sender's bucket.
+      for (let i = 0; ; i++) {
+        if (i === 500) throw new Error("the two batches never both reached the gate");
+        const { rows } = await gate.query<{ n: number }>("SELECT count(*)::int AS n FROM pg_locks WHERE relation = $1::regclass AND NOT granted", [`"${schema.schema}".deliveries`]);
+        if (rows[0]!.n === 2) break;
+        await new Promise((r) => setTimeout(r, 10));
+      }
+    } finally {
+      await gate.query("COMMIT");
+      await gate.end();
+    }
+    const outcomes = [...(await a), ...(await b)];
+
+    expect(races).toBe(1);
+    expect(outcomes.filter((o) => o.status === "stored")).toHaveLength(100);
+    expect(outcomes.filter((o) => o.status === "delayed")).toHaveLength(20);
+    const count = async (table: "events" | "deliveries"): Promise<number> =>
+      Number((await first.pool.query<{ n: string }>(`SELECT count(*) AS n FROM ${table}`)).rows[0]!.n);
+    expect(await count("events")).toBe(100);
+    expect(await count("deliveries")).toBe(100);
+    const bucket = (await first.pool.query<{ tokens: number }>("SELECT tokens FROM rate_buckets WHERE key = 's:alpha'")).rows[0]!;
+    expect(bucket.tokens).toBe(0);
+  });
+
+  it("charge the bucket by the sum of both when it holds enough for both, with no second run", async () => {
+    let races = 0;
+    const options = { now: NOW, rateLimits: limits(), onSenderRace: () => void (races += 1) };
+    const outcomes = (await Promise.all([commitBatch(first, events(0, 40), [], options), commitBatch(second, events(60, 40), [], options)])).flat();
+    expect(races).toBe(0);
+    expect(outcomes.every((o) => o.status === "stored")).toBe(true);
+    const bucket = (await first.pool.query<{ tokens: number }>("SELECT tokens FROM rate_buckets WHERE key = 's:alpha'")).rows[0]!;
+    expect(bucket.tokens).toBe(20);
+  });
+});
