@@ -3,6 +3,7 @@ import { sql, type Kysely, type Transaction } from "kysely";
 import { capabilityHash, newCapabilitySecret } from "../policy/capabilities.ts";
 import type { CapabilityBinding, RecipientFacts } from "../policy/recipients.ts";
 import { uuidv7 } from "../protocol/event-id.ts";
+import { textArray } from "./arrays.ts";
 import type { Db } from "./db.ts";
 import type { Database } from "./schema.ts";
 
@@ -77,17 +78,17 @@ export async function loadRecipientFacts(
   const capabilities = new Map<string, CapabilityBinding>();
   if (presentedCaps.length > 0) {
     const byHash = new Map(presentedCaps.map((cap) => [capabilityHash(cap).toString("hex"), cap]));
-    const rows = await sql<{ hash: Buffer; client_id: string; grp: string; owner: string; revoked: boolean }>`
-      SELECT hash, client_id, grp, owner, revoked_at IS NOT NULL AS revoked FROM capabilities
-      WHERE hash = ANY(${[...byHash.keys()].map((h) => `\\x${h}`)}::bytea[])`.execute(trx);
+    const rows = await sql<{ hash: string; client_id: string; grp: string; owner: string; revoked: boolean }>`
+      SELECT encode(hash, 'hex') AS hash, client_id, grp, owner, revoked_at IS NOT NULL AS revoked FROM capabilities
+      WHERE hash = ANY(SELECT decode(h, 'hex') FROM unnest(${textArray([...byHash.keys()])}::text[]) AS h)`.execute(trx);
     for (const r of rows.rows) {
-      capabilities.set(byHash.get(r.hash.toString("hex"))!, { clientId: r.client_id, grp: r.grp, owner: r.owner, revoked: r.revoked });
+      capabilities.set(byHash.get(r.hash)!, { clientId: r.client_id, grp: r.grp, owner: r.owner, revoked: r.revoked });
     }
   }
   const blocks = new Map<string, { servers: Set<string>; groups: Set<string> }>();
   if (knownClients.size > 0) {
-    const rows = await trx.selectFrom("client_blocks").select(["client_id", "kind", "target"])
-      .where("client_id", "in", [...knownClients]).execute();
+    const { rows } = await sql<{ client_id: string; kind: BlockKind; target: string }>`
+      SELECT client_id, kind, target FROM client_blocks WHERE client_id = ANY(${textArray([...knownClients])}::text[])`.execute(trx);
     for (const r of rows) {
       const entry = blocks.get(r.client_id) ?? { servers: new Set<string>(), groups: new Set<string>() };
       (r.kind === "server" ? entry.servers : entry.groups).add(r.target);

@@ -28,6 +28,7 @@ import { chargeEvent, bucketKey, fullBucket, limitFor, refill, type BucketState,
 import { decideRecipients, type RecipientDecision } from "../policy/recipients.ts";
 import type { VerifiedEvent } from "../protocol/verify.ts";
 import { loadRecipientFacts } from "./capabilities.ts";
+import { numberArray, textArray } from "./arrays.ts";
 import type { Db } from "./db.ts";
 import type { Database } from "./schema.ts";
 
@@ -131,8 +132,8 @@ async function chargeSendersAndNotify(
       UPDATE rate_buckets AS b
       SET tokens = least(v.burst, b.tokens + greatest(0, ${now}::float8 - b.updated_at) * v.rate) - v.charged,
           updated_at = greatest(${now}::float8, b.updated_at)
-      FROM unnest(${charges.map((c) => c.key)}::text[], ${charges.map((c) => c.limit.rate)}::float8[], ${charges.map((c) => c.limit.burst)}::float8[],
-                  ${charges.map((c) => c.charged)}::float8[], ${charges.map((c) => c.needed)}::float8[]) AS v(key, rate, burst, charged, needed)
+      FROM unnest(${textArray(charges.map((c) => c.key))}::text[], ${numberArray(charges.map((c) => c.limit.rate))}::float8[], ${numberArray(charges.map((c) => c.limit.burst))}::float8[],
+                  ${numberArray(charges.map((c) => c.charged))}::float8[], ${numberArray(charges.map((c) => c.needed))}::float8[]) AS v(key, rate, burst, charged, needed)
       WHERE b.key = v.key AND least(v.burst, b.tokens + greatest(0, ${now}::float8 - b.updated_at) * v.rate) >= v.needed
       RETURNING 1
     )
@@ -163,7 +164,7 @@ async function storeEvents(
   const candidates = [...new Set(stored.flatMap((a) => a.event.claims.rcpt.map((r) => r.cid)))].sort();
   const locked = candidates.length === 0 ? [] : (
     await sql<{ id: string; delivery_seq: string }>`
-      SELECT id, delivery_seq FROM clients WHERE id = ANY(${candidates}::text[]) ORDER BY id FOR UPDATE`.execute(trx)
+      SELECT id, delivery_seq FROM clients WHERE id = ANY(${textArray(candidates)}::text[]) ORDER BY id FOR UPDATE`.execute(trx)
   ).rows;
   const nextSeq = new Map(locked.map((r) => [r.id, Number(r.delivery_seq)]));
   const presented = [...new Set(stored.flatMap((a) => a.event.claims.rcpt.flatMap((r) => (r.cap === undefined ? [] : [r.cap]))))];
@@ -179,7 +180,7 @@ async function storeEvents(
     // their redelivery is not mistaken for a duplicate.
     const back = [...delays.keys()];
     await sql`DELETE FROM events WHERE (iss, jti) IN (SELECT * FROM unnest(
-      ${back.map((a) => a.event.claims.iss)}::text[], ${back.map((a) => a.event.claims.jti)}::text[]))`.execute(trx);
+      ${textArray(back.map((a) => a.event.claims.iss))}::text[], ${textArray(back.map((a) => a.event.claims.jti))}::text[]))`.execute(trx);
   }
 
   const delivery = { client: [] as string[], seq: [] as number[], iss: [] as string[], jti: [] as string[] };
@@ -199,17 +200,17 @@ async function storeEvents(
   if (delivery.client.length > 0) {
     await sql`
       INSERT INTO deliveries (client_id, seq, iss, jti)
-      SELECT * FROM unnest(${delivery.client}::text[], ${delivery.seq}::bigint[], ${delivery.iss}::text[], ${delivery.jti}::text[])`.execute(trx);
+      SELECT * FROM unnest(${textArray(delivery.client)}::text[], ${numberArray(delivery.seq)}::bigint[], ${textArray(delivery.iss)}::text[], ${textArray(delivery.jti)}::text[])`.execute(trx);
     const touched = locked.filter((r) => nextSeq.get(r.id) !== Number(r.delivery_seq));
     await sql`
       UPDATE clients SET delivery_seq = v.seq
-      FROM unnest(${touched.map((r) => r.id)}::text[], ${touched.map((r) => nextSeq.get(r.id)!)}::bigint[]) AS v(id, seq)
+      FROM unnest(${textArray(touched.map((r) => r.id))}::text[], ${numberArray(touched.map((r) => nextSeq.get(r.id)!))}::bigint[]) AS v(id, seq)
       WHERE clients.id = v.id`.execute(trx);
   }
   if (refusal.client.length > 0) {
     await sql`
       INSERT INTO recipient_refusals (client_id, reason, iss, jti)
-      SELECT * FROM unnest(${refusal.client}::text[], ${refusal.reason}::text[], ${refusal.iss}::text[], ${refusal.jti}::text[])`.execute(trx);
+      SELECT * FROM unnest(${textArray(refusal.client)}::text[], ${textArray(refusal.reason)}::text[], ${textArray(refusal.iss)}::text[], ${textArray(refusal.jti)}::text[])`.execute(trx);
   }
 
   const outcomes = accepted.map((a): EventOutcome => {
@@ -231,16 +232,18 @@ async function insertNewEvents(trx: Transaction<Database>, unique: readonly Acce
     .execute();
   const inserted = await sql<{ iss: string; jti: string }>`
     INSERT INTO events (iss, jti, grp, issued_at, expires_at, token, key_thumbprint, stream_seq)
-    SELECT * FROM unnest(
-      ${unique.map((a) => a.event.claims.iss)}::text[],
-      ${unique.map((a) => a.event.claims.jti)}::text[],
-      ${unique.map((a) => a.event.claims.grp)}::text[],
-      ${unique.map((a) => new Date(a.event.claims.iat * 1000).toISOString())}::timestamptz[],
-      ${unique.map((a) => new Date(a.event.claims.exp * 1000).toISOString())}::timestamptz[],
-      ${unique.map((a) => a.event.token)}::text[],
-      ${unique.map((a) => a.event.key.thumbprint)}::text[],
-      ${unique.map((a) => a.streamSeq)}::bigint[]
-    )
+    SELECT iss, jti, grp, to_timestamp(iat), to_timestamp(exp), token, key_thumbprint, stream_seq FROM unnest(
+      ${textArray(unique.map((a) => a.event.claims.iss))}::text[],
+      ${textArray(unique.map((a) => a.event.claims.jti))}::text[],
+      ${textArray(unique.map((a) => a.event.claims.grp))}::text[],
+      ${numberArray(unique.map((a) => a.event.claims.iat))}::float8[],
+      ${numberArray(unique.map((a) => a.event.claims.exp))}::float8[],
+      -- A verified token is three base64url parts joined by dots: no comma, and
+      -- string_to_array is cheaper for Postgres than parsing a quoted literal.
+      string_to_array(${unique.map((a) => a.event.token).join(",")}::text, ','),
+      ${textArray(unique.map((a) => a.event.key.thumbprint))}::text[],
+      ${numberArray(unique.map((a) => a.streamSeq))}::bigint[]
+    ) AS v(iss, jti, grp, iat, exp, token, key_thumbprint, stream_seq)
     ON CONFLICT (iss, jti) DO NOTHING
     RETURNING iss, jti`.execute(trx);
   const isNew = new Set(inserted.rows.map((r) => `${r.iss}\u0000${r.jti}`));
@@ -280,11 +283,11 @@ async function chargeRateLimits(
   const all = [...clientKeys, ...senderKeys];
   await sql`
     INSERT INTO rate_buckets (key, tokens, updated_at)
-    SELECT * FROM unnest(${all}::text[], ${all.map((k) => bursts.get(k)!)}::float8[], ${all.map(() => now)}::float8[])
+    SELECT * FROM unnest(${textArray(all)}::text[], ${numberArray(all.map((k) => bursts.get(k)!))}::float8[], ${numberArray(all.map(() => now))}::float8[])
     ON CONFLICT (key) DO NOTHING`.execute(trx);
   const rows = await sql<{ key: string; tokens: number; updated_at: number }>`
-    WITH locked AS (SELECT key, tokens, updated_at FROM rate_buckets WHERE key = ANY(${clientKeys}::text[]) ORDER BY key FOR UPDATE)
-    SELECT * FROM locked UNION ALL SELECT key, tokens, updated_at FROM rate_buckets WHERE key = ANY(${senderKeys}::text[])`.execute(trx);
+    WITH locked AS (SELECT key, tokens, updated_at FROM rate_buckets WHERE key = ANY(${textArray(clientKeys)}::text[]) ORDER BY key FOR UPDATE)
+    SELECT * FROM locked UNION ALL SELECT key, tokens, updated_at FROM rate_buckets WHERE key = ANY(${textArray(senderKeys)}::text[])`.execute(trx);
   const before: BucketState = new Map(rows.rows.map((r) => [r.key, { tokens: r.tokens, updatedAt: r.updated_at }]));
 
   /** The pure decisions over `before`; `senderHit`: some event met a sender's bucket short. */
@@ -330,7 +333,7 @@ async function chargeRateLimits(
   if (locked) {
     // Close to a sender's limit: decide on the bucket as it is, and hold it until commit.
     const fresh = await sql<{ key: string; tokens: number; updated_at: number }>`
-      SELECT key, tokens, updated_at FROM rate_buckets WHERE key = ANY(${senderKeys}::text[]) ORDER BY key FOR UPDATE`.execute(trx);
+      SELECT key, tokens, updated_at FROM rate_buckets WHERE key = ANY(${textArray(senderKeys)}::text[]) ORDER BY key FOR UPDATE`.execute(trx);
     for (const r of fresh.rows) before.set(r.key, { tokens: r.tokens, updatedAt: r.updated_at });
     result = charge();
   }
@@ -341,7 +344,7 @@ async function chargeRateLimits(
   if (changed.length > 0) {
     await sql`
       UPDATE rate_buckets SET tokens = v.tokens, updated_at = v.updated_at
-      FROM unnest(${changed.map(([k]) => k)}::text[], ${changed.map(([, b]) => b.tokens)}::float8[], ${changed.map(([, b]) => b.updatedAt)}::float8[])
+      FROM unnest(${textArray(changed.map(([k]) => k))}::text[], ${numberArray(changed.map(([, b]) => b.tokens))}::float8[], ${numberArray(changed.map(([, b]) => b.updatedAt))}::float8[])
         AS v(key, tokens, updated_at)
       WHERE rate_buckets.key = v.key`.execute(trx);
   }
