@@ -50,6 +50,17 @@ export function bucketKey(scope: Scope, sender: string, client: string): string 
   }
 }
 
+/** What a bucketKey names. A homeserver name holds no ':', so the first one after it ends it. */
+export function bucketScope(key: string):
+  | { readonly scope: "sender"; readonly sender: string }
+  | { readonly scope: "client"; readonly client: string }
+  | { readonly scope: "sender_client"; readonly sender: string; readonly client: string } {
+  if (key.startsWith("s:")) return { scope: "sender", sender: key.slice(2) };
+  if (key.startsWith("c:")) return { scope: "client", client: key.slice(2) };
+  const colon = key.indexOf(":", 3);
+  return { scope: "sender_client", sender: key.slice(3, colon), client: key.slice(colon + 1) };
+}
+
 export interface RateLimits {
   readonly enabled: boolean;
   readonly client: Limit;

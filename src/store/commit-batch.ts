@@ -24,7 +24,7 @@
  */
 import { sql, type Transaction } from "kysely";
 import type { EventReason, RecipientReason } from "../errors.ts";
-import { chargeEvent, bucketKey, fullBucket, limitFor, refill, type BucketState, type Limit, type RateLimits } from "../policy/rate-limit.ts";
+import { chargeEvent, bucketKey, bucketScope, fullBucket, limitFor, refill, type BucketState, type Limit, type RateLimits } from "../policy/rate-limit.ts";
 import { decideRecipients, type RecipientDecision } from "../policy/recipients.ts";
 import type { VerifiedEvent } from "../protocol/verify.ts";
 import { loadRecipientFacts } from "./capabilities.ts";
@@ -163,8 +163,8 @@ async function storeEvents(
   // the client exists at commit time and orders its cursors.
   const candidates = [...new Set(stored.flatMap((a) => a.event.claims.rcpt.map((r) => r.cid)))].sort();
   const locked = candidates.length === 0 ? [] : (
-    await sql<{ id: string; delivery_seq: string }>`
-      SELECT id, delivery_seq FROM clients WHERE id = ANY(${textArray(candidates)}::text[]) ORDER BY id FOR UPDATE`.execute(trx)
+    await sql<{ id: string; delivery_seq: string; buckets: StoredBuckets }>`
+      SELECT id, delivery_seq, buckets FROM clients WHERE id = ANY(${textArray(candidates)}::text[]) ORDER BY id FOR UPDATE`.execute(trx)
   ).rows;
   const nextSeq = new Map(locked.map((r) => [r.id, Number(r.delivery_seq)]));
   const presented = [...new Set(stored.flatMap((a) => a.event.claims.rcpt.flatMap((r) => (r.cap === undefined ? [] : [r.cap]))))];
@@ -172,9 +172,9 @@ async function storeEvents(
 
   const decisions = new Map<AcceptedInput, RecipientDecision>();
   for (const a of stored) decisions.set(a, decideRecipients(a.event.claims, facts));
-  const { delays, senderCharges } = options.rateLimits?.enabled
-    ? await chargeRateLimits(trx, decisions, options.rateLimits, options.now, lockSenders)
-    : { delays: new Map<AcceptedInput, number>(), senderCharges: [] };
+  const { delays, senderCharges, clientBuckets } = options.rateLimits?.enabled
+    ? await chargeRateLimits(trx, decisions, options.rateLimits, options.now, lockSenders, new Map(locked.map((r) => [r.id, r.buckets])))
+    : { delays: new Map<AcceptedInput, number>(), senderCharges: [], clientBuckets: new Map<string, StoredBuckets>() };
   if (delays.size > 0) {
     // Delayed events were inserted above only to learn they are new: take them back, so
     // their redelivery is not mistaken for a duplicate.
@@ -201,11 +201,20 @@ async function storeEvents(
     await sql`
       INSERT INTO deliveries (client_id, seq, iss, jti)
       SELECT * FROM unnest(${textArray(delivery.client)}::text[], ${numberArray(delivery.seq)}::bigint[], ${textArray(delivery.iss)}::text[], ${textArray(delivery.jti)}::text[])`.execute(trx);
-    const touched = locked.filter((r) => nextSeq.get(r.id) !== Number(r.delivery_seq));
+  }
+  // One write per client row: its cursor and, when charged, its buckets. Sent as one
+  // JSON object, {id: [cursor, buckets?]}, as the buckets are JSON already.
+  const rowUpdates: [string, [number] | [number, StoredBuckets]][] = [];
+  for (const r of locked) {
+    const seq = nextSeq.get(r.id)!;
+    const buckets = clientBuckets.get(r.id);
+    if (seq !== Number(r.delivery_seq) || buckets !== undefined) rowUpdates.push([r.id, buckets === undefined ? [seq] : [seq, buckets]]);
+  }
+  if (rowUpdates.length > 0) {
     await sql`
-      UPDATE clients SET delivery_seq = v.seq
-      FROM unnest(${textArray(touched.map((r) => r.id))}::text[], ${numberArray(touched.map((r) => nextSeq.get(r.id)!))}::bigint[]) AS v(id, seq)
-      WHERE clients.id = v.id`.execute(trx);
+      UPDATE clients SET delivery_seq = (v.value->>0)::bigint, buckets = coalesce(v.value->1, clients.buckets)
+      FROM jsonb_each(${JSON.stringify(Object.fromEntries(rowUpdates))}::jsonb) AS v
+      WHERE clients.id = v.key`.execute(trx);
   }
   if (refusal.client.length > 0) {
     await sql`
@@ -250,12 +259,18 @@ async function insertNewEvents(trx: Transaction<Database>, unique: readonly Acce
   return unique.filter((a) => isNew.has(eventKey(a)));
 }
 
+/** A client's rate buckets as its row keeps them: `"*"` for all senders together, else by sender. */
+type StoredBuckets = Record<string, [tokens: number, updatedAt: number]>;
+const ALL_SENDERS = "*";
+
 /**
  * Charges the buckets of every candidate delivery, in batch order, and moves
  * rate-limited recipients into the refusals. Returns the events to delay (over
- * their sender's limit and not yet waiting longer than allowed), with how long,
- * and the senders' charges, left to the transaction's last statement unless
- * their buckets were locked here (`lockSenders`, or an event had to be delayed).
+ * their sender's limit and not yet waiting longer than allowed), with how long;
+ * the senders' charges, left to the transaction's last statement unless their
+ * buckets were locked here (`lockSenders`, or an event met one short); and the
+ * new buckets of the clients charged, for their row's update. Client rows are
+ * locked already, so their buckets are exact.
  */
 async function chargeRateLimits(
   trx: Transaction<Database>,
@@ -263,32 +278,37 @@ async function chargeRateLimits(
   limits: RateLimits,
   now: number,
   lockSenders: boolean,
-): Promise<{ delays: Map<AcceptedInput, number>; senderCharges: SenderCharge[] }> {
-  const bursts = new Map<string, number>();
+  clientRows: ReadonlyMap<string, StoredBuckets>,
+): Promise<{ delays: Map<AcceptedInput, number>; senderCharges: SenderCharge[]; clientBuckets: Map<string, StoredBuckets> }> {
+  const before: BucketState = new Map();
   const senders = new Map<string, string>();
   for (const [a, d] of decisions) {
+    if (d.accepted.length === 0) continue;
     const iss = a.event.claims.iss;
-    if (d.accepted.length > 0) senders.set(bucketKey("sender", iss, ""), iss);
+    senders.set(bucketKey("sender", iss, ""), iss);
     for (const cid of d.accepted) {
-      bursts.set(bucketKey("client", iss, cid), limitFor(limits, "client", iss, cid).burst);
-      bursts.set(bucketKey("sender_client", iss, cid), limitFor(limits, "sender_client", iss, cid).burst);
+      const stored = clientRows.get(cid)!;
+      const all = stored[ALL_SENDERS];
+      const own = stored[iss];
+      if (all) before.set(bucketKey("client", iss, cid), { tokens: all[0], updatedAt: all[1] });
+      if (own) before.set(bucketKey("sender_client", iss, cid), { tokens: own[0], updatedAt: own[1] });
     }
   }
-  if (senders.size === 0) return { delays: new Map(), senderCharges: [] };
-  for (const [key, iss] of senders) bursts.set(key, limitFor(limits, "sender", iss, "").burst);
-  const clientKeys = [...bursts.keys()].filter((k) => !senders.has(k)).sort();
+  if (senders.size === 0) return { delays: new Map(), senderCharges: [], clientBuckets: new Map() };
   const senderKeys = [...senders.keys()].sort();
-  // Missing buckets are created full. Client-scoped buckets are then locked in key
-  // order; senders' are only read, or locked after them when asked to.
-  const all = [...clientKeys, ...senderKeys];
-  await sql`
-    INSERT INTO rate_buckets (key, tokens, updated_at)
-    SELECT * FROM unnest(${textArray(all)}::text[], ${numberArray(all.map((k) => bursts.get(k)!))}::float8[], ${numberArray(all.map(() => now))}::float8[])
-    ON CONFLICT (key) DO NOTHING`.execute(trx);
+  // Missing sender buckets are created full; all are read, not locked (see the top of this file).
+  // The SELECT's snapshot predates the INSERT, so each key comes from one side or, if another
+  // batch is creating it right now, from neither (and counts as full until the last statement).
   const rows = await sql<{ key: string; tokens: number; updated_at: number }>`
-    WITH locked AS (SELECT key, tokens, updated_at FROM rate_buckets WHERE key = ANY(${textArray(clientKeys)}::text[]) ORDER BY key FOR UPDATE)
-    SELECT * FROM locked UNION ALL SELECT key, tokens, updated_at FROM rate_buckets WHERE key = ANY(${textArray(senderKeys)}::text[])`.execute(trx);
-  const before: BucketState = new Map(rows.rows.map((r) => [r.key, { tokens: r.tokens, updatedAt: r.updated_at }]));
+    WITH created AS (
+      INSERT INTO rate_buckets (key, tokens, updated_at)
+      SELECT * FROM unnest(${textArray(senderKeys)}::text[], ${numberArray(senderKeys.map((k) => limitFor(limits, "sender", senders.get(k)!, "").burst))}::float8[],
+                           ${numberArray(senderKeys.map(() => now))}::float8[])
+      ON CONFLICT (key) DO NOTHING
+      RETURNING key, tokens, updated_at
+    )
+    SELECT * FROM created UNION ALL SELECT key, tokens, updated_at FROM rate_buckets WHERE key = ANY(${textArray(senderKeys)}::text[])`.execute(trx);
+  for (const r of rows.rows) before.set(r.key, { tokens: r.tokens, updatedAt: r.updated_at });
 
   /** The pure decisions over `before`; `senderHit`: some event met a sender's bucket short. */
   const charge = () => {
@@ -339,21 +359,45 @@ async function chargeRateLimits(
   }
   for (const [a, d] of result.outcome) decisions.set(a, d);
 
-  const changed = [...result.state].filter(([k, b]) => (locked || !senders.has(k)) &&
-    (before.get(k)?.tokens !== b.tokens || before.get(k)?.updatedAt !== b.updatedAt));
-  if (changed.length > 0) {
-    await sql`
-      UPDATE rate_buckets SET tokens = v.tokens, updated_at = v.updated_at
-      FROM unnest(${textArray(changed.map(([k]) => k))}::text[], ${numberArray(changed.map(([, b]) => b.tokens))}::float8[], ${numberArray(changed.map(([, b]) => b.updatedAt))}::float8[])
-        AS v(key, tokens, updated_at)
-      WHERE rate_buckets.key = v.key`.execute(trx);
+  if (locked) {
+    const changed = senderKeys.filter((k) => result.state.get(k) !== before.get(k));
+    if (changed.length > 0) {
+      await sql`
+        UPDATE rate_buckets SET tokens = v.tokens, updated_at = v.updated_at
+        FROM unnest(${textArray(changed)}::text[], ${numberArray(changed.map((k) => result.state.get(k)!.tokens))}::float8[],
+                    ${numberArray(changed.map((k) => result.state.get(k)!.updatedAt))}::float8[]) AS v(key, tokens, updated_at)
+        WHERE rate_buckets.key = v.key`.execute(trx);
+    }
   }
   const senderCharges = locked ? [] : senderKeys.flatMap((key): SenderCharge[] => {
     const iss = senders.get(key)!;
     const sum = result.perSender.get(iss);
     return sum ? [{ key, limit: limitFor(limits, "sender", iss, ""), ...sum }] : [];
   });
-  return { delays: result.delays, senderCharges };
+  return { delays: result.delays, senderCharges, clientBuckets: chargedClients(result.state, before, clientRows, limits, now) };
+}
+
+/**
+ * The new buckets of every client with a bucket charged, in their stored form.
+ * A bucket full again by now is dropped (absent means full): a client keeps
+ * entries only for the senders that used part of its budget lately.
+ */
+function chargedClients(state: BucketState, before: BucketState, clientRows: ReadonlyMap<string, StoredBuckets>, limits: RateLimits, now: number): Map<string, StoredBuckets> {
+  const charged = new Map<string, StoredBuckets>();
+  for (const [key, bucket] of state) {
+    const scope = bucketScope(key);
+    if (bucket === before.get(key) || scope.scope === "sender") continue;
+    const next = charged.get(scope.client) ?? { ...clientRows.get(scope.client)! };
+    next[scope.scope === "client" ? ALL_SENDERS : scope.sender] = [bucket.tokens, bucket.updatedAt];
+    charged.set(scope.client, next);
+  }
+  for (const [cid, buckets] of charged) {
+    for (const [sender, [tokens, updatedAt]] of Object.entries(buckets)) {
+      const limit = sender === ALL_SENDERS ? limitFor(limits, "client", "", cid) : limitFor(limits, "sender_client", sender, cid);
+      if (refill({ tokens, updatedAt }, limit, now).tokens >= limit.burst) delete buckets[sender];
+    }
+  }
+  return charged;
 }
 
 function limitedDecision(d: RecipientDecision, limited: ReadonlySet<string>): RecipientDecision {

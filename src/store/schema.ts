@@ -11,6 +11,8 @@ export interface ClientsTable {
   delivery_seq: GeneratedBigInt;
   acked_seq: GeneratedBigInt;
   created_at: Timestamp;
+  /** The client's rate buckets (src/store/commit-batch.ts): "*" for all senders, else per sender. */
+  buckets: ColumnType<Record<string, [number, number]>, string | undefined, string>;
 }
 
 export interface PeerKeysTable {

@@ -81,6 +81,11 @@ async function bucketRow(db: Db, key: string): Promise<{ tokens: number; updated
   return db.kysely.selectFrom("rate_buckets").select(["tokens", "updated_at"]).where("key", "=", key).executeTakeFirst();
 }
 
+/** A client's own rate buckets, as its row keeps them: "*" for all senders, else by sender. */
+async function clientBuckets(db: Db, id: string): Promise<Record<string, [number, number]>> {
+  return (await db.kysely.selectFrom("clients").select("buckets").where("id", "=", id).executeTakeFirstOrThrow()).buckets;
+}
+
 async function storedJtis(db: Db): Promise<string[]> {
   return (await db.kysely.selectFrom("events").select("jti").where("iss", "=", "alpha").execute()).map((r) => r.jti);
 }
@@ -158,8 +163,8 @@ describe("three worker processes share one client's bucket exactly (clock frozen
     // Cursors of the flooded client are 1..50: no delivery was committed and then taken back.
     const seqs = await db.kysely.selectFrom("deliveries").select("seq").where("client_id", "=", "flooded").orderBy("seq").execute();
     expect(seqs.map((r) => Number(r.seq))).toEqual(Array.from({ length: expectedFlooded }, (_, i) => i + 1));
-    // The bucket is empty, stamped with the frozen clock.
-    expect(await bucketRow(db, "c:flooded")).toEqual({ tokens: 0, updated_at: FROZEN_AT });
+    // Its buckets are empty, stamped with the frozen clock: its own limit applies to each sender too.
+    expect(await clientBuckets(db, "flooded")).toEqual({ "*": [0, FROZEN_AT], alpha: [0, FROZEN_AT] });
 
     // The refusals are counted where they happened, and add up across the processes.
     const refused = await eventually(async () => {

@@ -1,6 +1,6 @@
 import { describe, expect, it } from "vitest";
 import {
-  bucketKey, chargeEvent, fullBucket, limitFor, refill, take,
+  bucketKey, bucketScope, chargeEvent, fullBucket, limitFor, refill, take,
   type Bucket, type BucketState, type Limit, type RateLimits,
 } from "../../src/policy/rate-limit.ts";
 
@@ -159,6 +159,16 @@ describe("bucketKey", () => {
     expect(bucketKey("sender", "alpha", "bob")).toBe(bucketKey("sender", "alpha", ""));
     expect(bucketKey("sender_client", "alpha", "bob")).not.toBe(bucketKey("sender_client", "gamma", "bob"));
     expect(bucketKey("sender_client", "alpha", "bob")).not.toBe(bucketKey("sender_client", "alpha", "bart"));
+  });
+
+  it("bucketScope reads back every key, with client ids that hold ':', '@' and '/'", () => {
+    for (const client of ["bob", "a:b", "x@y/z:1", "c:d:e"]) {
+      for (const sender of ["alpha", "beta.example.org"]) {
+        expect(bucketScope(bucketKey("client", sender, client))).toEqual({ scope: "client", client });
+        expect(bucketScope(bucketKey("sender", sender, client))).toEqual({ scope: "sender", sender });
+        expect(bucketScope(bucketKey("sender_client", sender, client))).toEqual({ scope: "sender_client", sender, client });
+      }
+    }
   });
 });
 

@@ -1,8 +1,10 @@
 /**
- * The sender's bucket is read without a lock and charged by the commit's last
- * statement (src/store/commit-batch.ts). Two batches that read it at the same
+ * Where the commit keeps rate buckets (src/store/commit-batch.ts), at the store
+ * level with a fixed clock. The sender's bucket is read without a lock and
+ * charged by the commit's last statement: two batches that read it at the same
  * time, when it holds enough for either but not both, must still charge it
- * exactly: the second to commit runs again with the bucket locked.
+ * exactly (the second to commit runs again with the bucket locked). A client's
+ * own buckets live in its row, and only those not full again are kept.
  */
 import { randomBytes } from "node:crypto";
 import pg from "pg";
@@ -45,11 +47,11 @@ afterEach(async () => {
 });
 
 /** Events that commitBatch takes as verified: one recipient each, clients c<from>…c<from+n-1>. */
-function events(from: number, n: number): AcceptedInput[] {
+function events(from: number, n: number, iss = "alpha", capsOf = caps): AcceptedInput[] {
   return Array.from({ length: n }, (_, i) => {
     const cid = `c${from + i}`;
-    const claims = { iss: "alpha", aud: "beta", jti: `e${from + i}`, iat: NOW, exp: NOW + 3600, grp: "g@alpha", rcpt: [{ cid, cap: caps.get(cid)! }], body: randomBytes(8).toString("base64url") };
-    return { streamSeq: from + i + 1, event: { token: `token-${from + i}`, claims, key }, publishedAt: NOW };
+    const claims = { iss, aud: "beta", jti: `${iss}-${from + i}`, iat: NOW, exp: NOW + 3600, grp: `g@${iss}`, rcpt: [{ cid, cap: capsOf.get(cid)! }], body: randomBytes(8).toString("base64url") };
+    return { streamSeq: from + i + 1, event: { token: `token-${iss}-${from + i}`, claims, key }, publishedAt: NOW };
   });
 }
 
@@ -104,5 +106,37 @@ describe("two batches charging one sender's bucket at once", () => {
     expect(outcomes.every((o) => o.status === "stored")).toBe(true);
     const bucket = (await first.pool.query<{ tokens: number }>("SELECT tokens FROM rate_buckets WHERE key = 's:alpha'")).rows[0]!;
     expect(bucket.tokens).toBe(20);
+  });
+});
+
+describe("a client's own buckets, in its row", () => {
+  const bucketsOf = async (id: string): Promise<unknown> =>
+    (await first.pool.query<{ buckets: unknown }>("SELECT buckets FROM clients WHERE id = $1", [id])).rows[0]!.buckets;
+
+  it("hold the all-senders and the per-sender bucket it was charged, and drop them once full again", async () => {
+    const rates: RateLimits = { ...limits(), servers: {}, client: { rate: 1, burst: 10 }, senderClient: { rate: 1, burst: 5 } };
+    expect(await bucketsOf("c0")).toEqual({});
+    await commitBatch(first, events(0, 1), [], { now: NOW, rateLimits: rates });
+    expect(await bucketsOf("c0")).toEqual({ "*": [9, NOW], alpha: [4, NOW] });
+
+    // Long after, gamma delivers to c0: alpha's bucket has refilled and is not kept.
+    const gammaCaps = new Map([["c0", (await issueCapability(first, "c0", "g@gamma", "gamma")).capability]]);
+    const later = NOW + 60;
+    await commitBatch(first, events(0, 1, "gamma", gammaCaps), [], { now: later, rateLimits: rates });
+    expect(await bucketsOf("c0")).toEqual({ "*": [9, later], gamma: [4, later] });
+    // A client nobody delivered to keeps none.
+    expect(await bucketsOf("c1")).toEqual({});
+  });
+
+  it("limit a client exactly: the sixth delivery from one sender is refused rate_limited", async () => {
+    const rates: RateLimits = { ...limits(), servers: {}, client: { rate: 0, burst: 10 }, senderClient: { rate: 0, burst: 5 } };
+    const toOne = Array.from({ length: 7 }, (_, i) => {
+      const [e] = events(0, 1);
+      return { ...e!, streamSeq: 100 + i, event: { ...e!.event, token: `t${i}`, claims: { ...e!.event.claims, jti: `one-${i}` } } };
+    });
+    const outcomes = await commitBatch(first, toOne, [], { now: NOW, rateLimits: rates });
+    const refusedReasons = outcomes.map((o) => (o.status === "stored" ? o.decision.refused.map((r) => r.reason).join() : o.status));
+    expect(refusedReasons).toEqual(["", "", "", "", "", "rate_limited", "rate_limited"]);
+    expect(await bucketsOf("c0")).toEqual({ "*": [5, NOW], alpha: [0, NOW] });
   });
 });
