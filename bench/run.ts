@@ -242,8 +242,11 @@ try {
   const path = `/tmp/fedrelay-bench-${process.pid}.json`;
   writeFileSync(path, JSON.stringify({ ...config, keys: { retired: [] } }));
   const procs = await Promise.all([0, 1].map(() => startWorker(["src/main.ts", "worker", "--config", path], / on http/)));
-  const total = rate * LATENCY_SECONDS;
-  log(`latency: ${total} events at ${rate}/s for ${LATENCY_SECONDS} s…`);
+  // The first two seconds warm the workers up (a fresh process compiles its hot path as it goes)
+  // and is not counted: the figure is the steady state an operator lives with.
+  const warmup = 2 * rate;
+  const total = warmup + rate * LATENCY_SECONDS;
+  log(`latency: ${total - warmup} events at ${rate}/s for ${LATENCY_SECONDS} s, after ${warmup} to warm up…`);
   const events = await presign(1, total);
   const sentAt = new Map<string, number>();
   const t0 = Date.now();
@@ -259,9 +262,10 @@ try {
   await drain(inboxStreamName("bench"), "receiver", total, procs);
   const { rows } = await admin.query<{ jti: string; at: number }>(`SELECT jti, extract(epoch FROM received_at) * 1000 AS at FROM ${SCHEMA}.events`);
   await Promise.all(procs.map((p) => p.stop()));
-  const latencies = rows.map((r) => Number(r.at) - sentAt.get(r.jti)!).sort((a, b) => a - b);
+  const measured = rows.filter((r) => Number(r.jti.slice("e1-".length)) >= warmup);
+  const latencies = measured.map((r) => Number(r.at) - sentAt.get(r.jti)!).sort((a, b) => a - b);
   const pct = (p: number): number => latencies[Math.min(latencies.length - 1, Math.floor((p / 100) * latencies.length))]!;
-  const latency = { rate, events: total, p50: pct(50), p99: pct(99) };
+  const latency = { rate, events: latencies.length, warmupEvents: warmup, p50: pct(50), p99: pct(99) };
   log(`  p50 ${latency.p50.toFixed(1)} ms, p99 ${latency.p99.toFixed(1)} ms`);
 
   const machine = `${cpus().length} × ${cpus()[0]?.model.trim()}, ${(totalmem() / 2 ** 30).toFixed(0)} GiB, Node ${process.version}`;
@@ -270,7 +274,7 @@ try {
     "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ...results.map((r) => `| ${r.case} | ${r.events} | ${r.relay.toFixed(0)} | ${r.baseline.toFixed(0)} | ${r.ratio.toFixed(2)} | ${r.deliveriesPerSec.toFixed(0)} | ${r.limitsOffRelay?.toFixed(0) ?? ""} | ${r.peakRssMb.toFixed(0)} MB | ${r.baselinePeakRssMb.toFixed(0)} MB |`),
     "",
-    `Latency, publish to commit (the commit transaction's start), 1 recipient, 2 workers, ${latency.rate} events/s for ${LATENCY_SECONDS} s: p50 ${latency.p50.toFixed(1)} ms, p99 ${latency.p99.toFixed(1)} ms.`,
+    `Latency, publish to commit (the commit transaction's start), 1 recipient, 2 workers, ${latency.rate} events/s for ${LATENCY_SECONDS} s after 2 s to warm up: p50 ${latency.p50.toFixed(1)} ms, p99 ${latency.p99.toFixed(1)} ms.`,
   ].join("\n");
   if (args.json) {
     process.stdout.write(`${JSON.stringify({ machine, smoke, results, latency }, null, 2)}\n`);
