@@ -1,11 +1,8 @@
-/** Capabilities and client blocks: written by the API, read by the commit transaction. */
-import { sql, type Kysely, type Transaction } from "kysely";
+/** Capabilities and client blocks: written by the API, read by the commit transaction (commit-batch.ts). */
+import { sql } from "kysely";
 import { capabilityHash, newCapabilitySecret } from "../policy/capabilities.ts";
-import type { CapabilityBinding, RecipientFacts } from "../policy/recipients.ts";
 import { uuidv7 } from "../protocol/event-id.ts";
-import { textArray } from "./arrays.ts";
 import type { Db } from "./db.ts";
-import type { Database } from "./schema.ts";
 
 export interface CapabilityInfo {
   readonly id: string;
@@ -63,37 +60,4 @@ export async function listBlocks(db: Db, clientId: string): Promise<{ servers: s
     servers: rows.filter((r) => r.kind === "server").map((r) => r.target),
     groups: rows.filter((r) => r.kind === "group").map((r) => r.target),
   };
-}
-
-/**
- * The facts step 7 needs for a whole batch, in two queries, inside the commit
- * transaction: a revocation or block committed before this transaction's
- * statements is seen by every worker, with no cache to go stale.
- */
-export async function loadRecipientFacts(
-  trx: Transaction<Database> | Kysely<Database>,
-  knownClients: ReadonlySet<string>,
-  presentedCaps: readonly string[],
-): Promise<RecipientFacts> {
-  const capabilities = new Map<string, CapabilityBinding>();
-  if (presentedCaps.length > 0) {
-    const byHash = new Map(presentedCaps.map((cap) => [capabilityHash(cap).toString("hex"), cap]));
-    const rows = await sql<{ hash: string; client_id: string; grp: string; owner: string; revoked: boolean }>`
-      SELECT encode(hash, 'hex') AS hash, client_id, grp, owner, revoked_at IS NOT NULL AS revoked FROM capabilities
-      WHERE hash = ANY(SELECT decode(h, 'hex') FROM unnest(${textArray([...byHash.keys()])}::text[]) AS h)`.execute(trx);
-    for (const r of rows.rows) {
-      capabilities.set(byHash.get(r.hash)!, { clientId: r.client_id, grp: r.grp, owner: r.owner, revoked: r.revoked });
-    }
-  }
-  const blocks = new Map<string, { servers: Set<string>; groups: Set<string> }>();
-  if (knownClients.size > 0) {
-    const { rows } = await sql<{ client_id: string; kind: BlockKind; target: string }>`
-      SELECT client_id, kind, target FROM client_blocks WHERE client_id = ANY(${textArray([...knownClients])}::text[])`.execute(trx);
-    for (const r of rows) {
-      const entry = blocks.get(r.client_id) ?? { servers: new Set<string>(), groups: new Set<string>() };
-      (r.kind === "server" ? entry.servers : entry.groups).add(r.target);
-      blocks.set(r.client_id, entry);
-    }
-  }
-  return { knownClients, capabilities, blocks };
 }

@@ -1,33 +1,42 @@
 /**
  * The one write of the receive path: a batch of verified events, their
- * deliveries, refusals and rate-limit charges, in a single transaction.
+ * deliveries, refusals and rate-limit charges, in a single transaction of three
+ * statements (every round trip is latency under load, and rows locked for it):
+ * 1. insert the events, learning which are new;
+ * 2. lock the clients they address and read what the decisions need: those
+ *    clients' cursors and buckets, the capabilities presented, blocks, and the
+ *    senders' buckets;
+ * then the decisions, pure functions of what was read (policy/), and
+ * 3. write them: deliveries, cursors and client buckets, refusals, the senders'
+ *    charges, and the NOTIFY that wakes long-polls (sent on commit).
  * Acknowledgements to JetStream are released only after it commits.
  *
  * Locks are taken in one global order, so concurrent batches queue rather than
- * deadlock: event keys (sorted), then client rows (sorted), then client-scoped
- * rate buckets (sorted), and the senders' buckets last. Expected races, and why
- * they are fine:
+ * deadlock: event keys (sorted), then client rows (sorted), and the senders'
+ * buckets last. Expected races, and why they are fine:
  * - an event already stored (redelivery, a second worker, a retried publish):
  *   ON CONFLICT (iss, jti) DO NOTHING, and it is reported as a duplicate;
  * - two batches delivering to the same clients: the client row lock orders
- *   their cursors by commit;
- * - two batches charging the same bucket: the row lock makes the charge exact.
+ *   their cursors by commit, and makes the charge of the client's own buckets
+ *   (kept in its row) exact;
+ * - a revocation committed while the batch waits for a client lock: the batch
+ *   decided on what it read first, as if it had committed a moment earlier.
  *
  * A sender's bucket is one row every batch from that sender charges, so every
  * worker would queue on it for the rest of the transaction. It is read without
- * a lock and charged by the transaction's last statement instead, on the
- * condition that it still holds enough tokens for every candidate of the batch:
- * then no event would have been delayed by the bucket as it is at commit, and
- * every decision stands. If it does not (a sender close to its limit, charged
- * concurrently), the transaction is rolled back and the batch runs again with
- * the sender's bucket locked before anything is decided.
+ * a lock and charged by the last statement instead, on the condition that it
+ * still holds enough tokens for every candidate of the batch: then no event
+ * would have been delayed by the bucket as it is at commit, and every decision
+ * stands. If it does not (a sender close to its limit, charged concurrently),
+ * the transaction is rolled back and the batch runs again with the sender's
+ * bucket locked before anything is decided.
  */
 import { sql, type Transaction } from "kysely";
 import type { EventReason, RecipientReason } from "../errors.ts";
+import { capabilityHash } from "../policy/capabilities.ts";
 import { chargeEvent, bucketKey, bucketScope, fullBucket, limitFor, refill, type BucketState, type Limit, type RateLimits } from "../policy/rate-limit.ts";
-import { decideRecipients, type RecipientDecision } from "../policy/recipients.ts";
+import { decideRecipients, type CapabilityBinding, type RecipientDecision, type RecipientFacts } from "../policy/recipients.ts";
 import type { VerifiedEvent } from "../protocol/verify.ts";
-import { loadRecipientFacts } from "./capabilities.ts";
 import { numberArray, textArray } from "./arrays.ts";
 import type { Db } from "./db.ts";
 import type { Database } from "./schema.ts";
@@ -71,6 +80,9 @@ const eventKey = (a: AcceptedInput): string => `${a.event.claims.iss}\u0000${a.e
 /** The sender's bucket changed between reading and charging it: run the batch again, locking it first. */
 class SenderBucketRace extends Error {}
 
+/** Thumbprints of verifying keys already in peer_keys, per database: saves a statement per batch. */
+const storedKeys = new WeakMap<Db, Set<string>>();
+
 export async function commitBatch(
   db: Db,
   accepted: readonly AcceptedInput[],
@@ -80,13 +92,10 @@ export async function commitBatch(
   const known = storedKeys.get(db) ?? new Set<string>();
   storedKeys.set(db, known);
   const attempt = (lockSenders: boolean): Promise<EventOutcome[]> => db.kysely.transaction().execute(async (trx) => {
-    const { outcomes, senderCharges } = await storeEvents(trx, accepted, options, known, lockSenders);
-    if (refused.length > 0) await recordRefusedEvents(trx, refused);
-    const woken = new Set<string>();
-    for (const o of outcomes) if (o.status === "stored") for (const cid of o.decision.accepted) woken.add(cid);
-    const notify = woken.size === 0 ? undefined : [...woken].join("\n");
-    await chargeSendersAndNotify(trx, senderCharges, options.now, db.schema, notify === undefined || notify.length <= MAX_NOTIFY_PAYLOAD ? notify : "*");
-    return outcomes;
+    const plan = await decide(trx, accepted, options, known, lockSenders);
+    const charged = await write(trx, plan, refused, options.now, db.schema);
+    if (charged !== plan.senderCharges.length) throw new SenderBucketRace();
+    return plan.outcomes;
   });
   let outcomes: EventOutcome[];
   try {
@@ -111,127 +120,87 @@ interface SenderCharge {
   readonly needed: number;
 }
 
-/**
- * The last statement: charges the senders' buckets (the refill mirrors refill()
- * in policy/rate-limit.ts) where they still hold what the batch needs, and wakes
- * the long-polls of the clients that got deliveries (NOTIFY is sent on commit).
- */
-async function chargeSendersAndNotify(
-  trx: Transaction<Database>,
-  charges: readonly SenderCharge[],
-  now: number,
-  channel: string,
-  notify: string | undefined,
-): Promise<void> {
-  if (charges.length === 0) {
-    if (notify !== undefined) await sql`SELECT pg_notify(${channel}, ${notify})`.execute(trx);
-    return;
-  }
-  const { rows } = await sql<{ charged: number }>`
-    WITH charged AS (
-      UPDATE rate_buckets AS b
-      SET tokens = least(v.burst, b.tokens + greatest(0, ${now}::float8 - b.updated_at) * v.rate) - v.charged,
-          updated_at = greatest(${now}::float8, b.updated_at)
-      FROM unnest(${textArray(charges.map((c) => c.key))}::text[], ${numberArray(charges.map((c) => c.limit.rate))}::float8[], ${numberArray(charges.map((c) => c.limit.burst))}::float8[],
-                  ${numberArray(charges.map((c) => c.charged))}::float8[], ${numberArray(charges.map((c) => c.needed))}::float8[]) AS v(key, rate, burst, charged, needed)
-      WHERE b.key = v.key AND least(v.burst, b.tokens + greatest(0, ${now}::float8 - b.updated_at) * v.rate) >= v.needed
-      RETURNING 1
-    )
-    SELECT (SELECT count(*)::int FROM charged) AS charged${notify === undefined ? sql`` : sql`, pg_notify(${channel}, ${notify})`}`.execute(trx);
-  if (rows[0]!.charged !== charges.length) throw new SenderBucketRace();
+/** A client's rate buckets as its row keeps them: `"*"` for all senders together, else by sender. */
+type StoredBuckets = Record<string, [tokens: number, updatedAt: number]>;
+const ALL_SENDERS = "*";
+
+interface LockedClient {
+  readonly id: string;
+  readonly cursor: number;
+  readonly buckets: StoredBuckets;
 }
 
-/** Thumbprints of verifying keys already in peer_keys, per database: saves a statement per batch. */
-const storedKeys = new WeakMap<Db, Set<string>>();
+/** What statement 3 writes. */
+interface Plan {
+  readonly outcomes: EventOutcome[];
+  readonly deliveries: { client: string[]; seq: number[]; iss: string[]; jti: string[] };
+  readonly refusals: { client: string[]; reason: string[]; iss: string[]; jti: string[] };
+  /** Client rows to rewrite: new cursor and, when charged, new buckets. */
+  readonly clients: [string, [number] | [number, StoredBuckets]][];
+  /** Delayed events, inserted only to learn they were new: taken back, so their redelivery is not a duplicate. */
+  readonly takenBack: readonly AcceptedInput[];
+  /** Charged on condition by the last statement (senders read without a lock)… */
+  readonly senderCharges: readonly SenderCharge[];
+  /** …or written as decided (senders locked). */
+  readonly senderBuckets: ReadonlyMap<string, { tokens: number; updatedAt: number }>;
+}
 
-async function storeEvents(
+async function decide(
   trx: Transaction<Database>,
   accepted: readonly AcceptedInput[],
   options: CommitOptions,
   knownKeys: ReadonlySet<string>,
   lockSenders: boolean,
-): Promise<{ outcomes: EventOutcome[]; senderCharges: SenderCharge[] }> {
+): Promise<Plan> {
   // The same event twice in one batch (a redelivery racing its original) is stored once.
   const firstOf = new Map<string, AcceptedInput>();
   for (const a of accepted) if (!firstOf.has(eventKey(a))) firstOf.set(eventKey(a), a);
   const unique = [...firstOf.entries()].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)).map(([, a]) => a);
-  if (unique.length === 0) return { outcomes: [], senderCharges: [] };
+  const stored = unique.length === 0 ? [] : await insertNewEvents(trx, unique, knownKeys);
 
-  const stored = await insertNewEvents(trx, unique, knownKeys);
-
-  // Lock every addressed client that exists, in id order: the lock both proves
-  // the client exists at commit time and orders its cursors.
-  const candidates = [...new Set(stored.flatMap((a) => a.event.claims.rcpt.map((r) => r.cid)))].sort();
-  const locked = candidates.length === 0 ? [] : (
-    await sql<{ id: string; delivery_seq: string; buckets: StoredBuckets }>`
-      SELECT id, delivery_seq, buckets FROM clients WHERE id = ANY(${textArray(candidates)}::text[]) ORDER BY id FOR UPDATE`.execute(trx)
-  ).rows;
-  const nextSeq = new Map(locked.map((r) => [r.id, Number(r.delivery_seq)]));
-  const presented = [...new Set(stored.flatMap((a) => a.event.claims.rcpt.flatMap((r) => (r.cap === undefined ? [] : [r.cap]))))];
-  const facts = await loadRecipientFacts(trx, new Set(nextSeq.keys()), presented);
-
+  const limits = options.rateLimits?.enabled ? options.rateLimits : undefined;
+  const read = await readForDecisions(trx, stored, limits, options.now);
+  const facts: RecipientFacts = { knownClients: new Set(read.clients.keys()), capabilities: read.capabilities, blocks: read.blocks };
   const decisions = new Map<AcceptedInput, RecipientDecision>();
   for (const a of stored) decisions.set(a, decideRecipients(a.event.claims, facts));
-  const { delays, senderCharges, clientBuckets } = options.rateLimits?.enabled
-    ? await chargeRateLimits(trx, decisions, options.rateLimits, options.now, lockSenders, new Map(locked.map((r) => [r.id, r.buckets])))
-    : { delays: new Map<AcceptedInput, number>(), senderCharges: [], clientBuckets: new Map<string, StoredBuckets>() };
-  if (delays.size > 0) {
-    // Delayed events were inserted above only to learn they are new: take them back, so
-    // their redelivery is not mistaken for a duplicate.
-    const back = [...delays.keys()];
-    await sql`DELETE FROM events WHERE (iss, jti) IN (SELECT * FROM unnest(
-      ${textArray(back.map((a) => a.event.claims.iss))}::text[], ${textArray(back.map((a) => a.event.claims.jti))}::text[]))`.execute(trx);
-  }
+  const charged = limits
+    ? await chargeRateLimits(trx, decisions, limits, options.now, lockSenders, read)
+    : { delays: new Map<AcceptedInput, number>(), senderCharges: [], senderBuckets: new Map(), clientBuckets: new Map<string, StoredBuckets>() };
 
-  const delivery = { client: [] as string[], seq: [] as number[], iss: [] as string[], jti: [] as string[] };
-  const refusal = { client: [] as string[], reason: [] as string[], iss: [] as string[], jti: [] as string[] };
+  const nextSeq = new Map([...read.clients.values()].map((c) => [c.id, c.cursor]));
+  const deliveries: Plan["deliveries"] = { client: [], seq: [], iss: [], jti: [] };
+  const refusals: Plan["refusals"] = { client: [], reason: [], iss: [], jti: [] };
   for (const [a, decision] of decisions) {
-    if (delays.has(a)) continue;
+    if (charged.delays.has(a)) continue;
     const { iss, jti } = a.event.claims;
     for (const cid of decision.accepted) {
       const seq = nextSeq.get(cid)! + 1;
       nextSeq.set(cid, seq);
-      delivery.client.push(cid); delivery.seq.push(seq); delivery.iss.push(iss); delivery.jti.push(jti);
+      deliveries.client.push(cid); deliveries.seq.push(seq); deliveries.iss.push(iss); deliveries.jti.push(jti);
     }
     for (const r of decision.refused) {
-      refusal.client.push(r.cid); refusal.reason.push(r.reason); refusal.iss.push(iss); refusal.jti.push(jti);
+      refusals.client.push(r.cid); refusals.reason.push(r.reason); refusals.iss.push(iss); refusals.jti.push(jti);
     }
   }
-  if (delivery.client.length > 0) {
-    await sql`
-      INSERT INTO deliveries (client_id, seq, iss, jti)
-      SELECT * FROM unnest(${textArray(delivery.client)}::text[], ${numberArray(delivery.seq)}::bigint[], ${textArray(delivery.iss)}::text[], ${textArray(delivery.jti)}::text[])`.execute(trx);
+  const clients: Plan["clients"] = [];
+  for (const c of read.clients.values()) {
+    const seq = nextSeq.get(c.id)!;
+    const buckets = charged.clientBuckets.get(c.id);
+    if (seq !== c.cursor || buckets !== undefined) clients.push([c.id, buckets === undefined ? [seq] : [seq, buckets]]);
   }
-  // One write per client row: its cursor and, when charged, its buckets. Sent as one
-  // JSON object, {id: [cursor, buckets?]}, as the buckets are JSON already.
-  const rowUpdates: [string, [number] | [number, StoredBuckets]][] = [];
-  for (const r of locked) {
-    const seq = nextSeq.get(r.id)!;
-    const buckets = clientBuckets.get(r.id);
-    if (seq !== Number(r.delivery_seq) || buckets !== undefined) rowUpdates.push([r.id, buckets === undefined ? [seq] : [seq, buckets]]);
-  }
-  if (rowUpdates.length > 0) {
-    await sql`
-      UPDATE clients SET delivery_seq = (v.value->>0)::bigint, buckets = coalesce(v.value->1, clients.buckets)
-      FROM jsonb_each(${JSON.stringify(Object.fromEntries(rowUpdates))}::jsonb) AS v
-      WHERE clients.id = v.key`.execute(trx);
-  }
-  if (refusal.client.length > 0) {
-    await sql`
-      INSERT INTO recipient_refusals (client_id, reason, iss, jti)
-      SELECT * FROM unnest(${textArray(refusal.client)}::text[], ${textArray(refusal.reason)}::text[], ${textArray(refusal.iss)}::text[], ${textArray(refusal.jti)}::text[])`.execute(trx);
-  }
-
   const outcomes = accepted.map((a): EventOutcome => {
     const decision = decisions.get(a);
-    const wait = delays.get(a);
+    const wait = charged.delays.get(a);
     if (wait !== undefined) return { streamSeq: a.streamSeq, status: "delayed", waitSeconds: wait };
     return decision ? { streamSeq: a.streamSeq, status: "stored", decision } : { streamSeq: a.streamSeq, status: "duplicate" };
   });
-  return { outcomes, senderCharges };
+  return {
+    outcomes, deliveries, refusals, clients, takenBack: [...charged.delays.keys()],
+    senderCharges: charged.senderCharges, senderBuckets: charged.senderBuckets,
+  };
 }
 
-/** Inserts the batch's events (already sorted) and returns those that were new. */
+/** Statement 1: inserts the batch's events (already sorted) and returns those that were new. */
 async function insertNewEvents(trx: Transaction<Database>, unique: readonly AcceptedInput[], knownKeys: ReadonlySet<string>): Promise<AcceptedInput[]> {
   const keys = new Map(unique.filter((a) => !knownKeys.has(a.event.key.thumbprint)).map((a) => [a.event.key.thumbprint, a.event.key]));
   if (keys.size > 0) await trx
@@ -259,18 +228,132 @@ async function insertNewEvents(trx: Transaction<Database>, unique: readonly Acce
   return unique.filter((a) => isNew.has(eventKey(a)));
 }
 
-/** A client's rate buckets as its row keeps them: `"*"` for all senders together, else by sender. */
-type StoredBuckets = Record<string, [tokens: number, updatedAt: number]>;
-const ALL_SENDERS = "*";
+interface DecisionInputs {
+  /** The addressed clients that exist, locked, by id. */
+  readonly clients: ReadonlyMap<string, LockedClient>;
+  readonly capabilities: ReadonlyMap<string, CapabilityBinding>;
+  readonly blocks: ReadonlyMap<string, { servers: Set<string>; groups: Set<string> }>;
+  /** Senders' buckets (rate limits on), read without a lock; a missing one counts as full. */
+  readonly senders: BucketState;
+}
+
+/**
+ * Statement 2: locks every addressed client that exists, in id order (the lock
+ * both proves the client exists at commit time and orders its cursors), and
+ * reads the facts the decisions need, as one row of JSON. Missing sender buckets
+ * are created full; the read's snapshot predates that insert, so each comes from
+ * one side or, if another batch is creating it right now, from neither.
+ */
+async function readForDecisions(trx: Transaction<Database>, stored: readonly AcceptedInput[], limits: RateLimits | undefined, now: number): Promise<DecisionInputs> {
+  const ids = [...new Set(stored.flatMap((a) => a.event.claims.rcpt.map((r) => r.cid)))].sort();
+  const byHash = new Map<string, string>();
+  for (const a of stored) for (const r of a.event.claims.rcpt) if (r.cap !== undefined) byHash.set(capabilityHash(r.cap).toString("hex"), r.cap);
+  const senders = limits ? [...new Set(stored.map((a) => a.event.claims.iss))].sort() : [];
+  const senderKeys = senders.map((iss) => bucketKey("sender", iss, ""));
+  if (ids.length === 0 && senders.length === 0) return { clients: new Map(), capabilities: new Map(), blocks: new Map(), senders: new Map() };
+  const { rows } = await sql<{
+    clients: [string, number, StoredBuckets][];
+    capabilities: [string, string, string, string, boolean][];
+    blocks: [string, "server" | "group", string][];
+    senders: [string, number, number][];
+  }>`
+    WITH locked AS (
+      SELECT id, delivery_seq, buckets FROM clients WHERE id = ANY(${textArray(ids)}::text[]) ORDER BY id FOR UPDATE
+    ), created AS (
+      INSERT INTO rate_buckets (key, tokens, updated_at)
+      SELECT * FROM unnest(${textArray(senderKeys)}::text[], ${numberArray(senders.map((iss) => limitFor(limits!, "sender", iss, "").burst))}::float8[],
+                           ${numberArray(senders.map(() => now))}::float8[])
+      ON CONFLICT (key) DO NOTHING
+      RETURNING key, tokens, updated_at
+    )
+    SELECT
+      (SELECT coalesce(json_agg(json_build_array(id, delivery_seq, buckets)), '[]') FROM locked) AS clients,
+      (SELECT coalesce(json_agg(json_build_array(encode(hash, 'hex'), client_id, grp, owner, revoked_at IS NOT NULL)), '[]') FROM capabilities
+        WHERE hash = ANY(SELECT decode(h, 'hex') FROM unnest(${textArray([...byHash.keys()])}::text[]) AS h)) AS capabilities,
+      (SELECT coalesce(json_agg(json_build_array(client_id, kind, target)), '[]') FROM client_blocks
+        WHERE client_id = ANY(${textArray(ids)}::text[])) AS blocks,
+      (SELECT coalesce(json_agg(json_build_array(key, tokens, updated_at)), '[]') FROM (
+        SELECT * FROM created UNION ALL SELECT key, tokens, updated_at FROM rate_buckets WHERE key = ANY(${textArray(senderKeys)}::text[])) AS s) AS senders`.execute(trx);
+  const row = rows[0]!;
+  const blocks = new Map<string, { servers: Set<string>; groups: Set<string> }>();
+  for (const [cid, kind, target] of row.blocks) {
+    const entry = blocks.get(cid) ?? { servers: new Set<string>(), groups: new Set<string>() };
+    (kind === "server" ? entry.servers : entry.groups).add(target);
+    blocks.set(cid, entry);
+  }
+  return {
+    clients: new Map(row.clients.map(([id, cursor, buckets]) => [id, { id, cursor: Number(cursor), buckets }])),
+    capabilities: new Map(row.capabilities.map(([hash, clientId, grp, owner, revoked]) => [byHash.get(hash)!, { clientId, grp, owner, revoked }])),
+    blocks,
+    senders: new Map(row.senders.map(([key, tokens, updatedAt]) => [key, { tokens, updatedAt }])),
+  };
+}
+
+/**
+ * Statement 3: everything decided, and the senders' conditional charges; returns
+ * how many of those charges were made.
+ */
+async function write(trx: Transaction<Database>, plan: Plan, refused: readonly RefusedInput[], now: number, channel: string): Promise<number> {
+  const { deliveries: d, refusals: r, senderCharges: charges } = plan;
+  const exact = [...plan.senderBuckets];
+  const woken = [...new Set(d.client)].join("\n");
+  const { rows } = await sql<{ charged: number }>`
+    WITH delivered AS (
+      INSERT INTO deliveries (client_id, seq, iss, jti)
+      SELECT * FROM unnest(${textArray(d.client)}::text[], ${numberArray(d.seq)}::bigint[], ${textArray(d.iss)}::text[], ${textArray(d.jti)}::text[])
+    ), cursors AS (
+      -- {id: [cursor, buckets?]}: the buckets are JSON already.
+      UPDATE clients SET delivery_seq = (v.value->>0)::bigint, buckets = coalesce(v.value->1, clients.buckets)
+      FROM jsonb_each(${JSON.stringify(Object.fromEntries(plan.clients))}::jsonb) AS v
+      WHERE clients.id = v.key
+    ), refusals AS (
+      INSERT INTO recipient_refusals (client_id, reason, iss, jti)
+      SELECT * FROM unnest(${textArray(r.client)}::text[], ${textArray(r.reason)}::text[], ${textArray(r.iss)}::text[], ${textArray(r.jti)}::text[])
+    ), taken_back AS (
+      DELETE FROM events WHERE (iss, jti) IN (SELECT * FROM unnest(
+        ${textArray(plan.takenBack.map((a) => a.event.claims.iss))}::text[], ${textArray(plan.takenBack.map((a) => a.event.claims.jti))}::text[]))
+    ), invalid AS (
+      INSERT INTO refused_events (stream_seq, subject, reason, detail, claimed_iss, claimed_jti, sample)
+      SELECT * FROM unnest(
+        ${numberArray(refused.map((e) => e.streamSeq))}::bigint[],
+        ${refused.map((e) => e.subject)}::text[],
+        ${refused.map((e) => e.reason)}::text[],
+        ${refused.map((e) => e.detail)}::text[],
+        ${refused.map((e) => e.claimed?.iss ?? null)}::text[],
+        ${refused.map((e) => e.claimed?.jti ?? null)}::text[],
+        ${refused.map((e) => e.sample)}::text[]
+      )
+      ON CONFLICT (stream_seq) DO NOTHING
+    ), decided AS (
+      -- Senders locked by this transaction: their buckets as decided.
+      UPDATE rate_buckets SET tokens = v.tokens, updated_at = v.updated_at
+      FROM unnest(${textArray(exact.map(([k]) => k))}::text[], ${numberArray(exact.map(([, b]) => b.tokens))}::float8[],
+                  ${numberArray(exact.map(([, b]) => b.updatedAt))}::float8[]) AS v(key, tokens, updated_at)
+      WHERE rate_buckets.key = v.key
+    ), charged AS (
+      -- Senders read without a lock: charged where the bucket still covers the batch (the refill
+      -- mirrors refill() in policy/rate-limit.ts), the row locked from here to the commit.
+      UPDATE rate_buckets AS b
+      SET tokens = least(v.burst, b.tokens + greatest(0, ${now}::float8 - b.updated_at) * v.rate) - v.charged,
+          updated_at = greatest(${now}::float8, b.updated_at)
+      FROM unnest(${textArray(charges.map((c) => c.key))}::text[], ${numberArray(charges.map((c) => c.limit.rate))}::float8[], ${numberArray(charges.map((c) => c.limit.burst))}::float8[],
+                  ${numberArray(charges.map((c) => c.charged))}::float8[], ${numberArray(charges.map((c) => c.needed))}::float8[]) AS v(key, rate, burst, charged, needed)
+      WHERE b.key = v.key AND least(v.burst, b.tokens + greatest(0, ${now}::float8 - b.updated_at) * v.rate) >= v.needed
+      RETURNING 1
+    )
+    SELECT (SELECT count(*)::int FROM charged) AS charged,
+      CASE WHEN ${woken} <> '' THEN pg_notify(${channel}, CASE WHEN length(${woken}) <= ${MAX_NOTIFY_PAYLOAD} THEN ${woken} ELSE '*' END) END AS notified`.execute(trx);
+  return rows[0]!.charged;
+}
 
 /**
  * Charges the buckets of every candidate delivery, in batch order, and moves
  * rate-limited recipients into the refusals. Returns the events to delay (over
  * their sender's limit and not yet waiting longer than allowed), with how long;
- * the senders' charges, left to the transaction's last statement unless their
- * buckets were locked here (`lockSenders`, or an event met one short); and the
- * new buckets of the clients charged, for their row's update. Client rows are
- * locked already, so their buckets are exact.
+ * the senders' charges, left to the last statement unless their buckets were
+ * locked here (`lockSenders`, or an event met one short), then their new state;
+ * and the new buckets of the clients charged, for their row's update. Client
+ * rows are locked already, so their buckets are exact.
  */
 async function chargeRateLimits(
   trx: Transaction<Database>,
@@ -278,37 +361,30 @@ async function chargeRateLimits(
   limits: RateLimits,
   now: number,
   lockSenders: boolean,
-  clientRows: ReadonlyMap<string, StoredBuckets>,
-): Promise<{ delays: Map<AcceptedInput, number>; senderCharges: SenderCharge[]; clientBuckets: Map<string, StoredBuckets> }> {
-  const before: BucketState = new Map();
+  read: DecisionInputs,
+): Promise<{
+  delays: Map<AcceptedInput, number>;
+  senderCharges: SenderCharge[];
+  senderBuckets: Map<string, { tokens: number; updatedAt: number }>;
+  clientBuckets: Map<string, StoredBuckets>;
+}> {
+  const before: BucketState = new Map(read.senders);
   const senders = new Map<string, string>();
   for (const [a, d] of decisions) {
     if (d.accepted.length === 0) continue;
     const iss = a.event.claims.iss;
     senders.set(bucketKey("sender", iss, ""), iss);
     for (const cid of d.accepted) {
-      const stored = clientRows.get(cid)!;
+      const stored = read.clients.get(cid)!.buckets;
       const all = stored[ALL_SENDERS];
       const own = stored[iss];
       if (all) before.set(bucketKey("client", iss, cid), { tokens: all[0], updatedAt: all[1] });
       if (own) before.set(bucketKey("sender_client", iss, cid), { tokens: own[0], updatedAt: own[1] });
     }
   }
-  if (senders.size === 0) return { delays: new Map(), senderCharges: [], clientBuckets: new Map() };
+  const none = { delays: new Map(), senderCharges: [], senderBuckets: new Map(), clientBuckets: new Map() };
+  if (senders.size === 0) return none;
   const senderKeys = [...senders.keys()].sort();
-  // Missing sender buckets are created full; all are read, not locked (see the top of this file).
-  // The SELECT's snapshot predates the INSERT, so each key comes from one side or, if another
-  // batch is creating it right now, from neither (and counts as full until the last statement).
-  const rows = await sql<{ key: string; tokens: number; updated_at: number }>`
-    WITH created AS (
-      INSERT INTO rate_buckets (key, tokens, updated_at)
-      SELECT * FROM unnest(${textArray(senderKeys)}::text[], ${numberArray(senderKeys.map((k) => limitFor(limits, "sender", senders.get(k)!, "").burst))}::float8[],
-                           ${numberArray(senderKeys.map(() => now))}::float8[])
-      ON CONFLICT (key) DO NOTHING
-      RETURNING key, tokens, updated_at
-    )
-    SELECT * FROM created UNION ALL SELECT key, tokens, updated_at FROM rate_buckets WHERE key = ANY(${textArray(senderKeys)}::text[])`.execute(trx);
-  for (const r of rows.rows) before.set(r.key, { tokens: r.tokens, updatedAt: r.updated_at });
 
   /** The pure decisions over `before`; `senderHit`: some event met a sender's bucket short. */
   const charge = () => {
@@ -359,22 +435,14 @@ async function chargeRateLimits(
   }
   for (const [a, d] of result.outcome) decisions.set(a, d);
 
-  if (locked) {
-    const changed = senderKeys.filter((k) => result.state.get(k) !== before.get(k));
-    if (changed.length > 0) {
-      await sql`
-        UPDATE rate_buckets SET tokens = v.tokens, updated_at = v.updated_at
-        FROM unnest(${textArray(changed)}::text[], ${numberArray(changed.map((k) => result.state.get(k)!.tokens))}::float8[],
-                    ${numberArray(changed.map((k) => result.state.get(k)!.updatedAt))}::float8[]) AS v(key, tokens, updated_at)
-        WHERE rate_buckets.key = v.key`.execute(trx);
-    }
-  }
+  const senderBuckets = new Map(locked ? senderKeys.flatMap((k) => (result.state.get(k) === before.get(k) ? [] : [[k, result.state.get(k)!] as const])) : []);
   const senderCharges = locked ? [] : senderKeys.flatMap((key): SenderCharge[] => {
     const iss = senders.get(key)!;
     const sum = result.perSender.get(iss);
     return sum ? [{ key, limit: limitFor(limits, "sender", iss, ""), ...sum }] : [];
   });
-  return { delays: result.delays, senderCharges, clientBuckets: chargedClients(result.state, before, clientRows, limits, now) };
+  const clientRows = new Map([...read.clients.values()].map((c) => [c.id, c.buckets]));
+  return { delays: result.delays, senderCharges, senderBuckets, clientBuckets: chargedClients(result.state, before, clientRows, limits, now) };
 }
 
 /**
@@ -408,17 +476,3 @@ function limitedDecision(d: RecipientDecision, limited: ReadonlySet<string>): Re
   };
 }
 
-async function recordRefusedEvents(trx: Transaction<Database>, refused: readonly RefusedInput[]): Promise<void> {
-  await sql`
-    INSERT INTO refused_events (stream_seq, subject, reason, detail, claimed_iss, claimed_jti, sample)
-    SELECT * FROM unnest(
-      ${refused.map((r) => r.streamSeq)}::bigint[],
-      ${refused.map((r) => r.subject)}::text[],
-      ${refused.map((r) => r.reason)}::text[],
-      ${refused.map((r) => r.detail)}::text[],
-      ${refused.map((r) => r.claimed?.iss ?? null)}::text[],
-      ${refused.map((r) => r.claimed?.jti ?? null)}::text[],
-      ${refused.map((r) => r.sample)}::text[]
-    )
-    ON CONFLICT (stream_seq) DO NOTHING`.execute(trx);
-}
