@@ -127,11 +127,17 @@ export function createRelay(config: RelayConfig, roles: RelayRoles, deps: RelayD
         } : {}),
       });
       const consumer = await js.consumers.get(inboxStreamName(config.homeserver), config.worker.consumer);
-      loop = await startBatchLoop(consumer, { batchSize: config.worker.batchSize, maxBatchBytes: config.worker.maxBatchBytes, expiresMs: config.worker.fetchExpiresMs },
-        async (batch) => void (await receiver.processBatch(batch)));
+      loop = await startBatchLoop(consumer, {
+        batchSize: config.worker.batchSize, maxBatchBytes: config.worker.maxBatchBytes, expiresMs: config.worker.fetchExpiresMs,
+        maxMessageBytes: config.limits.maxMessageBytes, retryMs: config.worker.retryDelayMs,
+        onPullError: (err) => log.warn({ err }, "pull from the inbox failed; pulling again"),
+      }, async (batch) => void (await receiver.processBatch(batch)));
       const recorder = createReportRecorder({ self: config.homeserver, db, keys, log });
       const reportConsumer = await js.consumers.get(reportStreamName(config.homeserver), REPORT_CONSUMER);
-      reportLoop = await startBatchLoop(reportConsumer, { batchSize: 100, expiresMs: config.worker.fetchExpiresMs }, recorder.handle);
+      reportLoop = await startBatchLoop(reportConsumer, {
+        batchSize: 100, expiresMs: config.worker.fetchExpiresMs, retryMs: config.worker.retryDelayMs,
+        onPullError: (err) => log.warn({ err }, "pull from the report stream failed; pulling again"),
+      }, recorder.handle);
     }
 
     let api;

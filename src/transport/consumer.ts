@@ -2,15 +2,20 @@
  * The pull loop shared by all worker processes: it takes what JetStream has
  * delivered, up to `batchSize`, and hands it over as one batch. It never waits
  * to fill a batch, so a lone event is processed at once, and under load batches
- * grow by themselves (the next pull is already buffered while one commits).
+ * grow by themselves (the next pulls arrive while one batch commits).
+ *
+ * What a worker holds is bounded: it pulls only while its buffer is under two
+ * batches, by count and by bytes. (consume() would not do: it asks for more as
+ * messages arrive, not as they are processed, so a slow worker buffers until
+ * the consumer's max_ack_pending, thousands of events, out of reach of the
+ * other workers.) A pull asks for what fits in the buffer's room by bytes, at
+ * least one message of the largest size the stream takes, so it never stalls.
  *
  * "What has been delivered" is everything that arrived before the next
  * macrotask: the iterator yields buffered messages in microtasks, so one
- * setImmediate after the first message lets the rest of the burst in. (The
- * iterator's getPending() over-counts after internal callbacks and stalls a
- * batch until ack_wait: measured here, 30 s stalls with two workers.)
+ * setImmediate after the first message lets the rest of the burst in.
  */
-import type { Consumer, JsMsg } from "@nats-io/jetstream";
+import type { Consumer, ConsumerMessages, JsMsg } from "@nats-io/jetstream";
 
 export interface BatchLoopOptions {
   readonly batchSize: number;
@@ -27,6 +32,11 @@ export interface BatchLoopOptions {
    * events come in smaller batches (measured: peak RSS ~280 MB without it).
    */
   readonly maxBatchBytes?: number;
+  /** The largest message the stream accepts: every pull can carry one. */
+  readonly maxMessageBytes?: number;
+  /** Told of a pull that failed (NATS unreachable, the consumer missing); the loop pulls again after `retryMs`. */
+  readonly onPullError?: (err: unknown) => void;
+  readonly retryMs?: number;
 }
 
 export interface BatchLoop {
@@ -48,31 +58,76 @@ export function batchLength(queue: readonly { readonly data: Uint8Array }[], siz
   return n;
 }
 
+/**
+ * How the server ends a pull bounded by bytes once it is served: at its message
+ * count ("batch completed") or at a message that would not fit in the bytes
+ * left. nats.js surfaces both 409s from fetch() as errors, though nothing went
+ * wrong, unless nothing at all was delivered (a message larger than the pull).
+ */
+function isServedPull(err: unknown, delivered: number): boolean {
+  if ((err as { code?: unknown } | null)?.code !== 409) return false;
+  const message = (err as Error).message;
+  return /batch completed/i.test(message) || (delivered > 0 && /exceeds maxbytes/i.test(message));
+}
+
+/** Headers, subject and reply of a delivered message, on top of its data (a pull's max_bytes counts them). */
+const MESSAGE_OVERHEAD = 1024;
+
 export async function startBatchLoop(
   consumer: Consumer,
   options: BatchLoopOptions,
   handle: (batch: JsMsg[]) => Promise<void>,
 ): Promise<BatchLoop> {
-  // Twice the batch: one being processed, the next already on its way.
-  const messages = await consumer.consume({ max_messages: options.batchSize * 2, expires: options.expiresMs });
+  const maxBatchBytes = options.maxBatchBytes ?? Infinity;
+  // Two batches: one being processed, the next already here.
+  const room = { messages: options.batchSize * 2, bytes: maxBatchBytes * 2 };
   const queue: JsMsg[] = [];
+  let queuedBytes = 0;
   let stopping = false;
-  let ended = false;
+  let pulling = true;
   let failure: unknown;
+  let pull: ConsumerMessages | undefined;
   let notify: (() => void) | undefined;
   let resume: (() => void) | undefined;
   const signal = (): void => { notify?.(); notify = undefined; };
+  const wake = (): void => { resume?.(); resume = undefined; };
+  const pause = (ms?: number): Promise<void> => new Promise<void>((r) => {
+    resume = r;
+    if (ms !== undefined) setTimeout(wake, ms).unref();
+  });
 
   const receiving = (async () => {
     try {
-      for await (const m of messages) {
-        queue.push(m);
-        signal();
-        // Backpressure: stop taking from the iterator, so JetStream stops sending.
-        if (queue.length >= options.batchSize * 2 && !stopping) await new Promise<void>((r) => (resume = r));
+      while (!stopping) {
+        const messages = room.messages - queue.length;
+        const bytes = room.bytes - queuedBytes;
+        if (messages <= 0 || bytes <= 0) {
+          await pause();
+          continue;
+        }
+        let delivered = 0;
+        try {
+          // By bytes, nats.js asks for at most 100 messages a pull; under load they follow one another.
+          pull = await consumer.fetch(Number.isFinite(bytes)
+            ? { max_bytes: Math.max(bytes, (options.maxMessageBytes ?? 0) + MESSAGE_OVERHEAD), expires: options.expiresMs }
+            : { max_messages: messages, expires: options.expiresMs });
+          if (stopping) break;
+          for await (const m of pull) {
+            delivered += 1;
+            queue.push(m);
+            queuedBytes += m.data.byteLength;
+            signal();
+          }
+        } catch (err) {
+          if (stopping) break;
+          if (isServedPull(err, delivered)) continue;
+          options.onPullError?.(err);
+          await pause(options.retryMs ?? 1000);
+        }
       }
     } finally {
-      ended = true;
+      pulling = false;
+      await pull?.close();
       signal();
     }
   })();
@@ -82,7 +137,7 @@ export async function startBatchLoop(
   const processing = (async () => {
     while (!stopping) {
       if (queue.length === 0) {
-        if (ended) break;
+        if (!pulling) break;
         await new Promise<void>((r) => (notify = r));
         continue;
       }
@@ -91,12 +146,12 @@ export async function startBatchLoop(
         continue;
       }
       await new Promise<void>((r) => setImmediate(r));
-      const batch = queue.splice(0, batchLength(queue, options.batchSize, options.maxBatchBytes ?? Infinity));
-      resume?.();
-      resume = undefined;
+      const batch = queue.splice(0, batchLength(queue, options.batchSize, maxBatchBytes));
+      for (const m of batch) queuedBytes -= m.data.byteLength;
+      wake();
       // A handler must settle each message itself; one that throws ends the loop (and `done` rejects).
       const job: Promise<void> = handle(batch)
-        .catch((err: unknown) => { failure ??= err; stopping = true; signal(); })
+        .catch((err: unknown) => { failure ??= err; stopping = true; signal(); wake(); void pull?.close(); })
         .finally(() => running.delete(job));
       running.add(job);
     }
@@ -117,8 +172,8 @@ export async function startBatchLoop(
     async stop() {
       stopping = true;
       signal();
-      resume?.();
-      await messages.close();
+      wake();
+      await pull?.close();
       await done;
     },
   };

@@ -1,0 +1,85 @@
+/**
+ * The worker's pull loop (src/transport/consumer.ts) against a real nats-server:
+ * a worker that falls behind holds at most two batches (by count and by bytes),
+ * so the rest of a backlog stays in the stream for other workers; and once it
+ * catches up every message is handled exactly once.
+ */
+import { AckPolicy, jetstream, jetstreamManager, RetentionPolicy, StorageType, type JsMsg } from "@nats-io/jetstream";
+import { connect, type NatsConnection } from "@nats-io/transport-node";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { startLocalNats, type LocalNats } from "../../src/local-nats.ts";
+import { startBatchLoop } from "../../src/transport/consumer.ts";
+import { eventually } from "../helpers/federation.ts";
+
+let nats: LocalNats;
+let nc: NatsConnection;
+
+beforeAll(async () => {
+  nats = await startLocalNats();
+  nc = await connect({ servers: nats.url });
+});
+
+afterAll(async () => {
+  await nc?.close();
+  await nats?.stop();
+});
+
+async function backlog(name: string, count: number, bytes: number): Promise<void> {
+  const jsm = await jetstreamManager(nc);
+  await jsm.streams.add({ name, subjects: [`${name}.>`], storage: StorageType.Memory, retention: RetentionPolicy.Workqueue, max_msg_size: 4096 });
+  await jsm.consumers.add(name, { durable_name: "w", ack_policy: AckPolicy.Explicit, max_ack_pending: 5000 });
+  const js = jetstream(nc);
+  for (let i = 0; i < count; i += 100) {
+    await Promise.all(Array.from({ length: Math.min(100, count - i) }, (_, k) => js.publish(`${name}.x`, Buffer.alloc(bytes, i + k))));
+  }
+}
+
+/** Runs a loop whose handler waits for `release`, and reports the consumer's delivered-but-unacknowledged count while it is stuck. */
+async function stuckWorker(name: string, options: { batchSize: number; maxBatchBytes?: number }): Promise<{ held: number; handled: Set<string>; batches: number; pullErrors: unknown[] }> {
+  const consumer = await jetstream(nc).consumers.get(name, "w");
+  let release!: () => void;
+  const released = new Promise<void>((r) => (release = r));
+  const handled = new Set<string>();
+  let batches = 0;
+  const pullErrors: unknown[] = [];
+  const loop = await startBatchLoop(consumer, { ...options, expiresMs: 1000, maxMessageBytes: 4096, onPullError: (err) => pullErrors.push(err) }, async (batch: JsMsg[]) => {
+    batches += 1;
+    await released;
+    for (const m of batch) {
+      expect(handled.has(String(m.seq))).toBe(false);
+      handled.add(String(m.seq));
+      m.ack();
+    }
+  });
+  const jsm = await jetstreamManager(nc);
+  // Stuck with two batches in hand, it settles at what it is allowed to buffer.
+  await eventually(async () => batches === 2, 5000, "two batches in hand");
+  await new Promise((r) => setTimeout(r, 500));
+  const held = (await jsm.consumers.info(name, "w")).num_ack_pending;
+  release();
+  await eventually(async () => (await jsm.consumers.info(name, "w")).num_pending === 0 && (await jsm.consumers.info(name, "w")).num_ack_pending === 0, 15_000, "drained");
+  await loop.stop();
+  return { held, handled, batches, pullErrors };
+}
+
+describe("a worker that falls behind", () => {
+  it("holds two batches in hand and two buffered, by count, and then handles all 1,000 once", async () => {
+    await backlog("COUNT", 1000, 100);
+    const { held, handled, pullErrors } = await stuckWorker("COUNT", { batchSize: 10 });
+    expect(pullErrors).toEqual([]);
+    // 2 in hand + 2 buffered; a pull may overshoot its room by what it asked for at once.
+    expect(held).toBeGreaterThanOrEqual(40);
+    expect(held).toBeLessThanOrEqual(40 + 20);
+    expect(handled.size).toBe(1000);
+  });
+
+  it("holds a bounded number of bytes when messages are large, and then handles all 300 once", async () => {
+    await backlog("BYTES", 300, 3000);
+    // A batch of 200 would be 600 KB; by bytes it is 3 messages (9 KB), and the buffer 18 KB plus one pull's slack.
+    const { held, handled, pullErrors } = await stuckWorker("BYTES", { batchSize: 200, maxBatchBytes: 9000 });
+    // A pull bounded by bytes ends with a 409 "batch completed": the normal end, not an error.
+    expect(pullErrors).toEqual([]);
+    expect(held).toBeLessThanOrEqual(3 * 2 + 18_000 / 3000 + (4096 + 1024) / 3000 + 1);
+    expect(handled.size).toBe(300);
+  });
+});
