@@ -165,7 +165,7 @@ async function decide(
   for (const a of stored) decisions.set(a, decideRecipients(a.event.claims, facts));
   const charged = limits
     ? await chargeRateLimits(trx, decisions, limits, options.now, lockSenders, read)
-    : { delays: new Map<AcceptedInput, number>(), senderCharges: [], senderBuckets: new Map(), clientBuckets: new Map<string, StoredBuckets>() };
+    : noCharges();
 
   const nextSeq = new Map([...read.clients.values()].map((c) => [c.id, c.cursor]));
   const deliveries: Plan["deliveries"] = { client: [], seq: [], iss: [], jti: [] };
@@ -346,6 +346,17 @@ async function write(trx: Transaction<Database>, plan: Plan, refused: readonly R
   return rows[0]!.charged;
 }
 
+interface Charges {
+  /** Events over their sender's limit, to redeliver after this many seconds. */
+  readonly delays: Map<AcceptedInput, number>;
+  readonly senderCharges: SenderCharge[];
+  readonly senderBuckets: Map<string, { tokens: number; updatedAt: number }>;
+  /** New buckets of the clients charged, in their stored form. */
+  readonly clientBuckets: Map<string, StoredBuckets>;
+}
+
+const noCharges = (): Charges => ({ delays: new Map(), senderCharges: [], senderBuckets: new Map(), clientBuckets: new Map() });
+
 /**
  * Charges the buckets of every candidate delivery, in batch order, and moves
  * rate-limited recipients into the refusals. Returns the events to delay (over
@@ -362,12 +373,7 @@ async function chargeRateLimits(
   now: number,
   lockSenders: boolean,
   read: DecisionInputs,
-): Promise<{
-  delays: Map<AcceptedInput, number>;
-  senderCharges: SenderCharge[];
-  senderBuckets: Map<string, { tokens: number; updatedAt: number }>;
-  clientBuckets: Map<string, StoredBuckets>;
-}> {
+): Promise<Charges> {
   const before: BucketState = new Map(read.senders);
   const senders = new Map<string, string>();
   for (const [a, d] of decisions) {
@@ -382,8 +388,7 @@ async function chargeRateLimits(
       if (own) before.set(bucketKey("sender_client", iss, cid), { tokens: own[0], updatedAt: own[1] });
     }
   }
-  const none = { delays: new Map(), senderCharges: [], senderBuckets: new Map(), clientBuckets: new Map() };
-  if (senders.size === 0) return none;
+  if (senders.size === 0) return noCharges();
   const senderKeys = [...senders.keys()].sort();
 
   /** The pure decisions over `before`; `senderHit`: some event met a sender's bucket short. */
