@@ -37,6 +37,13 @@ export function senderOfSubject(subject: string, kind: "inbox" | "report"): stri
   return homeserverFromToken(parts[4]!);
 }
 
+/** Every event of a batch names one of a few subjects: their senders are remembered (up to a bound). */
+const inboxSenders = new Map<string, string | undefined>();
+
 export function senderOfInboxSubject(subject: string): string | undefined {
-  return senderOfSubject(subject, "inbox");
+  if (inboxSenders.has(subject)) return inboxSenders.get(subject);
+  if (inboxSenders.size >= 10_000) inboxSenders.clear();
+  const sender = senderOfSubject(subject, "inbox");
+  inboxSenders.set(subject, sender);
+  return sender;
 }

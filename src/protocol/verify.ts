@@ -38,7 +38,8 @@ export interface VerifyContext {
 }
 
 export interface VerifiedEvent {
-  readonly token: string;
+  /** The compact JWS exactly as received: what the signature covers, and what is stored. */
+  readonly bytes: Uint8Array;
   readonly claims: EventClaims;
   readonly key: VerificationKey;
 }
@@ -54,6 +55,7 @@ export type Verdict =
     };
 
 const ALLOWED_HEADER = new Set(["alg", "kid", "typ"]);
+const DOT = 0x2e;
 
 /**
  * A short, printable rendering of an attacker-chosen value for a refusal's
@@ -92,10 +94,15 @@ export async function verifyEvent(data: Uint8Array, subject: string, ctx: Verify
   if (data.byteLength > ctx.limits.maxMessageBytes) {
     return refuse("too_large", `message is ${data.byteLength} bytes, limit ${ctx.limits.maxMessageBytes}`);
   }
-  const token = Buffer.from(data.buffer, data.byteOffset, data.byteLength).toString("latin1");
-  const parts = token.split(".");
-  if (parts.length !== 3) return refuse("malformed", "not a compact JWS (three dot-separated parts)");
-  const [headerB64, payloadB64, signatureB64] = parts as [string, string, string];
+  // The parts are read straight from the bytes: the whole token never becomes a string
+  // (a worker holds a batch of events until it commits; their bytes live off the heap).
+  const bytes = Buffer.from(data.buffer, data.byteOffset, data.byteLength);
+  const dot1 = bytes.indexOf(DOT);
+  const dot2 = dot1 < 0 ? -1 : bytes.indexOf(DOT, dot1 + 1);
+  if (dot2 < 0 || bytes.indexOf(DOT, dot2 + 1) >= 0) return refuse("malformed", "not a compact JWS (three dot-separated parts)");
+  const headerB64 = bytes.toString("latin1", 0, dot1);
+  const payloadB64 = bytes.toString("latin1", dot1 + 1, dot2);
+  const signatureB64 = bytes.toString("latin1", dot2 + 1);
   if (!isCanonicalBase64url(headerB64) || !isCanonicalBase64url(payloadB64) || !isCanonicalBase64url(signatureB64)) {
     return refuse("malformed", "JWS parts must be canonical base64url without padding");
   }
@@ -141,7 +148,7 @@ export async function verifyEvent(data: Uint8Array, subject: string, ctx: Verify
 
   // Step 3: the signature, over the bytes as received.
   const signature = Buffer.from(signatureB64, "base64url");
-  const signingInput = Buffer.from(data.buffer, data.byteOffset, headerB64.length + 1 + payloadB64.length);
+  const signingInput = bytes.subarray(0, dot2);
   if (signature.length !== 64 || !sodium.crypto_sign_verify_detached(signature, signingInput, key.raw)) {
     return refuse("bad_signature", `signature does not verify with ${kid}`, claimed);
   }
@@ -165,5 +172,5 @@ export async function verifyEvent(data: Uint8Array, subject: string, ctx: Verify
     return refuse("lifetime_too_long", `lifetime ${claims.exp - claims.iat}s exceeds ${ctx.limits.maxLifetimeSeconds}s`, claimed);
   }
 
-  return { ok: true, event: { token, claims, key } };
+  return { ok: true, event: { bytes, claims, key } };
 }

@@ -218,7 +218,8 @@ async function insertNewEvents(trx: Transaction<Database>, unique: readonly Acce
       ${numberArray(unique.map((a) => a.event.claims.exp))}::float8[],
       -- A verified token is three base64url parts joined by dots: no comma, and
       -- string_to_array is cheaper for Postgres than parsing a quoted literal.
-      string_to_array(${unique.map((a) => a.event.token).join(",")}::text, ','),
+      -- The tokens go as one binary parameter, joined from their bytes off the heap.
+      string_to_array(${joinTokens(unique)}::text, ','),
       ${textArray(unique.map((a) => a.event.key.thumbprint))}::text[],
       ${numberArray(unique.map((a) => a.streamSeq))}::bigint[]
     ) AS v(iss, jti, grp, iat, exp, token, key_thumbprint, stream_seq)
@@ -226,6 +227,17 @@ async function insertNewEvents(trx: Transaction<Database>, unique: readonly Acce
     RETURNING iss, jti`.execute(trx);
   const isNew = new Set(inserted.rows.map((r) => `${r.iss}\u0000${r.jti}`));
   return unique.filter((a) => isNew.has(eventKey(a)));
+}
+
+const COMMA = Buffer.from(",");
+
+function joinTokens(events: readonly AcceptedInput[]): Buffer {
+  const parts: Uint8Array[] = [];
+  for (const a of events) {
+    if (parts.length > 0) parts.push(COMMA);
+    parts.push(a.event.bytes);
+  }
+  return Buffer.concat(parts);
 }
 
 interface DecisionInputs {

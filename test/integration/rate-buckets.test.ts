@@ -51,7 +51,7 @@ function events(from: number, n: number, iss = "alpha", capsOf = caps): Accepted
   return Array.from({ length: n }, (_, i) => {
     const cid = `c${from + i}`;
     const claims = { iss, aud: "beta", jti: `${iss}-${from + i}`, iat: NOW, exp: NOW + 3600, grp: `g@${iss}`, rcpt: [{ cid, cap: capsOf.get(cid)! }], body: randomBytes(8).toString("base64url") };
-    return { streamSeq: from + i + 1, event: { token: `token-${iss}-${from + i}`, claims, key }, publishedAt: NOW };
+    return { streamSeq: from + i + 1, event: { bytes: Buffer.from(`token-${iss}-${from + i}`), claims, key }, publishedAt: NOW };
   });
 }
 
@@ -132,7 +132,7 @@ describe("a client's own buckets, in its row", () => {
     const rates: RateLimits = { ...limits(), servers: {}, client: { rate: 0, burst: 10 }, senderClient: { rate: 0, burst: 5 } };
     const toOne = Array.from({ length: 7 }, (_, i) => {
       const [e] = events(0, 1);
-      return { ...e!, streamSeq: 100 + i, event: { ...e!.event, token: `t${i}`, claims: { ...e!.event.claims, jti: `one-${i}` } } };
+      return { ...e!, streamSeq: 100 + i, event: { ...e!.event, bytes: Buffer.from(`t${i}`), claims: { ...e!.event.claims, jti: `one-${i}` } } };
     });
     const outcomes = await commitBatch(first, toOne, [], { now: NOW, rateLimits: rates });
     const refusedReasons = outcomes.map((o) => (o.status === "stored" ? o.decision.refused.map((r) => r.reason).join() : o.status));

@@ -524,7 +524,7 @@ function checkVerdict(data: Uint8Array, verdict: Verdict): void {
     throw new Error(`accepted a signature that does not verify with ${signed.kid}: ${preview(data)}`);
   }
   if (token !== signed.token) throw new Error(`accepted look-alike bytes of a signed token: ${preview(data)}`);
-  if (verdict.event.token !== token) throw new Error("the verified token is not the bytes received");
+  if (Buffer.from(verdict.event.bytes).toString("latin1") !== token) throw new Error("the verified token is not the bytes received");
   if (verdict.event.key.kid !== signed.kid) throw new Error(`verified with ${verdict.event.key.kid}, signed with ${signed.kid}`);
 }
 
