@@ -49,7 +49,7 @@ export function decideRecipient(
   return undefined;
 }
 
-export function decideRecipients(claims: EventClaims, facts: RecipientFacts): RecipientDecision {
+export function decideRecipients(claims: Pick<EventClaims, "iss" | "grp" | "rcpt">, facts: RecipientFacts): RecipientDecision {
   const accepted: string[] = [];
   const refused: { cid: string; reason: RecipientReason }[] = [];
   for (const r of claims.rcpt) {

@@ -37,10 +37,17 @@ export interface VerifyContext {
   readonly now: number;
 }
 
+/**
+ * A verified event's claims, without the body: the body stays in the bytes, and
+ * a worker holds a batch of events until it commits (a 1 KiB body held through
+ * the commit is promoted by the garbage collector and marked again and again).
+ */
+export type VerifiedClaims = Omit<EventClaims, "body">;
+
 export interface VerifiedEvent {
   /** The compact JWS exactly as received: what the signature covers, and what is stored. */
   readonly bytes: Uint8Array;
-  readonly claims: EventClaims;
+  readonly claims: VerifiedClaims;
   readonly key: VerificationKey;
 }
 
@@ -172,5 +179,6 @@ export async function verifyEvent(data: Uint8Array, subject: string, ctx: Verify
     return refuse("lifetime_too_long", `lifetime ${claims.exp - claims.iat}s exceeds ${ctx.limits.maxLifetimeSeconds}s`, claimed);
   }
 
-  return { ok: true, event: { bytes, claims, key } };
+  const { body: _body, ...kept } = claims;
+  return { ok: true, event: { bytes, claims: kept, key } };
 }
