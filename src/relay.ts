@@ -19,7 +19,7 @@ import { createReceiver } from "./receiver.ts";
 import { createDb, type Db } from "./store/db.ts";
 import { migrate } from "./store/migrate.ts";
 import { createDeliveryNotifier, type DeliveryNotifier } from "./store/notifier.ts";
-import { startBatchLoop, type BatchLoop } from "./transport/consumer.ts";
+import { pullsByBytes, startBatchLoop, type BatchLoop } from "./transport/consumer.ts";
 import { ensureInbox, ensureReportStream } from "./transport/streams.ts";
 import { isSenderAllowed } from "./policy/server-rules.ts";
 import { createReportRecorder, createReportSender } from "./reports.ts";
@@ -127,9 +127,11 @@ export function createRelay(config: RelayConfig, roles: RelayRoles, deps: RelayD
         } : {}),
       });
       const consumer = await js.consumers.get(inboxStreamName(config.homeserver), config.worker.consumer);
+      const pullByBytes = pullsByBytes(nc.info?.version);
+      if (!pullByBytes) log.warn({ server: nc.info?.version }, "nats-server before 2.10: the worker's buffer is bounded by count, not by bytes");
       loop = await startBatchLoop(consumer, {
         batchSize: config.worker.batchSize, maxBatchBytes: config.worker.maxBatchBytes, expiresMs: config.worker.fetchExpiresMs,
-        maxMessageBytes: config.limits.maxMessageBytes, retryMs: config.worker.retryDelayMs,
+        maxMessageBytes: config.limits.maxMessageBytes, pullByBytes, retryMs: config.worker.retryDelayMs,
         onPullError: (err) => log.warn({ err }, "pull from the inbox failed; pulling again"),
       }, async (batch) => void (await receiver.processBatch(batch)));
       const recorder = createReportRecorder({ self: config.homeserver, db, keys, log });

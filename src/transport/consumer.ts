@@ -34,6 +34,8 @@ export interface BatchLoopOptions {
   readonly maxBatchBytes?: number;
   /** The largest message the stream accepts: every pull can carry one. */
   readonly maxMessageBytes?: number;
+  /** Bound pulls by bytes (default when maxBatchBytes is set); see pullsByBytes. */
+  readonly pullByBytes?: boolean;
   /** Told of a pull that failed (NATS unreachable, the consumer missing); the loop pulls again after `retryMs`. */
   readonly onPullError?: (err: unknown) => void;
   readonly retryMs?: number;
@@ -56,6 +58,16 @@ export function batchLength(queue: readonly { readonly data: Uint8Array }[], siz
     n += 1;
   }
   return n;
+}
+
+/**
+ * Whether a nats-server ends a pull bounded by bytes as soon as it is served.
+ * Measured: 2.9 does not, and the pull stalls until heartbeats are missed (1.5 s
+ * every 100 messages); 2.10 ends it with a 409. Older servers are pulled by count.
+ */
+export function pullsByBytes(serverVersion: string | undefined): boolean {
+  const [major, minor] = (serverVersion ?? "").split(".").map(Number);
+  return major !== undefined && minor !== undefined && (major > 2 || (major === 2 && minor >= 10));
 }
 
 /**
@@ -108,7 +120,7 @@ export async function startBatchLoop(
         let delivered = 0;
         try {
           // By bytes, nats.js asks for at most 100 messages a pull; under load they follow one another.
-          pull = await consumer.fetch(Number.isFinite(bytes)
+          pull = await consumer.fetch(Number.isFinite(bytes) && options.pullByBytes !== false
             ? { max_bytes: Math.max(bytes, (options.maxMessageBytes ?? 0) + MESSAGE_OVERHEAD), expires: options.expiresMs }
             : { max_messages: messages, expires: options.expiresMs });
           if (stopping) break;

@@ -7,7 +7,7 @@ import { uuidv7 } from "../../src/protocol/event-id.ts";
 import { isEventId } from "../../src/protocol/names.ts";
 import { sampleOf } from "../../src/receiver.ts";
 import { messageId } from "../../src/transport/publisher.ts";
-import { batchLength } from "../../src/transport/consumer.ts";
+import { batchLength, pullsByBytes } from "../../src/transport/consumer.ts";
 
 describe("fan-out split", () => {
   it("groups recipients by destination in first-seen order and drops repeated clients", () => {
@@ -70,5 +70,16 @@ describe("batch sizing", () => {
   });
   it("takes nothing from an empty queue", () => {
     expect(batchLength([], 10, 1000)).toBe(0);
+  });
+  it("pulls by bytes only from a nats-server that ends such pulls when served (2.10 and later)", () => {
+    expect(pullsByBytes("2.10.0")).toBe(true);
+    expect(pullsByBytes("2.10.27")).toBe(true);
+    expect(pullsByBytes("2.11.4")).toBe(true);
+    expect(pullsByBytes("3.0.0")).toBe(true);
+    expect(pullsByBytes("2.9.10")).toBe(false);
+    expect(pullsByBytes("2.2.0")).toBe(false);
+    expect(pullsByBytes("1.12.0")).toBe(false);
+    expect(pullsByBytes(undefined)).toBe(false);
+    expect(pullsByBytes("garbage")).toBe(false);
   });
 });
