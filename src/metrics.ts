@@ -9,6 +9,7 @@ export interface RelayMetrics {
   readonly deliveriesCommitted: Counter;
   readonly recipientsRefused: Counter<"reason">;
   readonly batchCommitSeconds: Histogram;
+  readonly batchAgeSeconds: Histogram;
   readonly batchFailures: Counter;
   readonly senderBucketRaces: Counter;
   readonly eventsPublished: Counter<"destination">;
@@ -32,6 +33,12 @@ export function createMetrics(registry = new Registry(), options: { defaultMetri
       name: "fedrelay_batch_commit_seconds",
       help: "Duration of one batch's Postgres transaction",
       buckets: [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5],
+      registers,
+    }),
+    batchAgeSeconds: new Histogram({
+      name: "fedrelay_batch_age_seconds",
+      help: "Age of a batch's first event, from JetStream storing it to the start of the batch's commit: how far behind the workers run",
+      buckets: [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300],
       registers,
     }),
     batchFailures: new Counter({ name: "fedrelay_batch_failures_total", help: "Batches not committed (transient failure; redelivered)", registers }),

@@ -111,6 +111,8 @@ export function createReceiver(deps: ReceiverDeps): { processBatch(batch: JsMsg[
             refusedMsgs.push(m);
           }
         }
+        // Wall-clock time, not the injectable clock: this is for operators watching the workers keep up.
+        metrics.batchAgeSeconds.observe(Math.max(0, Date.now() / 1000 - batch[0]!.info.timestampNanos / 1e9));
         const stop = metrics.batchCommitSeconds.startTimer();
         const outcomes = await commitBatch(deps.db, accepted, refused, {
           now, rateLimits: deps.rateLimits?.(), onSenderRace: () => metrics.senderBucketRaces.inc(),

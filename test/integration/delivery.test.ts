@@ -105,6 +105,7 @@ describe("delivery from the owner to a client of another homeserver", () => {
     try {
       const token = await addClient(gammaHs, "gina");
       const event = await signed(alpha, "gamma", [{ cid: "gina", cap: await grantCapability(gammaHs, "gina", "g@alpha") }]);
+      const publishedAt = Date.now() / 1000;
       const seq = await publishTo("gamma", "alpha", event.token);
       // The dead worker's commit: the event is in Postgres, its message still unacknowledged in the stream.
       const keys = createKeyRegistry({ self: { homeserver: "gamma", keys: [] }, peers: { alpha: { keys: [alpha.publicJwk] } }, cooldownSeconds: 60 });
@@ -117,12 +118,22 @@ describe("delivery from the owner to a client of another homeserver", () => {
       const { createRelay } = await import("../../src/relay.ts");
       const { pino } = await import("pino");
       const worker = createRelay(gammaHs.config, { api: false, worker: true }, { log: pino({ level: "silent" }) });
+      // The event waits in the stream a while before any worker runs.
+      await new Promise((resolve) => setTimeout(resolve, 300));
+      const startedAt = Date.now() / 1000;
       await worker.start();
       try {
         const jsm = await (await import("@nats-io/jetstream")).jetstreamManager(client.nc);
         // Work-queue retention: the redelivered message disappears once acknowledged.
         await eventually(async () => (await jsm.streams.info(inboxStreamName("gamma"))).state.messages === 0, 15_000, "ack");
         expect(await worker.metrics.eventsRefused.get()).toMatchObject({ values: [{ labels: { reason: "duplicate" }, value: 1 }] });
+        // One batch, whose event had waited in the stream since before this worker started.
+        const age = (await worker.metrics.batchAgeSeconds.get()).values;
+        expect(age.find((v) => v.metricName === "fedrelay_batch_age_seconds_count")?.value).toBe(1);
+        const waited = age.find((v) => v.metricName === "fedrelay_batch_age_seconds_sum")!.value;
+        expect(startedAt - publishedAt).toBeGreaterThan(0.3);
+        expect(waited).toBeGreaterThanOrEqual(startedAt - publishedAt - 0.05);
+        expect(waited).toBeLessThan(Date.now() / 1000 - publishedAt + 0.05);
       } finally {
         await worker.close();
       }
