@@ -309,6 +309,7 @@ async function write(trx: Transaction<Database>, plan: Plan, refused: readonly R
   const { deliveries: d, refusals: r, senderCharges: charges } = plan;
   const exact = [...plan.senderBuckets];
   const woken = [...new Set(d.client)].join("\n");
+  const notify = woken.length <= MAX_NOTIFY_PAYLOAD ? woken : "*";
   const { rows } = await sql<{ charged: number }>`
     WITH delivered AS (
       INSERT INTO deliveries (client_id, seq, iss, jti)
@@ -353,8 +354,7 @@ async function write(trx: Transaction<Database>, plan: Plan, refused: readonly R
       WHERE b.key = v.key AND least(v.burst, b.tokens + greatest(0, ${now}::float8 - b.updated_at) * v.rate) >= v.needed
       RETURNING 1
     )
-    SELECT (SELECT count(*)::int FROM charged) AS charged,
-      CASE WHEN ${woken} <> '' THEN pg_notify(${channel}, CASE WHEN length(${woken}) <= ${MAX_NOTIFY_PAYLOAD} THEN ${woken} ELSE '*' END) END AS notified`.execute(trx);
+    SELECT (SELECT count(*)::int FROM charged) AS charged${woken === "" ? sql`` : sql`, pg_notify(${channel}, ${notify})`}`.execute(trx);
   return rows[0]!.charged;
 }
 
@@ -452,14 +452,14 @@ async function chargeRateLimits(
   }
   for (const [a, d] of result.outcome) decisions.set(a, d);
 
-  const senderBuckets = new Map(locked ? senderKeys.flatMap((k) => (result.state.get(k) === before.get(k) ? [] : [[k, result.state.get(k)!] as const])) : []);
+  const changed = locked ? senderKeys.filter((k) => result.state.get(k) !== before.get(k)) : [];
+  const senderBuckets = new Map(changed.map((k) => [k, result.state.get(k)!]));
   const senderCharges = locked ? [] : senderKeys.flatMap((key): SenderCharge[] => {
     const iss = senders.get(key)!;
     const sum = result.perSender.get(iss);
     return sum ? [{ key, limit: limitFor(limits, "sender", iss, ""), ...sum }] : [];
   });
-  const clientRows = new Map([...read.clients.values()].map((c) => [c.id, c.buckets]));
-  return { delays: result.delays, senderCharges, senderBuckets, clientBuckets: chargedClients(result.state, before, clientRows, limits, now) };
+  return { delays: result.delays, senderCharges, senderBuckets, clientBuckets: chargedClients(result.state, before, read.clients, limits, now) };
 }
 
 /**
@@ -467,12 +467,12 @@ async function chargeRateLimits(
  * A bucket full again by now is dropped (absent means full): a client keeps
  * entries only for the senders that used part of its budget lately.
  */
-function chargedClients(state: BucketState, before: BucketState, clientRows: ReadonlyMap<string, StoredBuckets>, limits: RateLimits, now: number): Map<string, StoredBuckets> {
+function chargedClients(state: BucketState, before: BucketState, clients: ReadonlyMap<string, LockedClient>, limits: RateLimits, now: number): Map<string, StoredBuckets> {
   const charged = new Map<string, StoredBuckets>();
   for (const [key, bucket] of state) {
     const scope = bucketScope(key);
     if (bucket === before.get(key) || scope.scope === "sender") continue;
-    const next = charged.get(scope.client) ?? { ...clientRows.get(scope.client)! };
+    const next = charged.get(scope.client) ?? { ...clients.get(scope.client)!.buckets };
     next[scope.scope === "client" ? ALL_SENDERS : scope.sender] = [bucket.tokens, bucket.updatedAt];
     charged.set(scope.client, next);
   }

@@ -96,7 +96,6 @@ export async function startBatchLoop(
   const queue: JsMsg[] = [];
   let queuedBytes = 0;
   let stopping = false;
-  let pulling = true;
   let failure: unknown;
   let pull: ConsumerMessages | undefined;
   let notify: (() => void) | undefined;
@@ -138,7 +137,6 @@ export async function startBatchLoop(
         }
       }
     } finally {
-      pulling = false;
       await pull?.close();
       signal();
     }
@@ -149,7 +147,7 @@ export async function startBatchLoop(
   const processing = (async () => {
     while (!stopping) {
       if (queue.length === 0) {
-        if (!pulling) break;
+        // Pulling ends only when stopping, which ends this loop too.
         await new Promise<void>((r) => (notify = r));
         continue;
       }
