@@ -376,7 +376,12 @@ describe("cursors", () => {
   it("after pages through messages in order, limit caps a page, and next is the last cursor of the page", async () => {
     const id = uniq("reader");
     const token = await member(id);
-    for (let i = 1; i <= 5; i++) await send([id], `m${i}`, { seq: i });
+    // Cursors follow commit order, not publish order (two batches can be in flight): each
+    // message is committed before the next is sent, so the five are in a known order.
+    for (let i = 1; i <= 5; i++) {
+      await send([id], `m${i}`, { seq: i });
+      await waitForMessages(token, i);
+    }
     const all = await waitForMessages(token, 5);
     expect(all.map((m) => text(m.body))).toEqual(["m1", "m2", "m3", "m4", "m5"]);
     expect(all.map((m) => m.cursor)).toEqual([...all.map((m) => m.cursor)].sort((x, y) => x - y));
