@@ -83,6 +83,8 @@ describe("delivery from the owner to a client of another homeserver", () => {
     const cap = await grantCapability(betaHs, "carol", "g@alpha");
     const first = await signed(alpha, "beta", [{ cid: "carol", cap }]);
     const seq1 = await publishTo("beta", "alpha", first.token);
+    // Cursors follow commit order: the first is committed before anything else is sent.
+    await eventually(async () => (await messagesOf(betaHs, token)).length === 1);
     const again = await publishEvent(client.js, inboxSubject("beta", "alpha"), Buffer.from(first.token), 5000);
     // JetStream drops identical bytes by their content hash...
     expect(again).toEqual({ seq: seq1, duplicate: true });
