@@ -33,7 +33,7 @@
  */
 import { sql, type Transaction } from "kysely";
 import type { EventReason, RecipientReason } from "../errors.ts";
-import { capabilityHash } from "../policy/capabilities.ts";
+import { capabilityHashHex } from "../policy/capabilities.ts";
 import { chargeEvent, bucketKey, bucketScope, fullBucket, limitFor, refill, type BucketState, type Limit, type RateLimits } from "../policy/rate-limit.ts";
 import { decideRecipients, type CapabilityBinding, type RecipientDecision, type RecipientFacts } from "../policy/recipients.ts";
 import type { VerifiedEvent } from "../protocol/verify.ts";
@@ -259,7 +259,7 @@ interface DecisionInputs {
 async function readForDecisions(trx: Transaction<Database>, stored: readonly AcceptedInput[], limits: RateLimits | undefined, now: number): Promise<DecisionInputs> {
   const ids = [...new Set(stored.flatMap((a) => a.event.claims.rcpt.map((r) => r.cid)))].sort();
   const byHash = new Map<string, string>();
-  for (const a of stored) for (const r of a.event.claims.rcpt) if (r.cap !== undefined) byHash.set(capabilityHash(r.cap).toString("hex"), r.cap);
+  for (const a of stored) for (const r of a.event.claims.rcpt) if (r.cap !== undefined) byHash.set(capabilityHashHex(r.cap), r.cap);
   const senders = limits ? [...new Set(stored.map((a) => a.event.claims.iss))].sort() : [];
   const senderKeys = senders.map((iss) => bucketKey("sender", iss, ""));
   if (ids.length === 0 && senders.length === 0) return { clients: new Map(), capabilities: new Map(), blocks: new Map(), senders: new Map() };
