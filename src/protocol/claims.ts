@@ -59,6 +59,43 @@ export const eventClaimsSchema = z.object({
 
 export type EventClaims = z.infer<typeof eventClaimsSchema>;
 
+const isSeconds = (v: unknown): v is number => Number.isInteger(v) && (v as number) >= 0 && (v as number) <= 2 ** 40;
+const isBoundedString = (v: unknown, min: number, max: number): v is string =>
+  typeof v === "string" && v.length >= min && v.length <= max;
+const isPlainObject = (v: unknown): v is Record<string, unknown> => v !== null && typeof v === "object" && !Array.isArray(v);
+
+/**
+ * `eventClaimsSchema.parse(payload)` for a payload that satisfies the schema,
+ * else undefined (then the schema itself says why). The schema stays the
+ * definition; this is the same rules in one pass, because zod's parse was a
+ * tenth of a worker's allocations (a result object per field). It builds the
+ * output as zod does: known members only, optional ones only when present.
+ * test/unit/claims-fast-path.test.ts holds the two to the same answers.
+ */
+export function wellFormedClaims(payload: Record<string, unknown>): EventClaims | undefined {
+  const { iss, aud, jti, iat, exp, grp, rcpt, body, ctype, seq } = payload;
+  if (!isHomeserverName(iss) || !isHomeserverName(aud) || !isEventId(jti) || !isSeconds(iat) || !isSeconds(exp)) return undefined;
+  if (!isBoundedString(grp, 3, 128 + 1 + 253) || typeof body !== "string") return undefined;
+  if (!Array.isArray(rcpt) || rcpt.length < 1 || rcpt.length > MAX_RECIPIENTS) return undefined;
+  if (ctype !== undefined && !isBoundedString(ctype, 1, MAX_CTYPE_LENGTH)) return undefined;
+  if (seq !== undefined && !(Number.isInteger(seq) && (seq as number) >= 0 && (seq as number) <= Number.MAX_SAFE_INTEGER)) return undefined;
+  const recipients: Recipient[] = [];
+  const cids = new Set<string>();
+  for (const r of rcpt as unknown[]) {
+    if (!isPlainObject(r)) return undefined;
+    const { cid, cap } = r;
+    if (!isClientId(cid) || cids.has(cid)) return undefined;
+    if (cap !== undefined && !isBoundedString(cap, 1, MAX_CAPABILITY_LENGTH)) return undefined;
+    cids.add(cid);
+    recipients.push(cap === undefined ? { cid } : { cid, cap });
+  }
+  return {
+    iss, aud, jti, iat, exp, grp, rcpt: recipients, body,
+    ...(ctype === undefined ? {} : { ctype }),
+    ...(seq === undefined ? {} : { seq: seq as number }),
+  };
+}
+
 /**
  * The claims of a token this homeserver already verified and stored. Never for
  * untrusted input: that goes through verifyEvent.

@@ -15,7 +15,7 @@
 import sodium from "sodium-native";
 import type { EventReason } from "../errors.ts";
 import { decodedLength, isCanonicalBase64url } from "./base64url.ts";
-import { EVENT_ALG, EVENT_TYP, eventClaimsSchema, type EventClaims, type EventLimits } from "./claims.ts";
+import { EVENT_ALG, EVENT_TYP, eventClaimsSchema, wellFormedClaims, type EventClaims, type EventLimits } from "./claims.ts";
 import { isValidAt, type VerificationKey } from "./keys.ts";
 import { parseGroupId, splitKid } from "./names.ts";
 import { senderOfInboxSubject } from "./subjects.ts";
@@ -122,12 +122,15 @@ export async function verifyEvent(data: Uint8Array, subject: string, ctx: Verify
   if (header.alg !== EVENT_ALG) return refuse("bad_alg", `alg ${show(header.alg)} is not EdDSA`);
   if (header.typ !== EVENT_TYP) return refuse("bad_typ", `typ ${show(header.typ)} is not ${EVENT_TYP}`);
 
-  const parsed = eventClaimsSchema.safeParse(payload);
-  if (!parsed.success) {
-    const issue = parsed.error.issues[0]!;
-    return refuse("malformed", `claim ${issue.path.join(".") || "(root)"}: ${issue.message}`);
+  let claims = wellFormedClaims(payload);
+  if (!claims) {
+    const parsed = eventClaimsSchema.safeParse(payload);
+    if (!parsed.success) {
+      const issue = parsed.error.issues[0]!;
+      return refuse("malformed", `claim ${issue.path.join(".") || "(root)"}: ${issue.message}`);
+    }
+    claims = parsed.data;
   }
-  const claims = parsed.data;
   const claimed = { iss: claims.iss, jti: claims.jti };
   if (!isCanonicalBase64url(claims.body)) return refuse("malformed", "body is not canonical base64url", claimed);
   const bodyBytes = decodedLength(claims.body);
