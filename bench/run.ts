@@ -6,7 +6,8 @@
  * latency at about half the measured peak.
  *
  *   npm run bench [-- --json] [-- --smoke] [-- --n1 20000 --n10 10000 --n1000 200 --latency-seconds 10 --latency-rate R]
- *   (--only 1|10|1000 runs one shape and no latency phase; --cpu-prof DIR profiles every worker;
+ *   (--only 1|10|1000 runs one shape and no latency phase, --only latency --latency-rate R only that phase;
+ *   --cpu-prof DIR profiles every worker;
  *   --node-options "…" replaces the workers' NODE_OPTIONS)
  */
 import { randomBytes } from "node:crypto";
@@ -259,7 +260,7 @@ const showCpu = (c: CpuSplit): string => `${c.workers.toFixed(0)}/${c.postgres.t
 const results: Result[] = [];
 try {
   // --only 1 runs just the 1-recipient cases (for profiling), and skips the latency phase.
-  const shapes = args.only ? [Number(args.only)] : [1, 10, 1000];
+  const shapes = args.only === "latency" ? [] : args.only ? [Number(args.only)] : [1, 10, 1000];
   for (const recipients of shapes) {
     log(`signing ${WARMUP[recipients]} + ${N[recipients]} events with ${recipients} recipient(s)…`);
     const events = await workload(recipients);
@@ -284,10 +285,11 @@ try {
     }
   }
 
-  if (args.only) process.exit(0);
+  if (args.only && args.only !== "latency") process.exit(0);
   // Latency: 1-recipient events at about half the peak of two workers, publish to commit.
-  const peak = results.find((r) => r.recipients === 1 && r.workers === 2)!.relay;
-  const rate = args["latency-rate"] ? Number(args["latency-rate"]) : Math.max(10, Math.round(peak / 2));
+  const rate = args["latency-rate"]
+    ? Number(args["latency-rate"])
+    : Math.max(10, Math.round(results.find((r) => r.recipients === 1 && r.workers === 2)!.relay / 2));
   const config = relayConfig(true);
   await freshDestination(admin, jsm, config, caps);
   const path = `/tmp/fedrelay-bench-${process.pid}.json`;
@@ -318,6 +320,7 @@ try {
   const pct = (p: number): number => latencies[Math.min(latencies.length - 1, Math.floor((p / 100) * latencies.length))]!;
   const latency = { rate, events: latencies.length, warmupEvents: warmup, p50: pct(50), p99: pct(99) };
   log(`  p50 ${latency.p50.toFixed(1)} ms, p99 ${latency.p99.toFixed(1)} ms`);
+  if (args.only) process.exit(0);
 
   const machine = `${cpus().length} × ${cpus()[0]?.model.trim()}, ${(totalmem() / 2 ** 30).toFixed(0)} GiB, Node ${process.version}`;
   const table = [
