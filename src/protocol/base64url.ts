@@ -28,3 +28,47 @@ export function decodeBase64url(text: string): Buffer | undefined {
 export function encodeBase64url(bytes: Uint8Array): string {
   return Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength).toString("base64url");
 }
+
+/** Each byte's 6-bit value in the alphabet, or -1. */
+const SEXTET = new Int8Array(256).fill(-1);
+for (let i = 0; i < ALPHABET.length; i++) SEXTET[ALPHABET.charCodeAt(i)] = i;
+
+/**
+ * Decodes `bytes[start, end)`, base64url text, into `out` (room for
+ * `floor(3 * (end - start) / 4)` bytes, or null to check only), under the rules
+ * of isCanonicalBase64url. Returns the decoded length, or -1 if not canonical.
+ * Event tokens arrive as bytes: decoding them in place spares a string copy of
+ * each part and a regular-expression pass over it.
+ */
+export function decodeCanonicalBase64urlBytes(bytes: Uint8Array, start: number, end: number, out: Uint8Array | null): number {
+  const length = end - start;
+  const rem = length % 4;
+  if (rem === 1) return -1;
+  const whole = end - rem;
+  let j = 0;
+  for (let i = start; i < whole; i += 4) {
+    const a = SEXTET[bytes[i]!]!, b = SEXTET[bytes[i + 1]!]!, c = SEXTET[bytes[i + 2]!]!, d = SEXTET[bytes[i + 3]!]!;
+    if ((a | b | c | d) < 0) return -1;
+    if (out) {
+      out[j] = (a << 2) | (b >> 4);
+      out[j + 1] = ((b & 0x0f) << 4) | (c >> 2);
+      out[j + 2] = ((c & 0x03) << 6) | d;
+    }
+    j += 3;
+  }
+  if (rem === 0) return j;
+  const a = SEXTET[bytes[whole]!]!, b = SEXTET[bytes[whole + 1]!]!;
+  if ((a | b) < 0) return -1;
+  if (rem === 2) {
+    if ((b & 0x0f) !== 0) return -1;
+    if (out) out[j] = (a << 2) | (b >> 4);
+    return j + 1;
+  }
+  const c = SEXTET[bytes[whole + 2]!]!;
+  if (c < 0 || (c & 0x03) !== 0) return -1;
+  if (out) {
+    out[j] = (a << 2) | (b >> 4);
+    out[j + 1] = ((b & 0x0f) << 4) | (c >> 2);
+  }
+  return j + 2;
+}

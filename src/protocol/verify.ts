@@ -14,7 +14,7 @@
  */
 import sodium from "sodium-native";
 import type { EventReason } from "../errors.ts";
-import { decodedLength, isCanonicalBase64url } from "./base64url.ts";
+import { decodeCanonicalBase64urlBytes, decodedLength, isCanonicalBase64url } from "./base64url.ts";
 import { EVENT_ALG, EVENT_TYP, eventClaimsSchema, wellFormedClaims, type EventClaims, type EventLimits } from "./claims.ts";
 import { isValidAt, type VerificationKey } from "./keys.ts";
 import { parseGroupId, splitKid } from "./names.ts";
@@ -85,9 +85,23 @@ function refuse(reason: EventReason, detail: string, claimed?: { iss: string; jt
   return claimed ? { ok: false, reason, detail, claimed } : { ok: false, reason, detail };
 }
 
-function parseJsonObject(segment: string): Record<string, unknown> | undefined {
+/** Where decoded token parts are put: one buffer, used only between awaits and grown on demand. */
+let scratch = Buffer.allocUnsafe(4096);
+
+/**
+ * The canonical base64url in `bytes[start, end)` decoded to text (JSON, for the
+ * header and payload), or undefined if not canonical.
+ */
+function decodeText(bytes: Buffer, start: number, end: number): string | undefined {
+  const room = Math.floor((3 * (end - start)) / 4);
+  if (scratch.length < room) scratch = Buffer.allocUnsafe(room);
+  const n = decodeCanonicalBase64urlBytes(bytes, start, end, scratch);
+  return n < 0 ? undefined : scratch.toString("utf8", 0, n);
+}
+
+function parseJsonObject(text: string): Record<string, unknown> | undefined {
   try {
-    const value: unknown = JSON.parse(Buffer.from(segment, "base64url").toString("utf8"));
+    const value: unknown = JSON.parse(text);
     return value !== null && typeof value === "object" && !Array.isArray(value)
       ? (value as Record<string, unknown>)
       : undefined;
@@ -107,14 +121,13 @@ export async function verifyEvent(data: Uint8Array, subject: string, ctx: Verify
   const dot1 = bytes.indexOf(DOT);
   const dot2 = dot1 < 0 ? -1 : bytes.indexOf(DOT, dot1 + 1);
   if (dot2 < 0 || bytes.indexOf(DOT, dot2 + 1) >= 0) return refuse("malformed", "not a compact JWS (three dot-separated parts)");
-  const headerB64 = bytes.toString("latin1", 0, dot1);
-  const payloadB64 = bytes.toString("latin1", dot1 + 1, dot2);
-  const signatureB64 = bytes.toString("latin1", dot2 + 1);
-  if (!isCanonicalBase64url(headerB64) || !isCanonicalBase64url(payloadB64) || !isCanonicalBase64url(signatureB64)) {
+  const headerText = decodeText(bytes, 0, dot1);
+  const payloadText = decodeText(bytes, dot1 + 1, dot2);
+  if (headerText === undefined || payloadText === undefined || decodeCanonicalBase64urlBytes(bytes, dot2 + 1, bytes.length, null) < 0) {
     return refuse("malformed", "JWS parts must be canonical base64url without padding");
   }
-  const header = parseJsonObject(headerB64);
-  const payload = parseJsonObject(payloadB64);
+  const header = parseJsonObject(headerText);
+  const payload = parseJsonObject(payloadText);
   if (!header || !payload) return refuse("malformed", "JWS header and payload must be JSON objects");
   for (const name of Object.keys(header)) {
     if (!ALLOWED_HEADER.has(name)) return refuse("malformed", `header member ${show(name)} is not allowed`);
@@ -157,9 +170,12 @@ export async function verifyEvent(data: Uint8Array, subject: string, ctx: Verify
   if (!isValidAt(key, claims.iat)) return refuse("unknown_key", `key ${kid} is not valid at iat ${claims.iat}`, claimed);
 
   // Step 3: the signature, over the bytes as received.
-  const signature = Buffer.from(signatureB64, "base64url");
+  // Decoded and checked with no await between: the scratch buffer is this call's until the next await.
+  const signatureLength = bytes.length - dot2 - 1;
+  if (scratch.length < signatureLength) scratch = Buffer.allocUnsafe(signatureLength);
+  const decoded = decodeCanonicalBase64urlBytes(bytes, dot2 + 1, bytes.length, scratch);
   const signingInput = bytes.subarray(0, dot2);
-  if (signature.length !== 64 || !sodium.crypto_sign_verify_detached(signature, signingInput, key.raw)) {
+  if (decoded !== 64 || !sodium.crypto_sign_verify_detached(scratch.subarray(0, 64), signingInput, key.raw)) {
     return refuse("bad_signature", `signature does not verify with ${kid}`, claimed);
   }
 
