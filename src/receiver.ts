@@ -37,9 +37,9 @@ const MAX_DELAY_MS = 30_000;
 const SAMPLE_BYTES = 4096;
 
 /**
- * Verification is synchronous CPU work (~80 µs an event): every this many events
- * it yields to the event loop, so the other batch in flight, which holds row
- * locks until its next statement is sent, is not kept waiting a whole batch.
+ * Verification is synchronous CPU work (~65 µs an event): every this many events
+ * it yields to the event loop, so the batches in flight, which hold row locks
+ * until their next statement is sent, are not kept waiting.
  */
 const VERIFY_SLICE = 32;
 
@@ -55,9 +55,50 @@ export type BatchResult = {
   readonly refused: readonly RefusedInput[];
 };
 
-export function createReceiver(deps: ReceiverDeps): { processBatch(batch: JsMsg[]): Promise<BatchResult | undefined> } {
+export interface Receiver {
+  /**
+   * Starts verifying a message that will come in a later batch. A buffered
+   * message waits for a batch slot while earlier batches commit; verified by
+   * then, its batch begins its transaction at once (measured: the slowest 1 %
+   * of events spent ~22 ms verifying their batch after the wait).
+   */
+  verifyAhead(m: JsMsg): void;
+  processBatch(batch: JsMsg[]): Promise<BatchResult | undefined>;
+}
+
+export function createReceiver(deps: ReceiverDeps): Receiver {
   const allowAll = (): boolean => true;
   const { metrics } = deps;
+
+  function verify(m: JsMsg): Promise<Verdict> {
+    return verifyEvent(m.data, m.subject, {
+      self: deps.self,
+      limits: deps.limits,
+      keys: deps.keys,
+      isSenderAllowed: deps.isSenderAllowed ?? allowAll,
+      now: deps.now(),
+    }).catch((err: unknown): Verdict => {
+      // A bug in verification must refuse one message, never poison its batch with retries.
+      deps.log.error({ err, seq: m.seq }, "verification threw; refusing the event as malformed");
+      return { ok: false, reason: "malformed", detail: "verification failed" };
+    });
+  }
+
+  // Each message's verdict, started ahead or by its batch, whichever comes first; weakly held,
+  // so a message done with (or given back at shutdown) takes its verdict with it.
+  const verdicts = new WeakMap<JsMsg, Promise<Verdict>>();
+  const waiting: JsMsg[] = [];
+  let scheduled = false;
+  const verdictOf = (m: JsMsg): Promise<Verdict> => {
+    let verdict = verdicts.get(m);
+    if (!verdict) verdicts.set(m, (verdict = verify(m)));
+    return verdict;
+  };
+  const verifySlice = (): void => {
+    for (const m of waiting.splice(0, VERIFY_SLICE)) verdictOf(m);
+    scheduled = waiting.length > 0;
+    if (scheduled) setImmediate(verifySlice);
+  };
 
   /** After the acks: a report that fails is logged, never a reason to redeliver a stored event. */
   async function sendReports(reports: ReportSender, outcomes: readonly EventOutcome[], bySeq: ReadonlyMap<number, AcceptedInput>): Promise<void> {
@@ -78,6 +119,14 @@ export function createReceiver(deps: ReceiverDeps): { processBatch(batch: JsMsg[
   }
 
   return {
+    verifyAhead(m) {
+      waiting.push(m);
+      if (!scheduled) {
+        scheduled = true;
+        setImmediate(verifySlice);
+      }
+    },
+
     async processBatch(batch) {
       const now = deps.now();
       const accepted: AcceptedInput[] = [];
@@ -87,19 +136,11 @@ export function createReceiver(deps: ReceiverDeps): { processBatch(batch: JsMsg[
       const acceptedBySeq = new Map<number, AcceptedInput>();
       metrics.eventsReceived.inc(batch.length);
       try {
-        for (const [i, m] of batch.entries()) {
-          if (i > 0 && i % VERIFY_SLICE === 0) await new Promise<void>((resolve) => setImmediate(resolve));
-          const verdict = await verifyEvent(m.data, m.subject, {
-            self: deps.self,
-            limits: deps.limits,
-            keys: deps.keys,
-            isSenderAllowed: deps.isSenderAllowed ?? allowAll,
-            now,
-          }).catch((err: unknown): Verdict => {
-            // A bug in verification must refuse one message, never poison its batch with retries.
-            deps.log.error({ err, seq: m.seq }, "verification threw; refusing the event as malformed");
-            return { ok: false, reason: "malformed", detail: "verification failed" };
-          });
+        let unverified = 0;
+        for (const m of batch) {
+          // Those not verified ahead yet are verified here, still yielding every slice.
+          if (!verdicts.has(m) && ++unverified % VERIFY_SLICE === 0) await new Promise<void>((resolve) => setImmediate(resolve));
+          const verdict = await verdictOf(m);
           if (verdict.ok) {
             // Read only for an event over its sender's limit: parsing m.info costs on every event.
             const input: AcceptedInput = { streamSeq: m.seq, event: verdict.event, get publishedAt() { return m.info.timestampNanos / 1e9; } };

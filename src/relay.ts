@@ -133,6 +133,7 @@ export function createRelay(config: RelayConfig, roles: RelayRoles, deps: RelayD
         batchSize: config.worker.batchSize, maxBatchBytes: config.worker.maxBatchBytes, expiresMs: config.worker.fetchExpiresMs,
         maxMessageBytes: config.limits.maxMessageBytes, pullByBytes, retryMs: config.worker.retryDelayMs,
         onPullError: (err) => log.warn({ err }, "pull from the inbox failed; pulling again"),
+        onBuffered: (m) => receiver.verifyAhead(m),
       }, async (batch) => void (await receiver.processBatch(batch)));
       const recorder = createReportRecorder({ self: config.homeserver, db, keys, log });
       const reportConsumer = await js.consumers.get(reportStreamName(config.homeserver), REPORT_CONSUMER);

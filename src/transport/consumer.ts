@@ -36,6 +36,12 @@ export interface BatchLoopOptions {
   readonly maxMessageBytes?: number;
   /** Bound pulls by bytes (default when maxBatchBytes is set); see pullsByBytes. */
   readonly pullByBytes?: boolean;
+  /**
+   * Told of each message as it is buffered, before it joins a batch: the
+   * handler may start on it while earlier batches commit (the receiver
+   * verifies ahead). Messages buffered at stop are given back, never handled.
+   */
+  readonly onBuffered?: (m: JsMsg) => void;
   /** Told of a pull that failed (NATS unreachable, the consumer missing); the loop pulls again after `retryMs`. */
   readonly onPullError?: (err: unknown) => void;
   readonly retryMs?: number;
@@ -127,6 +133,7 @@ export async function startBatchLoop(
             delivered += 1;
             queue.push(m);
             queuedBytes += m.data.byteLength;
+            options.onBuffered?.(m);
             signal();
           }
         } catch (err) {
