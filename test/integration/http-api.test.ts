@@ -318,8 +318,11 @@ describe("client isolation", () => {
   it("a client sees only its own messages", async () => {
     const [a, b] = [uniq("ann"), uniq("ben")];
     const [tokenA, tokenB] = [await member(a), await member(b)];
+    // Each committed before the next is sent: cursors follow commit order (see "cursors" below).
     await send([a], "for ann");
+    await waitForMessages(tokenA, 1);
     await send([b], "for ben");
+    await waitForMessages(tokenB, 1);
     await send([a, b], "for both");
     expect((await waitForMessages(tokenA, 2)).map((m) => text(m.body))).toEqual(["for ann", "for both"]);
     expect((await waitForMessages(tokenB, 2)).map((m) => text(m.body))).toEqual(["for ben", "for both"]);
@@ -409,7 +412,11 @@ describe("cursors", () => {
   it("a GET without after starts after the last acknowledged cursor", async () => {
     const id = uniq("resumer");
     const token = await member(id);
-    for (let i = 1; i <= 4; i++) await send([id], `m${i}`);
+    // Committed one by one, so the four are in a known order (as in the test above).
+    for (let i = 1; i <= 4; i++) {
+      await send([id], `m${i}`);
+      await waitForMessages(token, i);
+    }
     const all = await waitForMessages(token, 4);
     await ack(token, all[1]!.cursor);
     const rest = await page(token);
