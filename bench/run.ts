@@ -259,6 +259,9 @@ const showCpu = (c: CpuSplit): string => `${c.workers.toFixed(0)}/${c.postgres.t
 
 const results: Result[] = [];
 try {
+  // `--only` ends the run early with `break bench`, not process.exit: the finally below stops the
+  // nats-server this run started (an exit would leave it running, and each one costs CPU).
+  bench: {
   // --only 1 runs just the 1-recipient cases (for profiling), and skips the latency phase.
   const shapes = args.only === "latency" ? [] : args.only ? [Number(args.only)] : [1, 10, 1000];
   for (const recipients of shapes) {
@@ -285,7 +288,7 @@ try {
     }
   }
 
-  if (args.only && args.only !== "latency") process.exit(0);
+  if (args.only && args.only !== "latency") break bench;
   // Latency: 1-recipient events at about half the peak of two workers, publish to commit.
   const rate = args["latency-rate"]
     ? Number(args["latency-rate"])
@@ -320,7 +323,7 @@ try {
   const pct = (p: number): number => latencies[Math.min(latencies.length - 1, Math.floor((p / 100) * latencies.length))]!;
   const latency = { rate, events: latencies.length, warmupEvents: warmup, p50: pct(50), p99: pct(99) };
   log(`  p50 ${latency.p50.toFixed(1)} ms, p99 ${latency.p99.toFixed(1)} ms`);
-  if (args.only) process.exit(0);
+  if (args.only) break bench;
 
   const machine = `${cpus().length} × ${cpus()[0]?.model.trim()}, ${(totalmem() / 2 ** 30).toFixed(0)} GiB, Node ${process.version}`;
   const table = [
@@ -346,6 +349,7 @@ try {
       table, "",
       `Command: \`npm run bench\` (${new Date().toISOString().slice(0, 10)}).`, "",
     ].join("\n"));
+  }
   }
 } finally {
   await nc.close();
