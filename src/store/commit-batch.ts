@@ -31,7 +31,7 @@
  * the transaction is rolled back and the batch runs again with the sender's
  * bucket locked before anything is decided.
  */
-import { sql, type Transaction } from "kysely";
+import { sql, type CompiledQuery, type Kysely, type RawBuilder } from "kysely";
 import type { EventReason, RecipientReason } from "../errors.ts";
 import { capabilityHashHex } from "../policy/capabilities.ts";
 import { chargeEvent, bucketKey, bucketScope, fullBucket, limitFor, refill, type BucketState, type Limit, type RateLimits } from "../policy/rate-limit.ts";
@@ -79,6 +79,14 @@ const eventKey = (a: AcceptedInput): string => `${a.event.claims.iss}\u0000${a.e
 
 /** The sender's bucket changed between reading and charging it: run the batch again, locking it first. */
 class SenderBucketRace extends Error {}
+/** The SQLSTATE sender_bucket_race() raises (migrations/007_commit_pipeline.sql). */
+const SENDER_BUCKET_RACE = "FR001";
+
+/** The commit's statements, sent on its one client in order (kysely only builds them). */
+interface Tx {
+  readonly kysely: Kysely<Database>;
+  rows<R>(query: { compile(kysely: Kysely<Database>): CompiledQuery<R> }): Promise<R[]>;
+}
 
 /** Thumbprints of verifying keys already in peer_keys, per database: saves a statement per batch. */
 const storedKeys = new WeakMap<Db, Set<string>>();
@@ -91,12 +99,34 @@ export async function commitBatch(
 ): Promise<EventOutcome[]> {
   const known = storedKeys.get(db) ?? new Set<string>();
   storedKeys.set(db, known);
-  const attempt = (lockSenders: boolean): Promise<EventOutcome[]> => db.kysely.transaction().execute(async (trx) => {
-    const plan = await decide(trx, accepted, options, known, lockSenders);
-    const charged = await write(trx, plan, refused, options.now, db.schema);
-    if (charged !== plan.senderCharges.length) throw new SenderBucketRace();
-    return plan.outcomes;
-  });
+  const attempt = async (lockSenders: boolean): Promise<EventOutcome[]> => {
+    const client = await db.connect();
+    const tx: Tx = { kysely: db.kysely, rows: async (query) => { const c = query.compile(db.kysely); return (await client.query(c.sql, c.parameters as unknown[])).rows; } };
+    // The pool's clients pipeline: BEGIN goes out with the first statement and COMMIT
+    // right behind the last, so a batch costs three round trips, not five, and its row
+    // locks are released as soon as the last statement has run.
+    let commit: Promise<unknown> | undefined;
+    try {
+      // Their failures surface from the statements sent with them; handled here, so never unhandled.
+      const begin = client.query("BEGIN");
+      begin.catch(() => undefined);
+      const plan = await decide(tx, accepted, options, known, lockSenders);
+      await begin;
+      const written = tx.rows(writeStatement(plan, refused, options.now, db.schema));
+      commit = client.query("COMMIT");
+      commit.catch(() => undefined);
+      // A race on a sender's bucket fails the statement (sender_bucket_race), and the COMMIT behind it rolls back.
+      await written;
+      await commit;
+      return plan.outcomes;
+    } catch (err) {
+      if (commit) await commit.catch(() => undefined);
+      else await client.query("ROLLBACK").catch(() => undefined);
+      throw (err as { code?: string }).code === SENDER_BUCKET_RACE ? new SenderBucketRace() : err;
+    } finally {
+      client.release();
+    }
+  };
   let outcomes: EventOutcome[];
   try {
     outcomes = await attempt(false);
@@ -146,7 +176,7 @@ interface Plan {
 }
 
 async function decide(
-  trx: Transaction<Database>,
+  tx: Tx,
   accepted: readonly AcceptedInput[],
   options: CommitOptions,
   knownKeys: ReadonlySet<string>,
@@ -156,15 +186,15 @@ async function decide(
   const firstOf = new Map<string, AcceptedInput>();
   for (const a of accepted) if (!firstOf.has(eventKey(a))) firstOf.set(eventKey(a), a);
   const unique = [...firstOf.entries()].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)).map(([, a]) => a);
-  const stored = unique.length === 0 ? [] : await insertNewEvents(trx, unique, knownKeys);
+  const stored = unique.length === 0 ? [] : await insertNewEvents(tx, unique, knownKeys);
 
   const limits = options.rateLimits?.enabled ? options.rateLimits : undefined;
-  const read = await readForDecisions(trx, stored, limits, options.now);
+  const read = await readForDecisions(tx, stored, limits, options.now);
   const facts: RecipientFacts = { knownClients: new Set(read.clients.keys()), capabilities: read.capabilities, blocks: read.blocks };
   const decisions = new Map<AcceptedInput, RecipientDecision>();
   for (const a of stored) decisions.set(a, decideRecipients(a.event.claims, facts));
   const charged = limits
-    ? await chargeRateLimits(trx, decisions, limits, options.now, lockSenders, read)
+    ? await chargeRateLimits(tx, decisions, limits, options.now, lockSenders, read)
     : noCharges();
 
   const nextSeq = new Map([...read.clients.values()].map((c) => [c.id, c.cursor]));
@@ -201,14 +231,13 @@ async function decide(
 }
 
 /** Statement 1: inserts the batch's events (already sorted) and returns those that were new. */
-async function insertNewEvents(trx: Transaction<Database>, unique: readonly AcceptedInput[], knownKeys: ReadonlySet<string>): Promise<AcceptedInput[]> {
+async function insertNewEvents(tx: Tx, unique: readonly AcceptedInput[], knownKeys: ReadonlySet<string>): Promise<AcceptedInput[]> {
   const keys = new Map(unique.filter((a) => !knownKeys.has(a.event.key.thumbprint)).map((a) => [a.event.key.thumbprint, a.event.key]));
-  if (keys.size > 0) await trx
+  if (keys.size > 0) await tx.rows(tx.kysely
     .insertInto("peer_keys")
     .values([...keys.values()].map((k) => ({ thumbprint: k.thumbprint, kid: k.kid, homeserver: k.homeserver, jwk: JSON.stringify(k.jwk) })))
-    .onConflict((oc) => oc.column("thumbprint").doNothing())
-    .execute();
-  const inserted = await sql<{ iss: string; jti: string }>`
+    .onConflict((oc) => oc.column("thumbprint").doNothing()));
+  const inserted = await tx.rows(sql<{ iss: string; jti: string }>`
     INSERT INTO events (iss, jti, grp, issued_at, expires_at, token, key_thumbprint, stream_seq)
     SELECT iss, jti, grp, to_timestamp(iat), to_timestamp(exp), token, key_thumbprint, stream_seq FROM unnest(
       ${textArray(unique.map((a) => a.event.claims.iss))}::text[],
@@ -224,8 +253,8 @@ async function insertNewEvents(trx: Transaction<Database>, unique: readonly Acce
       ${numberArray(unique.map((a) => a.streamSeq))}::bigint[]
     ) AS v(iss, jti, grp, iat, exp, token, key_thumbprint, stream_seq)
     ON CONFLICT (iss, jti) DO NOTHING
-    RETURNING iss, jti`.execute(trx);
-  const isNew = new Set(inserted.rows.map((r) => `${r.iss}\u0000${r.jti}`));
+    RETURNING iss, jti`);
+  const isNew = new Set(inserted.map((r) => `${r.iss}\u0000${r.jti}`));
   return unique.filter((a) => isNew.has(eventKey(a)));
 }
 
@@ -256,14 +285,14 @@ interface DecisionInputs {
  * are created full; the read's snapshot predates that insert, so each comes from
  * one side or, if another batch is creating it right now, from neither.
  */
-async function readForDecisions(trx: Transaction<Database>, stored: readonly AcceptedInput[], limits: RateLimits | undefined, now: number): Promise<DecisionInputs> {
+async function readForDecisions(tx: Tx, stored: readonly AcceptedInput[], limits: RateLimits | undefined, now: number): Promise<DecisionInputs> {
   const ids = [...new Set(stored.flatMap((a) => a.event.claims.rcpt.map((r) => r.cid)))].sort();
   const byHash = new Map<string, string>();
   for (const a of stored) for (const r of a.event.claims.rcpt) if (r.cap !== undefined) byHash.set(capabilityHashHex(r.cap), r.cap);
   const senders = limits ? [...new Set(stored.map((a) => a.event.claims.iss))].sort() : [];
   const senderKeys = senders.map((iss) => bucketKey("sender", iss, ""));
   if (ids.length === 0 && senders.length === 0) return { clients: new Map(), capabilities: new Map(), blocks: new Map(), senders: new Map() };
-  const { rows } = await sql<{
+  const rows = await tx.rows(sql<{
     clients: [string, number, StoredBuckets][];
     capabilities: [string, string, string, string, boolean][];
     blocks: [string, "server" | "group", string][];
@@ -285,7 +314,7 @@ async function readForDecisions(trx: Transaction<Database>, stored: readonly Acc
       (SELECT coalesce(json_agg(json_build_array(client_id, kind, target)), '[]') FROM client_blocks
         WHERE client_id = ANY(${textArray(ids)}::text[])) AS blocks,
       (SELECT coalesce(json_agg(json_build_array(key, tokens, updated_at)), '[]') FROM (
-        SELECT * FROM created UNION ALL SELECT key, tokens, updated_at FROM rate_buckets WHERE key = ANY(${textArray(senderKeys)}::text[])) AS s) AS senders`.execute(trx);
+        SELECT * FROM created UNION ALL SELECT key, tokens, updated_at FROM rate_buckets WHERE key = ANY(${textArray(senderKeys)}::text[])) AS s) AS senders`);
   const row = rows[0]!;
   const blocks = new Map<string, { servers: Set<string>; groups: Set<string> }>();
   for (const [cid, kind, target] of row.blocks) {
@@ -302,15 +331,15 @@ async function readForDecisions(trx: Transaction<Database>, stored: readonly Acc
 }
 
 /**
- * Statement 3: everything decided, and the senders' conditional charges; returns
- * how many of those charges were made.
+ * Statement 3: everything decided, and the senders' conditional charges; fails
+ * with SENDER_BUCKET_RACE unless each of those charges was made.
  */
-async function write(trx: Transaction<Database>, plan: Plan, refused: readonly RefusedInput[], now: number, channel: string): Promise<number> {
+function writeStatement(plan: Plan, refused: readonly RefusedInput[], now: number, channel: string): RawBuilder<{ charged: number }> {
   const { deliveries: d, refusals: r, senderCharges: charges } = plan;
   const exact = [...plan.senderBuckets];
   const woken = [...new Set(d.client)].join("\n");
   const notify = woken.length <= MAX_NOTIFY_PAYLOAD ? woken : "*";
-  const { rows } = await sql<{ charged: number }>`
+  return sql<{ charged: number }>`
     WITH delivered AS (
       INSERT INTO deliveries (client_id, seq, iss, jti)
       SELECT * FROM unnest(${textArray(d.client)}::text[], ${numberArray(d.seq)}::bigint[], ${textArray(d.iss)}::text[], ${textArray(d.jti)}::text[])
@@ -354,8 +383,7 @@ async function write(trx: Transaction<Database>, plan: Plan, refused: readonly R
       WHERE b.key = v.key AND least(v.burst, b.tokens + greatest(0, ${now}::float8 - b.updated_at) * v.rate) >= v.needed
       RETURNING 1
     )
-    SELECT (SELECT count(*)::int FROM charged) AS charged${woken === "" ? sql`` : sql`, pg_notify(${channel}, ${notify})`}`.execute(trx);
-  return rows[0]!.charged;
+    SELECT sender_bucket_race(${charges.length}, (SELECT count(*)::int FROM charged)) AS charged${woken === "" ? sql`` : sql`, pg_notify(${channel}, ${notify})`}`;
 }
 
 interface Charges {
@@ -379,7 +407,7 @@ const noCharges = (): Charges => ({ delays: new Map(), senderCharges: [], sender
  * rows are locked already, so their buckets are exact.
  */
 async function chargeRateLimits(
-  trx: Transaction<Database>,
+  tx: Tx,
   decisions: Map<AcceptedInput, RecipientDecision>,
   limits: RateLimits,
   now: number,
@@ -445,9 +473,9 @@ async function chargeRateLimits(
   const locked = lockSenders || result.senderHit || short;
   if (locked) {
     // Close to a sender's limit: decide on the bucket as it is, and hold it until commit.
-    const fresh = await sql<{ key: string; tokens: number; updated_at: number }>`
-      SELECT key, tokens, updated_at FROM rate_buckets WHERE key = ANY(${textArray(senderKeys)}::text[]) ORDER BY key FOR UPDATE`.execute(trx);
-    for (const r of fresh.rows) before.set(r.key, { tokens: r.tokens, updatedAt: r.updated_at });
+    const fresh = await tx.rows(sql<{ key: string; tokens: number; updated_at: number }>`
+      SELECT key, tokens, updated_at FROM rate_buckets WHERE key = ANY(${textArray(senderKeys)}::text[]) ORDER BY key FOR UPDATE`);
+    for (const r of fresh) before.set(r.key, { tokens: r.tokens, updatedAt: r.updated_at });
     result = charge();
   }
   for (const [a, d] of result.outcome) decisions.set(a, d);

@@ -7,6 +7,8 @@ export interface Db {
   readonly pool: pg.Pool;
   readonly kysely: Kysely<Database>;
   readonly schema: string;
+  /** A client of the pool for statements sent without kysely (the commit pipelines them); release it when done. */
+  connect(): Promise<pg.PoolClient>;
   close(): Promise<void>;
 }
 
@@ -38,6 +40,9 @@ export function createDb(options: { url: string; schema: string; poolSize: numbe
     keepAlive: true,
     keepAliveInitialDelayMillis: 10_000,
     query_timeout: 60_000,
+    // A query is sent without waiting for the one before: the commit sends BEGIN with its first
+    // statement and COMMIT with its last (kysely still awaits each of its queries in turn).
+    pipeline: true,
   });
   // An idle client losing its server emits here; without a listener Node would crash.
   pool.on("error", () => undefined);
@@ -63,6 +68,7 @@ export function createDb(options: { url: string; schema: string; poolSize: numbe
     pool,
     kysely,
     schema: options.schema,
+    connect: () => kyselyPool.connect(),
     close() {
       // kysely ends the pool only if it ever used it; plain pool users (migrate) need the second step.
       closing ??= kysely.destroy().then(() => (pool.ended ? undefined : pool.end()));
