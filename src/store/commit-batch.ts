@@ -101,7 +101,13 @@ export async function commitBatch(
   storedKeys.set(db, known);
   const attempt = async (lockSenders: boolean): Promise<EventOutcome[]> => {
     const client = await db.connect();
-    const tx: Tx = { kysely: db.kysely, rows: async (query) => { const c = query.compile(db.kysely); return (await client.query(c.sql, c.parameters as unknown[])).rows; } };
+    const tx: Tx = {
+      kysely: db.kysely,
+      rows: async (query) => {
+        const c = query.compile(db.kysely);
+        return (await client.query(c.sql, c.parameters as unknown[])).rows;
+      },
+    };
     // The pool's clients pipeline: BEGIN goes out with the first statement and COMMIT
     // right behind the last, so a batch costs three round trips, not five, and its row
     // locks are released as soon as the last statement has run.
@@ -186,10 +192,15 @@ async function decide(
   const firstOf = new Map<string, AcceptedInput>();
   for (const a of accepted) if (!firstOf.has(eventKey(a))) firstOf.set(eventKey(a), a);
   const unique = [...firstOf.entries()].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)).map(([, a]) => a);
-  const stored = unique.length === 0 ? [] : await insertNewEvents(tx, unique, knownKeys);
-
   const limits = options.rateLimits?.enabled ? options.rateLimits : undefined;
-  const read = await readForDecisions(tx, stored, limits, options.now);
+  // Statements 1 and 2 go out together (one round trip), in this order: events are inserted
+  // before any client is locked, as in every batch. So statement 2 cannot wait for the
+  // insert to say which events are new, and locks the clients of all of them; a duplicate's
+  // (rare: a redelivery) are locked and left as they are.
+  const [stored, read] = await Promise.all([
+    unique.length === 0 ? [] : insertNewEvents(tx, unique, knownKeys),
+    readForDecisions(tx, unique, limits, options.now),
+  ]);
   const facts: RecipientFacts = { knownClients: new Set(read.clients.keys()), capabilities: read.capabilities, blocks: read.blocks };
   const decisions = new Map<AcceptedInput, RecipientDecision>();
   for (const a of stored) decisions.set(a, decideRecipients(a.event.claims, facts));
@@ -233,11 +244,13 @@ async function decide(
 /** Statement 1: inserts the batch's events (already sorted) and returns those that were new. */
 async function insertNewEvents(tx: Tx, unique: readonly AcceptedInput[], knownKeys: ReadonlySet<string>): Promise<AcceptedInput[]> {
   const keys = new Map(unique.filter((a) => !knownKeys.has(a.event.key.thumbprint)).map((a) => [a.event.key.thumbprint, a.event.key]));
-  if (keys.size > 0) await tx.rows(tx.kysely
+  // Both sent before the first await: the caller pipelines statement 2 right behind.
+  const keysStored = keys.size === 0 ? undefined : tx.rows(tx.kysely
     .insertInto("peer_keys")
     .values([...keys.values()].map((k) => ({ thumbprint: k.thumbprint, kid: k.kid, homeserver: k.homeserver, jwk: JSON.stringify(k.jwk) })))
     .onConflict((oc) => oc.column("thumbprint").doNothing()));
-  const inserted = await tx.rows(sql<{ iss: string; jti: string }>`
+  keysStored?.catch(() => undefined);
+  const insertedRows = tx.rows(sql<{ iss: string; jti: string }>`
     INSERT INTO events (iss, jti, grp, issued_at, expires_at, token, key_thumbprint, stream_seq)
     SELECT iss, jti, grp, to_timestamp(iat), to_timestamp(exp), token, key_thumbprint, stream_seq FROM unnest(
       ${textArray(unique.map((a) => a.event.claims.iss))}::text[],
@@ -254,7 +267,8 @@ async function insertNewEvents(tx: Tx, unique: readonly AcceptedInput[], knownKe
     ) AS v(iss, jti, grp, iat, exp, token, key_thumbprint, stream_seq)
     ON CONFLICT (iss, jti) DO NOTHING
     RETURNING iss, jti`);
-  const isNew = new Set(inserted.map((r) => `${r.iss}\u0000${r.jti}`));
+  await keysStored;
+  const isNew = new Set((await insertedRows).map((r) => `${r.iss}\u0000${r.jti}`));
   return unique.filter((a) => isNew.has(eventKey(a)));
 }
 
@@ -279,17 +293,17 @@ interface DecisionInputs {
 }
 
 /**
- * Statement 2: locks every addressed client that exists, in id order (the lock
- * both proves the client exists at commit time and orders its cursors), and
- * reads the facts the decisions need, as one row of JSON. Missing sender buckets
+ * Statement 2: locks every client the batch's events address that exists, in
+ * id order (the lock both proves the client exists at commit time and orders
+ * its cursors), and reads the facts the decisions need, as one row of JSON. Missing sender buckets
  * are created full; the read's snapshot predates that insert, so each comes from
  * one side or, if another batch is creating it right now, from neither.
  */
-async function readForDecisions(tx: Tx, stored: readonly AcceptedInput[], limits: RateLimits | undefined, now: number): Promise<DecisionInputs> {
-  const ids = [...new Set(stored.flatMap((a) => a.event.claims.rcpt.map((r) => r.cid)))].sort();
+async function readForDecisions(tx: Tx, events: readonly AcceptedInput[], limits: RateLimits | undefined, now: number): Promise<DecisionInputs> {
+  const ids = [...new Set(events.flatMap((a) => a.event.claims.rcpt.map((r) => r.cid)))].sort();
   const byHash = new Map<string, string>();
-  for (const a of stored) for (const r of a.event.claims.rcpt) if (r.cap !== undefined) byHash.set(capabilityHashHex(r.cap), r.cap);
-  const senders = limits ? [...new Set(stored.map((a) => a.event.claims.iss))].sort() : [];
+  for (const a of events) for (const r of a.event.claims.rcpt) if (r.cap !== undefined) byHash.set(capabilityHashHex(r.cap), r.cap);
+  const senders = limits ? [...new Set(events.map((a) => a.event.claims.iss))].sort() : [];
   const senderKeys = senders.map((iss) => bucketKey("sender", iss, ""));
   if (ids.length === 0 && senders.length === 0) return { clients: new Map(), capabilities: new Map(), blocks: new Map(), senders: new Map() };
   const rows = await tx.rows(sql<{
