@@ -31,6 +31,7 @@
  * the transaction is rolled back and the batch runs again with the sender's
  * bucket locked before anything is decided.
  */
+import { createHash } from "node:crypto";
 import { sql, type CompiledQuery, type Kysely, type RawBuilder } from "kysely";
 import type { EventReason, RecipientReason } from "../errors.ts";
 import { capabilityHashHex } from "../policy/capabilities.ts";
@@ -82,6 +83,18 @@ class SenderBucketRace extends Error {}
 /** The SQLSTATE sender_bucket_race() raises (migrations/007_commit_pipeline.sql). */
 const SENDER_BUCKET_RACE = "FR001";
 
+/**
+ * The commit's statements are prepared once per connection, by name: Postgres
+ * parsed and planned each of them (long CTEs) on every batch otherwise. Their
+ * texts are a handful (only which parts a batch needs varies).
+ */
+const statementNames = new Map<string, string>();
+function statementName(text: string): string {
+  let name = statementNames.get(text);
+  if (name === undefined) statementNames.set(text, (name = `fedrelay_commit_${createHash("sha256").update(text).digest("hex").slice(0, 16)}`));
+  return name;
+}
+
 /** The commit's statements, sent on its one client in order (kysely only builds them). */
 interface Tx {
   readonly kysely: Kysely<Database>;
@@ -105,7 +118,7 @@ export async function commitBatch(
       kysely: db.kysely,
       rows: async (query) => {
         const c = query.compile(db.kysely);
-        return (await client.query(c.sql, c.parameters as unknown[])).rows;
+        return (await client.query({ name: statementName(c.sql), text: c.sql, values: c.parameters as unknown[] })).rows;
       },
     };
     // The pool's clients pipeline: BEGIN goes out with the first statement and COMMIT
