@@ -32,6 +32,7 @@
  * bucket locked before anything is decided.
  */
 import { createHash } from "node:crypto";
+import type { Writable } from "node:stream";
 import { sql, type CompiledQuery, type Kysely, type RawBuilder } from "kysely";
 import type { EventReason, RecipientReason } from "../errors.ts";
 import { capabilityHashHex } from "../policy/capabilities.ts";
@@ -40,6 +41,7 @@ import { decideRecipients, type CapabilityBinding, type RecipientDecision, type 
 import type { VerifiedEvent } from "../protocol/verify.ts";
 import { numberArray, textArray } from "./arrays.ts";
 import type { Db } from "./db.ts";
+import type pg from "pg";
 import type { Database } from "./schema.ts";
 
 export interface AcceptedInput {
@@ -95,6 +97,16 @@ function statementName(text: string): string {
   return name;
 }
 
+/**
+ * The client's socket, to send pipelined statements in one write (pg writes
+ * each on its own: a system call, and on a busy machine a wake-up of Postgres,
+ * per statement). pg corks it the same way around a statement's messages.
+ */
+function corkable(client: pg.PoolClient): { cork(): void; uncork(): void } | undefined {
+  const stream = (client as unknown as { connection?: { stream?: Partial<Writable> } }).connection?.stream;
+  return stream?.cork && stream.uncork ? (stream as Writable) : undefined;
+}
+
 /** The commit's statements, sent on its one client in order (kysely only builds them). */
 interface Tx {
   readonly kysely: Kysely<Database>;
@@ -127,12 +139,19 @@ export async function commitBatch(
     let commit: Promise<unknown> | undefined;
     try {
       // Their failures surface from the statements sent with them; handled here, so never unhandled.
+      const socket = corkable(client);
+      socket?.cork();
       const begin = client.query("BEGIN");
       begin.catch(() => undefined);
-      const plan = await decide(tx, accepted, options, known, lockSenders);
+      // decide() sends statements 1 and 2 before its first await: all three leave in one write.
+      const deciding = decide(tx, accepted, options, known, lockSenders);
+      socket?.uncork();
+      const plan = await deciding;
       await begin;
+      socket?.cork();
       const written = tx.rows(writeStatement(plan, refused, options.now, db.schema));
       commit = client.query("COMMIT");
+      socket?.uncork();
       commit.catch(() => undefined);
       // A race on a sender's bucket fails the statement (sender_bucket_race), and the COMMIT behind it rolls back.
       await written;
