@@ -1,8 +1,9 @@
 /**
  * The worker's pull loop (src/transport/consumer.ts) against a real nats-server:
  * a worker that falls behind holds at most two batches (by count and by bytes),
- * so the rest of a backlog stays in the stream for other workers; and once it
- * catches up every message is handled exactly once.
+ * so the rest of a backlog stays in the stream for other workers; once it
+ * catches up every message is handled exactly once; and a trickle waits for the
+ * batch in flight rather than starting a second small one (overlapAfter).
  */
 import { AckPolicy, jetstream, jetstreamManager, RetentionPolicy, StorageType, type JsMsg } from "@nats-io/jetstream";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
@@ -81,5 +82,40 @@ describe("a worker that falls behind", () => {
     expect(pullErrors).toEqual([]);
     expect(held).toBeLessThanOrEqual(3 * 2 + 18_000 / 3000 + (4096 + 1024) / 3000 + 1);
     expect(handled.size).toBe(300);
+  });
+});
+
+describe("overlapping batches", () => {
+  it("starts a second batch while one is in flight only once overlapAfter messages wait", async () => {
+    const name = "OVERLAP";
+    const jsm = await jetstreamManager(nc);
+    await jsm.streams.add({ name, subjects: [`${name}.>`], storage: StorageType.Memory, retention: RetentionPolicy.Workqueue });
+    await jsm.consumers.add(name, { durable_name: "w", ack_policy: AckPolicy.Explicit, max_ack_pending: 5000 });
+    const js = jetstream(nc);
+    const publish = (n: number) => Promise.all(Array.from({ length: n }, () => js.publish(`${name}.x`, Buffer.from("m"))));
+    let release!: () => void;
+    const held = new Promise<void>((r) => (release = r));
+    const sizes: number[] = [];
+    let handled = 0;
+    const consumer = await js.consumers.get(name, "w");
+    const loop = await startBatchLoop(consumer, { batchSize: 100, expiresMs: 1000, overlapAfter: 5 }, async (batch: JsMsg[]) => {
+      sizes.push(batch.length);
+      if (sizes.length === 1) await held;
+      for (const m of batch) m.ack();
+      handled += batch.length;
+    });
+    await publish(1);
+    await eventually(async () => sizes.length === 1, 5000, "the first batch");
+    // Four waiting: fewer than overlapAfter, so they wait for the batch in flight.
+    await publish(4);
+    await new Promise((r) => setTimeout(r, 500));
+    expect(sizes).toEqual([1]);
+    // A fifth: now a second batch starts beside the first, with all five.
+    await publish(1);
+    await eventually(async () => sizes.length === 2, 5000, "a second batch beside the first");
+    expect(sizes).toEqual([1, 5]);
+    release();
+    await eventually(async () => handled === 6, 5000, "all handled");
+    await loop.stop();
   });
 });
