@@ -87,8 +87,8 @@ const SENDER_BUCKET_RACE = "FR001";
 
 /**
  * The commit's statements are prepared once per connection, by name: Postgres
- * parsed and planned each of them (long CTEs) on every batch otherwise. Their
- * texts are a handful (only which parts a batch needs varies).
+ * parsed each of them (long CTEs) on every batch otherwise; it still plans each
+ * run (db.ts). Their texts are a handful (only which parts a batch needs varies).
  */
 const statementNames = new Map<string, string>();
 function statementName(text: string): string {
