@@ -27,6 +27,8 @@ export interface ReceiverDeps {
   readonly retryDelayMs: number;
   /** Publishes delivery reports (DESIGN §8) after the commit. */
   readonly reports?: ReportSender;
+  /** At most this many bytes of messages are verified ahead of their batch (default: no limit). */
+  readonly maxVerifyAheadBytes?: number;
   /** The limits in force now (config plus run-time overrides); absent: no rate limiting. */
   readonly rateLimits?: () => RateLimits;
 }
@@ -94,8 +96,18 @@ export function createReceiver(deps: ReceiverDeps): Receiver {
     if (!verdict) verdicts.set(m, (verdict = verify(m)));
     return verdict;
   };
+  // Bytes of messages verified ahead and not yet taken by a batch: their parsed claims are held
+  // until then (measured: 1,000-recipient events held this way took a worker to 215 MB).
+  const aheadBytes = { held: 0, limit: deps.maxVerifyAheadBytes ?? Infinity };
+  const heldAhead = new WeakSet<JsMsg>();
   const verifySlice = (): void => {
-    for (const m of waiting.splice(0, VERIFY_SLICE)) verdictOf(m);
+    for (const m of waiting.splice(0, VERIFY_SLICE)) {
+      // Past the limit a message is left to its batch (a batch verifies what is not verified yet).
+      if (verdicts.has(m) || aheadBytes.held + m.data.byteLength > aheadBytes.limit) continue;
+      aheadBytes.held += m.data.byteLength;
+      heldAhead.add(m);
+      verdictOf(m);
+    }
     scheduled = waiting.length > 0;
     if (scheduled) setImmediate(verifySlice);
   };
@@ -137,6 +149,9 @@ export function createReceiver(deps: ReceiverDeps): Receiver {
       metrics.eventsReceived.inc(batch.length);
       try {
         let unverified = 0;
+        for (const m of batch) {
+          if (heldAhead.delete(m)) aheadBytes.held -= m.data.byteLength;
+        }
         for (const m of batch) {
           // Those not verified ahead yet are verified here, still yielding every slice.
           if (!verdicts.has(m) && ++unverified % VERIFY_SLICE === 0) await new Promise<void>((resolve) => setImmediate(resolve));

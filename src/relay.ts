@@ -120,6 +120,7 @@ export function createRelay(config: RelayConfig, roles: RelayRoles, deps: RelayD
       if (!signingKey) log.warn("no signing key: this worker stores events but sends no delivery reports");
       const receiver = createReceiver({
         self: config.homeserver, db, keys, limits: config.limits, metrics, log, now, retryDelayMs: config.worker.retryDelayMs,
+        maxVerifyAheadBytes: config.worker.maxBatchBytes / 2,
         isSenderAllowed: (iss) => isSenderAllowed(iss, serverPolicy.current()),
         rateLimits: () => serverPolicy.rates(),
         ...(signingKey ? {
