@@ -133,12 +133,13 @@ export async function commitBatch(
         return (await client.query({ name: statementName(c.sql), text: c.sql, values: c.parameters as unknown[] })).rows;
       },
     };
-    // The pool's clients pipeline: BEGIN goes out with the first statement and COMMIT
-    // right behind the last, so a batch costs three round trips, not five, and its row
-    // locks are released as soon as the last statement has run.
+    // The pool's clients pipeline: BEGIN goes out with statements 1 and 2, and COMMIT right
+    // behind statement 3, so a batch costs two round trips, not five (three when it locks a
+    // sender's bucket first), and its row locks are released as soon as statement 3 has run.
+    // BEGIN's and COMMIT's failures surface from the statements sent with them; they are
+    // handled here only so that they are never unhandled.
     let commit: Promise<unknown> | undefined;
     try {
-      // Their failures surface from the statements sent with them; handled here, so never unhandled.
       const socket = corkable(client);
       socket?.cork();
       const begin = client.query("BEGIN");
