@@ -1,8 +1,9 @@
 /**
  * The pull loop shared by all worker processes: it takes what JetStream has
  * delivered, up to `batchSize`, and hands it over as one batch. It never waits
- * to fill a batch, so a lone event is processed at once, and under load batches
- * grow by themselves (the next pulls arrive while one batch commits).
+ * to fill a batch, so a lone event is processed at once (or, with `overlapAfter`,
+ * once the batch in flight has committed), and under load batches grow by
+ * themselves (the next pulls arrive while one batch commits).
  *
  * What a worker holds is bounded: it pulls only while its buffer is under two
  * batches, by count and by bytes. (consume() would not do: it asks for more as
