@@ -151,10 +151,8 @@ export function createReceiver(deps: ReceiverDeps): Receiver {
         let unverified = 0;
         for (const m of batch) {
           if (heldAhead.delete(m)) aheadBytes.held -= m.data.byteLength;
-        }
-        for (const m of batch) {
           // Those not verified ahead yet are verified here, still yielding every slice.
-          if (!verdicts.has(m) && ++unverified % VERIFY_SLICE === 0) await new Promise<void>((resolve) => setImmediate(resolve));
+          else if (!verdicts.has(m) && ++unverified % VERIFY_SLICE === 0) await new Promise<void>((resolve) => setImmediate(resolve));
           const verdict = await verdictOf(m);
           if (verdict.ok) {
             // Read only for an event over its sender's limit: parsing m.info costs on every event.
