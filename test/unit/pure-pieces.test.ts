@@ -3,6 +3,7 @@ import { describe, expect, it } from "vitest";
 import { loadConfig } from "../../src/config.ts";
 import { dispositionOf, EVENT_REASONS, HTTP_STATUS, RECIPIENT_REASONS } from "../../src/errors.ts";
 import { splitByDestination } from "../../src/fanout.ts";
+import { capabilityHash, capabilityHashHex } from "../../src/policy/capabilities.ts";
 import { uuidv7 } from "../../src/protocol/event-id.ts";
 import { isEventId } from "../../src/protocol/names.ts";
 import { sampleOf } from "../../src/receiver.ts";
@@ -81,5 +82,15 @@ describe("batch sizing", () => {
     expect(pullsByBytes("1.12.0")).toBe(false);
     expect(pullsByBytes(undefined)).toBe(false);
     expect(pullsByBytes("garbage")).toBe(false);
+  });
+});
+
+describe("capability hashes", () => {
+  it("are SHA-256 of the secret's text, the same as bytes (stored) and as hex (matched in the commit)", () => {
+    // FIPS 180-2's test vector for "abc".
+    expect(capabilityHashHex("abc")).toBe("ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+    for (const secret of ["abc", "x".repeat(43), "\u00e9t\u00e9"]) {
+      expect(capabilityHash(secret).toString("hex")).toBe(capabilityHashHex(secret));
+    }
   });
 });
