@@ -122,9 +122,10 @@ export const configSchema = z.strictObject({
       // Measured: 200-event batches commit in tens of ms, far under ackWaitSeconds.
       batchSize: z.number().int().min(1).max(10_000).default(200),
       // Large events (1,000 recipients are ~80 KB) make smaller batches: bounds a worker's memory.
-      // Measured (npm run bench, 1,000 recipients): 2 MiB peaks at 190–213 MB resident, 1 MiB at
-      // 174–185 MB for 55–67k deliveries/s; 200 small events (400 KB) are not cut short.
-      maxBatchBytes: z.number().int().min(1024).default(1024 * 1024),
+      // Measured (npm run bench, 1,000 recipients): 2 MiB peaks at 190–213 MB resident; 1 MiB at
+      // 172–215 MB for ~100–125k deliveries/s, 768 KiB at 158–172 MB for 92–104k (this machine);
+      // 200 events of 1 or 10 recipients (~460 and ~600 KB) are not cut short.
+      maxBatchBytes: z.number().int().min(1024).default(768 * 1024),
       // An empty fetch returns after this; it bounds how long shutdown waits for a pull.
       // nats.js refuses pull expiries under a second.
       fetchExpiresMs: z.number().int().min(1000).max(60_000).default(1000),
@@ -138,7 +139,7 @@ export const configSchema = z.strictObject({
       // redelivered). Under systemd's default 90 s and Kubernetes' 30 s grace period.
       shutdownTimeoutSeconds: z.number().int().min(1).max(600).default(20),
     })
-    .default({ consumer: "receiver", batchSize: 200, maxBatchBytes: 1024 * 1024, fetchExpiresMs: 1000, ackWaitSeconds: 30, maxAckPending: 5000, retryDelayMs: 2000, shutdownTimeoutSeconds: 20 }),
+    .default({ consumer: "receiver", batchSize: 200, maxBatchBytes: 768 * 1024, fetchExpiresMs: 1000, ackWaitSeconds: 30, maxAckPending: 5000, retryDelayMs: 2000, shutdownTimeoutSeconds: 20 }),
   fanout: z.strictObject({
       // A day covers a destination's outage; the protocol allows up to 7.
       eventLifetimeSeconds: z.number().int().min(60).max(DEFAULT_EVENT_LIMITS.maxLifetimeSeconds).default(24 * 3600),
