@@ -8,7 +8,7 @@ import { dispositionOf } from "./errors.ts";
 import type { RateLimits } from "./policy/rate-limit.ts";
 import type { RelayMetrics } from "./metrics.ts";
 import type { EventLimits } from "./protocol/claims.ts";
-import { verifyEvent, type KeyResolver, type Verdict } from "./protocol/verify.ts";
+import { verifyEvent, type KeyResolver, type Verdict, type VerifiedEvent } from "./protocol/verify.ts";
 import { commitBatch, type AcceptedInput, type EventOutcome, type RefusedInput } from "./store/commit-batch.ts";
 import type { Db } from "./store/db.ts";
 import { storedDecisions, type ReportItem, type ReportSender } from "./reports.ts";
@@ -50,6 +50,23 @@ export function sampleOf(data: Uint8Array): string {
   const head = Buffer.from(data.buffer, data.byteOffset, Math.min(data.byteLength, SAMPLE_BYTES)).toString("latin1");
   // eslint-disable-next-line no-control-regex
   return head.replace(/[\u0000-\u001f\u007f-\u00ff]/g, (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, "0")}`);
+}
+
+/** An accepted event of a batch; when it was published is read from the message only if asked. */
+class AcceptedMessage implements AcceptedInput {
+  readonly streamSeq: number;
+  readonly event: VerifiedEvent;
+  readonly #m: JsMsg;
+  constructor(m: JsMsg, event: VerifiedEvent) {
+    this.streamSeq = m.seq;
+    this.event = event;
+    this.#m = m;
+  }
+
+  // Asked only for an event over its sender's limit: parsing m.info costs on every event.
+  get publishedAt(): number {
+    return this.#m.info.timestampNanos / 1e9;
+  }
 }
 
 export type BatchResult = {
@@ -155,8 +172,7 @@ export function createReceiver(deps: ReceiverDeps): Receiver {
           else if (!verdicts.has(m) && ++unverified % VERIFY_SLICE === 0) await new Promise<void>((resolve) => setImmediate(resolve));
           const verdict = await verdictOf(m);
           if (verdict.ok) {
-            // Read only for an event over its sender's limit: parsing m.info costs on every event.
-            const input: AcceptedInput = { streamSeq: m.seq, event: verdict.event, get publishedAt() { return m.info.timestampNanos / 1e9; } };
+            const input = new AcceptedMessage(m, verdict.event);
             accepted.push(input);
             acceptedBySeq.set(m.seq, input);
             acceptedMsgs.set(m.seq, m);
@@ -173,7 +189,10 @@ export function createReceiver(deps: ReceiverDeps): Receiver {
         });
         stop();
 
-        // Committed: now, and only now, the acks.
+        // Committed: now, and only now, the acks. Counters move once a batch, not once an event.
+        let stored = 0;
+        let duplicates = 0;
+        let delivered = 0;
         for (const o of outcomes) {
           const m = acceptedMsgs.get(o.streamSeq)!;
           if (o.status === "delayed") {
@@ -185,13 +204,16 @@ export function createReceiver(deps: ReceiverDeps): Receiver {
           }
           m.ack();
           if (o.status === "duplicate") {
-            metrics.eventsRefused.inc({ reason: "duplicate" });
+            duplicates += 1;
           } else {
-            metrics.eventsAccepted.inc();
-            metrics.deliveriesCommitted.inc(o.decision.accepted.length);
+            stored += 1;
+            delivered += o.decision.accepted.length;
             for (const r of o.decision.refused) metrics.recipientsRefused.inc({ reason: r.reason });
           }
         }
+        if (duplicates > 0) metrics.eventsRefused.inc({ reason: "duplicate" }, duplicates);
+        if (stored > 0) metrics.eventsAccepted.inc(stored);
+        if (delivered > 0) metrics.deliveriesCommitted.inc(delivered);
         refused.forEach((r, i) => {
           const m = refusedMsgs[i]!;
           if (dispositionOf(r.reason) === "term") m.term(r.reason);

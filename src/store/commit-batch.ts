@@ -36,7 +36,7 @@ import type { Writable } from "node:stream";
 import { sql, type CompiledQuery, type Kysely, type RawBuilder } from "kysely";
 import type { EventReason, RecipientReason } from "../errors.ts";
 import { capabilityHashHex } from "../policy/capabilities.ts";
-import { chargeEvent, bucketKey, bucketScope, fullBucket, limitFor, refill, type BucketState, type Limit, type RateLimits } from "../policy/rate-limit.ts";
+import { chargeEvent, bucketKey, bucketScope, fullBucket, limitFor, refill, refilledTokens, type BucketState, type Limit, type RateLimits } from "../policy/rate-limit.ts";
 import { decideRecipients, type CapabilityBinding, type RecipientDecision, type RecipientFacts } from "../policy/recipients.ts";
 import type { VerifiedEvent } from "../protocol/verify.ts";
 import { numberArray, textArray } from "./arrays.ts";
@@ -544,19 +544,21 @@ async function chargeRateLimits(
  */
 function chargedClients(state: BucketState, before: BucketState, clients: ReadonlyMap<string, LockedClient>, limits: RateLimits, now: number): Map<string, StoredBuckets> {
   const charged = new Map<string, StoredBuckets>();
-  for (const [key, bucket] of state) {
+  state.forEach((bucket, key) => {
+    if (bucket === before.get(key)) return;
     const scope = bucketScope(key);
-    if (bucket === before.get(key) || scope.scope === "sender") continue;
-    const next = charged.get(scope.client) ?? { ...clients.get(scope.client)!.buckets };
+    if (scope.scope === "sender") return;
+    let next = charged.get(scope.client);
+    if (next === undefined) charged.set(scope.client, (next = { ...clients.get(scope.client)!.buckets }));
     next[scope.scope === "client" ? ALL_SENDERS : scope.sender] = [bucket.tokens, bucket.updatedAt];
-    charged.set(scope.client, next);
-  }
-  for (const [cid, buckets] of charged) {
-    for (const [sender, [tokens, updatedAt]] of Object.entries(buckets)) {
+  });
+  charged.forEach((buckets, cid) => {
+    for (const sender in buckets) {
+      const [tokens, updatedAt] = buckets[sender]!;
       const limit = sender === ALL_SENDERS ? limitFor(limits, "client", "", cid) : limitFor(limits, "sender_client", sender, cid);
-      if (refill({ tokens, updatedAt }, limit, now).tokens >= limit.burst) delete buckets[sender];
+      if (refilledTokens(tokens, updatedAt, limit, now) >= limit.burst) delete buckets[sender];
     }
-  }
+  });
   return charged;
 }
 
