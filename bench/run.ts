@@ -190,6 +190,7 @@ function cpuMeter(workerPids: readonly number[]): (events: number) => CpuSplit {
  * delivery. `onWarm` runs once the warm-up events are acknowledged, to start the meters.
  */
 async function drain(stream: string, consumer: string, warmup: number, n: number, procs: readonly BenchProcess[], onWarm: () => Promise<void>): Promise<{ steady: number; cold: number }> {
+  const began = performance.now();
   let first = 0;
   let warm = 0;
   for (;;) {
@@ -203,7 +204,8 @@ async function drain(stream: string, consumer: string, warmup: number, n: number
       await onWarm();
     }
     if (info.ack_floor.stream_seq > 0 && info.num_pending === 0 && info.num_ack_pending === 0) {
-      const cold = (warmup + n) / ((now - first) / 1000);
+      // Delivered and done within one poll (tiny runs, smoke): timed from the drain's start instead.
+      const cold = (warmup + n) / ((now > first ? now - first : now - began) / 1000);
       // Warm-up and the rest seen done in one poll (tiny runs): no steady span to measure.
       return { steady: now - warm > 0 ? n / ((now - warm) / 1000) : cold, cold };
     }
