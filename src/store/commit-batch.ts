@@ -386,22 +386,30 @@ function writeStatement(plan: Plan, refused: readonly RefusedInput[], now: numbe
   const exact = [...plan.senderBuckets];
   const woken = [...new Set(d.client)].join("\n");
   const notify = woken.length <= MAX_NOTIFY_PAYLOAD ? woken : "*";
-  return sql<{ charged: number }>`
-    WITH delivered AS (
+  // Only the parts this batch has something for: Postgres plans and runs every part it is sent,
+  // empty or not, and most batches have no refusals, nothing taken back and no sender locked
+  // (measured, batches of 16: ~0.2 ms of Postgres CPU a batch). Each combination is its own
+  // prepared statement; there are a handful.
+  const parts: RawBuilder<unknown>[] = [];
+  if (d.client.length > 0) parts.push(sql`delivered AS (
       INSERT INTO deliveries (client_id, seq, iss, jti)
       SELECT * FROM unnest(${textArray(d.client)}::text[], ${numberArray(d.seq)}::bigint[], ${textArray(d.iss)}::text[], ${textArray(d.jti)}::text[])
-    ), cursors AS (
+    )`);
+  if (plan.clients.length > 0) parts.push(sql`cursors AS (
       -- {id: [cursor, buckets?]}: the buckets are JSON already.
       UPDATE clients SET delivery_seq = (v.value->>0)::bigint, buckets = coalesce(v.value->1, clients.buckets)
       FROM jsonb_each(${JSON.stringify(Object.fromEntries(plan.clients))}::jsonb) AS v
       WHERE clients.id = v.key
-    ), refusals AS (
+    )`);
+  if (r.client.length > 0) parts.push(sql`refusals AS (
       INSERT INTO recipient_refusals (client_id, reason, iss, jti)
       SELECT * FROM unnest(${textArray(r.client)}::text[], ${textArray(r.reason)}::text[], ${textArray(r.iss)}::text[], ${textArray(r.jti)}::text[])
-    ), taken_back AS (
+    )`);
+  if (plan.takenBack.length > 0) parts.push(sql`taken_back AS (
       DELETE FROM events WHERE (iss, jti) IN (SELECT * FROM unnest(
         ${textArray(plan.takenBack.map((a) => a.event.claims.iss))}::text[], ${textArray(plan.takenBack.map((a) => a.event.claims.jti))}::text[]))
-    ), invalid AS (
+    )`);
+  if (refused.length > 0) parts.push(sql`invalid AS (
       INSERT INTO refused_events (stream_seq, subject, reason, detail, claimed_iss, claimed_jti, sample)
       SELECT * FROM unnest(
         ${numberArray(refused.map((e) => e.streamSeq))}::bigint[],
@@ -413,13 +421,15 @@ function writeStatement(plan: Plan, refused: readonly RefusedInput[], now: numbe
         ${refused.map((e) => e.sample)}::text[]
       )
       ON CONFLICT (stream_seq) DO NOTHING
-    ), decided AS (
+    )`);
+  if (exact.length > 0) parts.push(sql`decided AS (
       -- Senders locked by this transaction: their buckets as decided.
       UPDATE rate_buckets SET tokens = v.tokens, updated_at = v.updated_at
       FROM unnest(${textArray(exact.map(([k]) => k))}::text[], ${numberArray(exact.map(([, b]) => b.tokens))}::float8[],
                   ${numberArray(exact.map(([, b]) => b.updatedAt))}::float8[]) AS v(key, tokens, updated_at)
       WHERE rate_buckets.key = v.key
-    ), charged AS (
+    )`);
+  if (charges.length > 0) parts.push(sql`charged AS (
       -- Senders read without a lock: charged where the bucket still covers the batch (the refill
       -- mirrors refill() in policy/rate-limit.ts), the row locked from here to the commit.
       UPDATE rate_buckets AS b
@@ -429,8 +439,11 @@ function writeStatement(plan: Plan, refused: readonly RefusedInput[], now: numbe
                   ${numberArray(charges.map((c) => c.charged))}::float8[], ${numberArray(charges.map((c) => c.needed))}::float8[]) AS v(key, rate, burst, charged, needed)
       WHERE b.key = v.key AND least(v.burst, b.tokens + greatest(0, ${now}::float8 - b.updated_at) * v.rate) >= v.needed
       RETURNING 1
-    )
-    SELECT sender_bucket_race(${charges.length}, (SELECT count(*)::int FROM charged)) AS charged${woken === "" ? sql`` : sql`, pg_notify(${channel}, ${notify})`}`;
+    )`);
+  const charged = charges.length > 0 ? sql`sender_bucket_race(${charges.length}, (SELECT count(*)::int FROM charged))` : sql`0`;
+  return sql<{ charged: number }>`
+    ${parts.length > 0 ? sql`WITH ${sql.join(parts, sql`, `)}` : sql``}
+    SELECT ${charged} AS charged${woken === "" ? sql`` : sql`, pg_notify(${channel}, ${notify})`}`;
 }
 
 interface Charges {
