@@ -241,22 +241,26 @@ async function batchStats(proc: BenchProcess): Promise<BatchStats> {
   return { batches: value("fedrelay_batch_commit_seconds_count"), commitSeconds: value("fedrelay_batch_commit_seconds_sum") };
 }
 
+/** The batches of all the workers together. */
+async function batchTotals(procs: readonly BenchProcess[]): Promise<BatchStats> {
+  return (await Promise.all(procs.map(batchStats))).reduce((a, b) => ({
+    batches: a.batches + b.batches, commitSeconds: a.commitSeconds + b.commitSeconds,
+  }));
+}
+
 interface Run { rate: number; coldRate: number; rss: number; cpu: CpuSplit; batches?: BatchStats }
 
 /** Drains the stream with `procs` (see `drain`), then stops them: rates, peak RSS of the largest, CPU split and batches after the warm-up. */
 async function measure(stream: string, consumer: string, events: Workload, procs: readonly BenchProcess[], relay: boolean): Promise<Run> {
-  const batchTotals = async (): Promise<BatchStats> => (await Promise.all(procs.map(batchStats))).reduce((a, b) => ({
-    batches: a.batches + b.batches, commitSeconds: a.commitSeconds + b.commitSeconds,
-  }));
   let cpu = cpuMeter(procs.map((p) => p.child.pid!));
   let warmBatches: BatchStats = { batches: 0, commitSeconds: 0 };
   const { steady, cold } = await drain(stream, consumer, events.warmup, events.measured, procs, async () => {
     cpu = cpuMeter(procs.map((p) => p.child.pid!));
-    if (relay) warmBatches = await batchTotals();
+    if (relay) warmBatches = await batchTotals(procs);
   });
   const split = cpu(events.measured);
   const rss = Math.max(...procs.map((p) => peakRssMb(p.child.pid!)));
-  const batches = relay ? await batchTotals() : undefined;
+  const batches = relay ? await batchTotals(procs) : undefined;
   await Promise.all(procs.map((p) => p.stop()));
   return {
     rate: steady, coldRate: cold, rss, cpu: split,
@@ -355,9 +359,6 @@ try {
   let cpu = cpuMeter(procs.map((p) => p.child.pid!));
   let machineBusy = busyMeter();
   let loadGenerator = process.cpuUsage();
-  const batchTotals = async (): Promise<BatchStats> => (await Promise.all(procs.map(batchStats))).reduce((a, b) => ({
-    batches: a.batches + b.batches, commitSeconds: a.commitSeconds + b.commitSeconds,
-  }));
   for (let i = 0; i < total; i++) {
     if (i === warmup) {
       cpu = cpuMeter(procs.map((p) => p.child.pid!));
@@ -381,7 +382,7 @@ try {
   const generatorMs = process.cpuUsage(loadGenerator);
   // Batches over the whole phase, warm-up included: asking the workers for their metrics mid-run
   // stalled them (a cluster of slow events right after the warm-up, in one run a third of the slowest 1 %).
-  const batches = await batchTotals();
+  const batches = await batchTotals(procs);
   const commitMs = (1000 * batches.commitSeconds) / batches.batches;
   const { rows } = await admin.query<{ jti: string; at: number }>(`SELECT jti, extract(epoch FROM received_at) * 1000 AS at FROM ${SCHEMA}.events`);
   await Promise.all(procs.map((p) => p.stop()));
