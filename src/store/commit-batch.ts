@@ -87,8 +87,9 @@ const SENDER_BUCKET_RACE = "FR001";
 
 /**
  * The commit's statements are prepared once per connection, by name: Postgres
- * parsed each of them (long CTEs) on every batch otherwise; it still plans each
- * run (db.ts). Their texts are a handful (only which parts a batch needs varies).
+ * parsed each of them (long CTEs) on every batch otherwise; and planned once
+ * (generic plans, db.ts), so a filter on one of a batch's arrays joins against
+ * unnest() rather than `= ANY(array)`. Their texts are a handful (only which parts a batch needs varies).
  */
 const statementNames = new Map<string, string>();
 function statementName(text: string): string {
@@ -346,7 +347,7 @@ async function readForDecisions(tx: Tx, events: readonly AcceptedInput[], limits
     senders: [string, number, number][];
   }>`
     WITH locked AS (
-      SELECT id, delivery_seq, buckets FROM clients WHERE id = ANY(${textArray(ids)}::text[]) ORDER BY id FOR UPDATE
+      SELECT id, delivery_seq, buckets FROM clients WHERE id IN (SELECT unnest(${textArray(ids)}::text[])) ORDER BY id FOR UPDATE
     ), created AS (
       INSERT INTO rate_buckets (key, tokens, updated_at)
       SELECT * FROM unnest(${textArray(senderKeys)}::text[], ${numberArray(senders.map((iss) => limitFor(limits!, "sender", iss, "").burst))}::float8[],
@@ -359,7 +360,7 @@ async function readForDecisions(tx: Tx, events: readonly AcceptedInput[], limits
       (SELECT coalesce(json_agg(json_build_array(encode(hash, 'hex'), client_id, grp, owner, revoked_at IS NOT NULL)), '[]') FROM capabilities
         WHERE hash = ANY(SELECT decode(h, 'hex') FROM unnest(${textArray([...byHash.keys()])}::text[]) AS h)) AS capabilities,
       (SELECT coalesce(json_agg(json_build_array(client_id, kind, target)), '[]') FROM client_blocks
-        WHERE client_id = ANY(${textArray(ids)}::text[])) AS blocks,
+        WHERE client_id IN (SELECT unnest(${textArray(ids)}::text[]))) AS blocks,
       (SELECT coalesce(json_agg(json_build_array(key, tokens, updated_at)), '[]') FROM (
         SELECT * FROM created UNION ALL SELECT key, tokens, updated_at FROM rate_buckets WHERE key = ANY(${textArray(senderKeys)}::text[])) AS s) AS senders`);
   const row = rows[0]!;

@@ -32,11 +32,12 @@ export function createDb(options: { url: string; schema: string; poolSize: numbe
     connectionString: options.url,
     max: options.poolSize,
     // Every connection sees only this homeserver's tables. The commit's statements are
-    // prepared (parsed once), but planned for each batch's arrays. Postgres settles on generic
-    // plans for all three after five runs otherwise: that saves ~10 % of its CPU on batches of 16
-    // single-recipient events, but doubled it with two workers on 1,000-recipient events
-    // (npm run bench -- --only 1000: 11,850 against 6,200 ms per 1,000 events, 70 against 114 ev/s).
-    options: `-c search_path=${quoteIdent(options.schema)} -c plan_cache_mode=force_custom_plan`,
+    // prepared, and planned once per connection: generic plans, since no plan there depends on
+    // how long a batch's arrays are (its filters join against unnest(), not `= ANY($1)`, which
+    // a generic plan can only scan linearly: that doubled Postgres's CPU on 1,000-recipient events).
+    // Planning each batch cost Postgres 16–23 % of its CPU a batch on 1–64 single-recipient
+    // events (npm run bench:commit -- --batch N), and nothing measurable on 1,000-recipient ones.
+    options: `-c search_path=${quoteIdent(options.schema)} -c plan_cache_mode=force_generic_plan`,
     // A worker must notice a dead server rather than hang on a half-open socket:
     // bounded connects, TCP keepalive after 10 s idle, and no query waits forever
     // (a commit of a large batch takes well under a second).
