@@ -8,7 +8,6 @@
  *   npm run bench:commit [-- --seconds 8 --batch 16 --postgres URL]
  */
 import { randomBytes } from "node:crypto";
-import { readdirSync, readFileSync } from "node:fs";
 import { parseArgs } from "node:util";
 import pg from "pg";
 import { loadConfig } from "../src/config.ts";
@@ -18,6 +17,7 @@ import { registerClient } from "../src/store/clients.ts";
 import { commitBatch, type AcceptedInput } from "../src/store/commit-batch.ts";
 import { createDb } from "../src/store/db.ts";
 import { migrate } from "../src/store/migrate.ts";
+import { cpuSeconds, postgresPids } from "./fixtures.ts";
 
 const { values: args } = parseArgs({ options: { seconds: { type: "string" }, batch: { type: "string" }, postgres: { type: "string" } } });
 const SECONDS = Number(args.seconds ?? 8);
@@ -30,21 +30,10 @@ const url = args.postgres ?? "postgresql://postgres@127.0.0.1:5432/test";
 const CLIENTS = 1000;
 const schema = `bench_commit_${randomBytes(3).toString("hex")}`;
 
-/** CPU ms of every Postgres process so far (utime + stime, in clock ticks of 10 ms). */
-function postgresCpuMs(): number {
-  let ticks = 0;
-  for (const pid of readdirSync("/proc")) {
-    if (!/^\d+$/.test(pid)) continue;
-    try {
-      const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
-      if (!stat.includes("(postgres)")) continue;
-      const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
-      ticks += Number(fields[11]) + Number(fields[12]);
-    } catch {
-      // A backend that exited between readdir and read.
-    }
-  }
-  return ticks * 10;
+/** Postgres CPU ms since the call, backends that came and went included from when first seen. */
+function postgresCpuMeter(): () => number {
+  const before = new Map(postgresPids().map((pid) => [pid, cpuSeconds(pid)]));
+  return () => 1000 * postgresPids().reduce((t, pid) => t + cpuSeconds(pid) - (before.get(pid) ?? 0), 0);
 }
 
 const dbs = [0, 1].map(() => createDb({ url, schema, poolSize: 4 }));
@@ -71,7 +60,7 @@ try {
 
   // Warm-up: statements prepared on every connection, the hot path compiled.
   for (let i = 0; i < 50; i++) await Promise.all(dbs.map(commit));
-  const postgresBefore = postgresCpuMs();
+  const postgresMs = postgresCpuMeter();
   const selfBefore = process.cpuUsage();
   const start = performance.now();
   let batches = 0;
@@ -86,10 +75,9 @@ try {
   }));
   const wall = performance.now() - start;
   const self = process.cpuUsage(selfBefore);
-  const postgresMs = postgresCpuMs() - postgresBefore;
   process.stdout.write(
     `commit, batches of ${BATCH}, 2 pools, ${SECONDS} s: ${((1000 * batches) / wall).toFixed(0)} batches/s, commit ${(commitMs / batches).toFixed(2)} ms; ` +
-    `CPU per batch: this process ${((self.user + self.system) / 1000 / batches).toFixed(2)} ms, Postgres ${(postgresMs / batches).toFixed(2)} ms\n`,
+    `CPU per batch: this process ${((self.user + self.system) / 1000 / batches).toFixed(2)} ms, Postgres ${(postgresMs() / batches).toFixed(2)} ms\n`,
   );
 } finally {
   await Promise.all(dbs.map((db) => db.close()));

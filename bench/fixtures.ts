@@ -1,5 +1,6 @@
 /** Set-up shared by bench, chaos and soak: a fresh destination, and the worker processes. */
 import { spawn, type ChildProcess } from "node:child_process";
+import { readdirSync, readFileSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 import type { JetStreamManager } from "@nats-io/jetstream";
 import type pg from "pg";
@@ -74,3 +75,20 @@ export function startProcess(
     });
   });
 }
+
+/** CPU seconds (user + system) a process has used; 0 once it is gone. Linux clock ticks are 1/100 s. */
+export function cpuSeconds(pid: number): number {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+    const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+    return (Number(fields[11]) + Number(fields[12])) / 100;
+  } catch {
+    return 0;
+  }
+}
+
+/** Every Postgres process on the machine (the server and its backends). */
+export const postgresPids = (): number[] =>
+  readdirSync("/proc").filter((d) => /^\d+$/.test(d)).map(Number).filter((pid) => {
+    try { return readFileSync(`/proc/${pid}/comm`, "utf8").trim() === "postgres"; } catch { return false; }
+  });

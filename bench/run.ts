@@ -11,7 +11,7 @@
  *   --node-options "…" replaces the workers' NODE_OPTIONS)
  */
 import { randomBytes } from "node:crypto";
-import { readdirSync, readFileSync, writeFileSync } from "node:fs";
+import { readFileSync, writeFileSync } from "node:fs";
 import { cpus, totalmem } from "node:os";
 import { parseArgs } from "node:util";
 import { AckPolicy, jetstream, jetstreamManager, RetentionPolicy, StorageType } from "@nats-io/jetstream";
@@ -24,7 +24,7 @@ import { generateSigningJwk, importSigningKey } from "../src/protocol/keys.ts";
 import { signEvent } from "../src/protocol/sign.ts";
 import { inboxStreamName, inboxSubject } from "../src/protocol/subjects.ts";
 import { messageId } from "../src/transport/publisher.ts";
-import { freshDestination, startProcess, type BenchProcess } from "./fixtures.ts";
+import { cpuSeconds, freshDestination, postgresPids, startProcess, type BenchProcess } from "./fixtures.ts";
 
 const { values: args } = parseArgs({
   options: {
@@ -133,22 +133,6 @@ function peakRssMb(pid: number): number {
   const status = readFileSync(`/proc/${pid}/status`, "utf8");
   return Number(/VmHWM:\s+(\d+)/.exec(status)![1]) / 1024;
 }
-
-/** CPU seconds (user + system) a process has used; 0 once it is gone. Linux clock ticks are 1/100 s. */
-function cpuSeconds(pid: number): number {
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
-    const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
-    return (Number(fields[11]) + Number(fields[12])) / 100;
-  } catch {
-    return 0;
-  }
-}
-
-const postgresPids = (): number[] =>
-  readdirSync("/proc").filter((d) => /^\d+$/.test(d)).map(Number).filter((pid) => {
-    try { return readFileSync(`/proc/${pid}/comm`, "utf8").trim() === "postgres"; } catch { return false; }
-  });
 
 /** Where the CPU went while the workers drained the stream, in ms per 1,000 events. */
 interface CpuSplit { workers: number; postgres: number; nats: number }
