@@ -17,7 +17,7 @@ import { registerClient } from "../src/store/clients.ts";
 import { commitBatch, type AcceptedInput } from "../src/store/commit-batch.ts";
 import { createDb } from "../src/store/db.ts";
 import { migrate } from "../src/store/migrate.ts";
-import { cpuSeconds, postgresPids } from "./fixtures.ts";
+import { postgresCpuMeter } from "./fixtures.ts";
 
 const { values: args } = parseArgs({ options: { seconds: { type: "string" }, batch: { type: "string" }, postgres: { type: "string" } } });
 const SECONDS = Number(args.seconds ?? 8);
@@ -29,12 +29,6 @@ if (!(SECONDS > 0) || !Number.isInteger(BATCH) || BATCH < 1) {
 const url = args.postgres ?? "postgresql://postgres@127.0.0.1:5432/test";
 const CLIENTS = 1000;
 const schema = `bench_commit_${randomBytes(3).toString("hex")}`;
-
-/** Postgres CPU ms since the call, backends that came and went included from when first seen. */
-function postgresCpuMeter(): () => number {
-  const before = new Map(postgresPids().map((pid) => [pid, cpuSeconds(pid)]));
-  return () => 1000 * postgresPids().reduce((t, pid) => t + cpuSeconds(pid) - (before.get(pid) ?? 0), 0);
-}
 
 const dbs = [0, 1].map(() => createDb({ url, schema, poolSize: 4 }));
 try {
@@ -60,7 +54,7 @@ try {
 
   // Warm-up: statements prepared on every connection, the hot path compiled.
   for (let i = 0; i < 50; i++) await Promise.all(dbs.map(commit));
-  const postgresMs = postgresCpuMeter();
+  const postgresSeconds = postgresCpuMeter();
   const selfBefore = process.cpuUsage();
   const start = performance.now();
   let batches = 0;
@@ -77,7 +71,7 @@ try {
   const self = process.cpuUsage(selfBefore);
   process.stdout.write(
     `commit, batches of ${BATCH}, 2 pools, ${SECONDS} s: ${((1000 * batches) / wall).toFixed(0)} batches/s, commit ${(commitMs / batches).toFixed(2)} ms; ` +
-    `CPU per batch: this process ${((self.user + self.system) / 1000 / batches).toFixed(2)} ms, Postgres ${(postgresMs() / batches).toFixed(2)} ms\n`,
+    `CPU per batch: this process ${((self.user + self.system) / 1000 / batches).toFixed(2)} ms, Postgres ${((1000 * postgresSeconds()) / batches).toFixed(2)} ms\n`,
   );
 } finally {
   await Promise.all(dbs.map((db) => db.close()));

@@ -88,7 +88,13 @@ export function cpuSeconds(pid: number): number {
 }
 
 /** Every Postgres process on the machine (the server and its backends). */
-export const postgresPids = (): number[] =>
+const postgresPids = (): number[] =>
   readdirSync("/proc").filter((d) => /^\d+$/.test(d)).map(Number).filter((pid) => {
     try { return readFileSync(`/proc/${pid}/comm`, "utf8").trim() === "postgres"; } catch { return false; }
   });
+
+/** CPU seconds all Postgres processes have used since the call; a backend that came and went meanwhile counts from when first seen. */
+export function postgresCpuMeter(): () => number {
+  const before = new Map(postgresPids().map((pid) => [pid, cpuSeconds(pid)]));
+  return () => postgresPids().reduce((t, pid) => t + cpuSeconds(pid) - (before.get(pid) ?? 0), 0);
+}

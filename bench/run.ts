@@ -24,7 +24,7 @@ import { generateSigningJwk, importSigningKey } from "../src/protocol/keys.ts";
 import { signEvent } from "../src/protocol/sign.ts";
 import { inboxStreamName, inboxSubject } from "../src/protocol/subjects.ts";
 import { messageId } from "../src/transport/publisher.ts";
-import { cpuSeconds, freshDestination, postgresPids, startProcess, type BenchProcess } from "./fixtures.ts";
+import { cpuSeconds, freshDestination, postgresCpuMeter, startProcess, type BenchProcess } from "./fixtures.ts";
 
 const { values: args } = parseArgs({
   options: {
@@ -153,15 +153,14 @@ function busyMeter(): () => number {
 }
 
 function cpuMeter(workerPids: readonly number[]): (events: number) => CpuSplit {
-  const pgBefore = new Map(postgresPids().map((pid) => [pid, cpuSeconds(pid)]));
+  const postgresSeconds = postgresCpuMeter();
   const workersBefore = workerPids.reduce((t, pid) => t + cpuSeconds(pid), 0);
   const natsBefore = cpuSeconds(nats.pid!);
   return (events) => {
     const perK = (seconds: number): number => (seconds * 1000 * 1000) / events;
-    const pg = postgresPids().reduce((t, pid) => t + cpuSeconds(pid) - (pgBefore.get(pid) ?? 0), 0);
     return {
       workers: perK(workerPids.reduce((t, pid) => t + cpuSeconds(pid), 0) - workersBefore),
-      postgres: perK(pg),
+      postgres: perK(postgresSeconds()),
       nats: perK(cpuSeconds(nats.pid!) - natsBefore),
     };
   };

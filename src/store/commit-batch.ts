@@ -89,7 +89,8 @@ const SENDER_BUCKET_RACE = "FR001";
  * The commit's statements are prepared once per connection, by name: Postgres
  * parsed each of them (long CTEs) on every batch otherwise; and Postgres plans
  * them once (generic plans, db.ts), so a filter on one of a batch's arrays joins
- * against unnest() rather than `= ANY(array)`. Their texts are a handful (only which parts a batch needs varies).
+ * against unnest() rather than `= ANY(array)`. Their texts are a handful (only
+ * which parts a batch needs varies).
  */
 const statementNames = new Map<string, string>();
 function statementName(text: string): string {
