@@ -45,6 +45,8 @@ export const LOCAL_CODES = [
   "not_found",
   "conflict",
   "payload_too_large",
+  "too_many_requests",
+  "uri_too_long",
   "bad_cursor",
   "config_invalid",
   "publish_failed",
@@ -89,6 +91,8 @@ export const HTTP_STATUS: Readonly<Record<ErrorCode, number>> = Object.freeze({
   not_found: 404,
   conflict: 409,
   payload_too_large: 413,
+  too_many_requests: 429,
+  uri_too_long: 414,
   bad_cursor: 400,
   config_invalid: 500,
   publish_failed: 503,
@@ -106,10 +110,13 @@ export function dispositionOf(reason: EventReason): Disposition {
 export class RelayError extends Error {
   override readonly name = "RelayError";
   readonly code: ErrorCode;
+  /** With `too_many_requests`: when trying again may succeed (HTTP Retry-After). */
+  readonly retryAfterSeconds: number | undefined;
 
-  constructor(code: ErrorCode, message: string, options?: { cause?: unknown }) {
+  constructor(code: ErrorCode, message: string, options?: { cause?: unknown; retryAfterSeconds?: number }) {
     super(message, options);
     this.code = code;
+    this.retryAfterSeconds = options?.retryAfterSeconds;
   }
 
   get httpStatus(): number {
