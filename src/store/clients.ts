@@ -1,4 +1,5 @@
 /** Local clients of this homeserver. */
+import { sql } from "kysely";
 import type { Db } from "./db.ts";
 
 /**
@@ -27,6 +28,17 @@ export async function removeClient(db: Db, clientId: string): Promise<boolean> {
     await trx.deleteFrom("deliveries").where("client_id", "=", clientId).execute();
     return result.numDeletedRows > 0n;
   });
+}
+
+/** The client's current registration (every token of it carries this), or undefined if there is no such client. */
+export async function clientRegistration(db: Db, clientId: string): Promise<string | undefined> {
+  return (await db.kysely.selectFrom("clients").select("registration").where("id", "=", clientId).executeTakeFirst())?.registration;
+}
+
+/** Every token issued to the client so far stops working (a stolen device, a logout everywhere); its messages stay. */
+export async function revokeClientTokens(db: Db, clientId: string): Promise<boolean> {
+  const result = await db.kysely.updateTable("clients").set({ registration: sql`gen_random_uuid()` }).where("id", "=", clientId).executeTakeFirst();
+  return result.numUpdatedRows > 0n;
 }
 
 export async function clientExists(db: Db, clientId: string): Promise<boolean> {

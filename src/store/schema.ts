@@ -13,6 +13,16 @@ export interface ClientsTable {
   created_at: Timestamp;
   /** The client's rate buckets (src/store/commit-batch.ts): "*" for all senders, else per sender. */
   buckets: ColumnType<Record<string, [number, number]>, string | undefined, string>;
+  /** Drawn at registration and when its tokens are revoked; every client token carries it (migration 009). */
+  registration: ColumnType<string, string | undefined, string>;
+}
+
+export interface ClientTokenKeysTable {
+  id: string;
+  secret: Buffer;
+  created_at: Timestamp;
+  retired_at: ColumnType<Date | null, Date | string | null | undefined, Date | string | null>;
+  revoked_at: ColumnType<Date | null, Date | string | null | undefined, Date | string | null>;
 }
 
 export interface PeerKeysTable {
@@ -63,6 +73,7 @@ export interface RefusedEventsTable {
 
 export interface Database {
   clients: ClientsTable;
+  client_token_keys: ClientTokenKeysTable;
   peer_keys: PeerKeysTable;
   events: EventsTable;
   deliveries: DeliveriesTable;
