@@ -3,11 +3,12 @@ import { parseArgs, type ParseArgsConfig } from "node:util";
 import { pino, type Logger } from "pino";
 import { loadConfig, type RelayConfig } from "./config.ts";
 import { isRelayError, RelayError } from "./errors.ts";
-import { generateSigningJwk, importSigningKey } from "./protocol/keys.ts";
+import { generateSigningJwk } from "./protocol/keys.ts";
 import { createRelay, type RelayRoles } from "./relay.ts";
-import { createClientTokens } from "./http/auth.ts";
+import { createClientTokens } from "./client-tokens.ts";
 import { isClientId, isHomeserverName, parseGroupId } from "./protocol/names.ts";
 import { clientExists, registerClient } from "./store/clients.ts";
+import { listTokenKeys, revokeTokenKey, rotateTokenKeys } from "./store/client-token-keys.ts";
 import { createDb, type Db } from "./store/db.ts";
 import { issueCapability, listCapabilities, revokeCapability } from "./store/capabilities.ts";
 import { deleteRateOverride, deleteRule, loadRateOverrides, loadRuntimePolicy, mergeRateLimits, putRateOverride, putRule, setMode } from "./store/server-policy.ts";
@@ -93,7 +94,8 @@ async function runRelay(roles: RelayRoles, values: Record<string, unknown>, io: 
     await relay.close().catch(() => undefined);
     throw err;
   }
-  io.stderr(`fedrelay: ${config.homeserver} ${roles.api ? "serving" : "worker"} on ${relay.url}`);
+  const operator = relay.operatorUrl === relay.url ? "" : ` (metrics and readiness on ${relay.operatorUrl})`;
+  io.stderr(`fedrelay: ${config.homeserver} ${roles.api ? "serving" : "worker"} on ${relay.url}${operator}`);
   await io.shutdownSignal;
   // Readiness turns false at once; batches in hand commit and are acknowledged.
   const deadline = config.worker.shutdownTimeoutSeconds * 1000;
@@ -161,24 +163,43 @@ export const COMMANDS: Readonly<Record<string, Command>> = {
     async run({ values, positionals }, io) {
       const id = positionals[0];
       if (!isClientId(id)) throw new RelayError("bad_request", `client-add needs a client id ([A-Za-z0-9._~:@/-], 1–255), got ${JSON.stringify(id ?? "")}`);
-      const config = await readConfig(values, io);
-      if (!config.keys.signingKey) throw new RelayError("config_invalid", "config key keys.signingKeyFile: needed to mint client tokens");
-      const signingKey = importSigningKey(config.keys.signingKey);
-      const db = createDb(config.postgres);
-      try {
-        await migrate(db.pool, config.postgres.schema);
+      return withDb(values, io, async (db, config) => {
         const created = await registerClient(db, id);
-        const tokens = createClientTokens({
-          self: config.homeserver, signingKey, publicKeys: { keys: [signingKey.publicJwk] },
-          ttlSeconds: config.http.clientTokenTtlSeconds, now: () => Date.now() / 1000,
-        });
+        const tokens = createClientTokens({ self: config.homeserver, db, ttlSeconds: config.http.clientTokenTtlSeconds, now: () => Date.now() / 1000 });
         const { token } = await tokens.mint(id);
         io.stderr(`fedrelay: client ${id} ${created ? "registered" : "already registered"}; token:`);
         io.stdout(token);
-      } finally {
-        await db.close();
-      }
-      return 0;
+        return 0;
+      });
+    },
+  },
+  "token-keys": {
+    summary: "list, rotate or revoke the keys client tokens are signed with (not the federation key)",
+    usage: `fedrelay token-keys list | rotate | revoke KEY_ID [--config FILE]
+  rotate   a new key signs from now on; tokens of the old one stay valid until they expire
+  revoke   every token signed with KEY_ID is refused from now on (a leaked key)
+${CONFIG_HELP}`,
+    options: configOption,
+    async run({ values, positionals }, io) {
+      const [action, id] = positionals;
+      if (!["list", "rotate", "revoke"].includes(action ?? "")) throw new RelayError("bad_request", `token-keys takes list, rotate or revoke, got ${JSON.stringify(action ?? "")}`);
+      if (action === "revoke" && !id) throw new RelayError("bad_request", "token-keys revoke needs KEY_ID");
+      return withDb(values, io, async (db) => {
+        switch (action) {
+          case "list":
+            io.stdout(JSON.stringify(await listTokenKeys(db), null, 2));
+            return 0;
+          case "rotate": {
+            const { id: fresh, retired } = await rotateTokenKeys(db);
+            io.stdout(`signing with ${fresh}${retired.length ? `; retired ${retired.join(", ")}` : ""}`);
+            return 0;
+          }
+          default:
+            if (!(await revokeTokenKey(db, id!))) throw new RelayError("not_found", `no unrevoked token key ${id}`);
+            io.stdout(`revoked ${id}`);
+            return 0;
+        }
+      });
     },
   },
   policy: {

@@ -41,12 +41,46 @@ export const configSchema = z.strictObject({
       port: z.number().int().min(0).max(65535).default(8080),
       /** Bearer secret of the homeserver backend (POST /v1/fanout, client registration). Unset: those routes answer 401. */
       serviceToken: z.string().min(16).optional(),
-      // Client tokens are minted by the backend per session; a day keeps re-login rare and leaks short-lived.
+      // Client tokens are minted by the backend per session; a day keeps re-login rare and leaks
+      // short-lived. Also the longest lifetime a presented token may claim.
       clientTokenTtlSeconds: z.number().int().min(60).max(30 * 24 * 3600).default(24 * 3600),
       // Long-polls hold a request open; 30 s stays under common proxy idle timeouts (60 s).
       maxWaitSeconds: z.number().int().min(0).max(300).default(30),
+      /**
+       * A listener of its own for /metrics and /readyz (and /healthz), e.g. on an
+       * internal interface for Prometheus. Unset, they are served on the public
+       * listener and need the service token there. A worker without the API
+       * serves them here, or on host/port when this is unset.
+       */
+      operator: z.strictObject({ host: z.string().default("127.0.0.1"), port: z.number().int().min(0).max(65535) }).optional(),
+      // A fan-out carries one body (64 KiB is 87 KB of base64url) and its recipients, ~100 bytes
+      // each with typical ids: 4 MiB holds ~40,000 of them; a bigger group goes in several requests.
+      fanoutBodyLimitBytes: z.number().int().min(128 * 1024).max(64 * 1024 * 1024).default(4 * 1024 * 1024),
+      // A request's headers come in one packet; 10 s forgives a slow mobile link, and ends a
+      // connection that opens and says nothing (2,000 of them were held for 100 s before).
+      headersTimeoutMs: z.number().int().min(100).max(120_000).default(10_000),
+      // The whole request, body included: a 4 MiB fan-out at 2 Mbit/s takes ~17 s.
+      requestTimeoutMs: z.number().int().min(100).max(600_000).default(30_000),
+      // Open connections per listener; more are closed as they arrive. Each costs a file
+      // descriptor (this machine allows 20,000 a process) and a few KB; 10,000 leaves room
+      // for Postgres and NATS below the descriptor limit.
+      maxConnections: z.number().int().min(1).default(10_000),
+      // A client is one device: a few long-polls at once (a retry overlapping its
+      // predecessor, a second tab). More are refused 429 rather than held.
+      maxWaitsPerClient: z.number().int().min(1).max(1000).default(4),
+      // Long-polls one API process holds at once: each costs ~36 KB of the process's memory
+      // (measured: 2,000 and 5,000 waiting polls, 35–37 KB each), so ~175 MB at the cap.
+      maxWaits: z.number().int().min(1).default(5000),
+      // Failed service-token attempts per source address (an IPv6 /64): 10 at once, then one
+      // every 5 s; the backend holds the right token, so only a guesser or a misconfiguration fails.
+      serviceAuthFailures: limitSchema.default({ rate: 0.2, burst: 10 }),
     })
-    .default({ host: "127.0.0.1", port: 8080, clientTokenTtlSeconds: 24 * 3600, maxWaitSeconds: 30 }),
+    .refine((h) => h.headersTimeoutMs <= h.requestTimeoutMs, { message: "headersTimeoutMs must not exceed requestTimeoutMs", path: ["headersTimeoutMs"] })
+    .default({
+      host: "127.0.0.1", port: 8080, clientTokenTtlSeconds: 24 * 3600, maxWaitSeconds: 30,
+      fanoutBodyLimitBytes: 4 * 1024 * 1024, headersTimeoutMs: 10_000, requestTimeoutMs: 30_000, maxConnections: 10_000,
+      maxWaitsPerClient: 4, maxWaits: 5000, serviceAuthFailures: { rate: 0.2, burst: 10 },
+    }),
   keys: z.strictObject({
       /** Path of this homeserver's current private JWK (`fedrelay keygen`). */
       signingKeyFile: z.string().optional(),

@@ -1,5 +1,5 @@
 /** Typed instruments on an injected registry (never prom-client's global one). */
-import { collectDefaultMetrics, Counter, Histogram, Registry } from "prom-client";
+import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from "prom-client";
 
 export interface RelayMetrics {
   readonly registry: Registry;
@@ -17,6 +17,9 @@ export interface RelayMetrics {
   readonly reportsSent: Counter;
   readonly eventsDelayed: Counter;
   readonly reportFailures: Counter;
+  readonly httpRefused: Counter<"access" | "code">;
+  readonly httpWaiting: Gauge;
+  readonly httpWaitsRefused: Counter<"limit">;
 }
 
 export function createMetrics(registry = new Registry(), options: { defaultMetrics?: boolean } = {}): RelayMetrics {
@@ -52,5 +55,18 @@ export function createMetrics(registry = new Registry(), options: { defaultMetri
     eventsDelayed: new Counter({ name: "fedrelay_events_delayed_total", help: "Events sent back for later because their sender was over its rate limit", registers }),
     reportsSent: new Counter({ name: "fedrelay_reports_sent_total", help: "Delivery reports published to senders", registers }),
     reportFailures: new Counter({ name: "fedrelay_report_failures_total", help: "Delivery reports that could not be published", registers }),
+    httpRefused: new Counter({
+      name: "fedrelay_http_refused_total",
+      help: "API requests refused before their route ran, by the route's access (client, backend, operator) and the error code (unauthorized, too_many_requests)",
+      labelNames: ["access", "code"],
+      registers,
+    }),
+    httpWaiting: new Gauge({ name: "fedrelay_http_waiting_requests", help: "Long-polls waiting for messages or reports", registers }),
+    httpWaitsRefused: new Counter({
+      name: "fedrelay_http_waits_refused_total",
+      help: "Long-polls refused 429 because their client (limit=holder) or the process (limit=process) had as many waiting as allowed",
+      labelNames: ["limit"],
+      registers,
+    }),
   };
 }

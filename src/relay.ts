@@ -4,13 +4,14 @@
  */
 import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
-import type { FastifyInstance } from "fastify";
 import type { Logger } from "pino";
 import type { RelayConfig } from "./config.ts";
 import { RelayError } from "./errors.ts";
 import { createFanout } from "./fanout.ts";
-import { createClientTokens } from "./http/auth.ts";
-import { createHttpServer, type HealthReport } from "./http/server.ts";
+import { createClientTokens } from "./client-tokens.ts";
+import { createServiceAuth } from "./http/auth.ts";
+import { FailureThrottle, WaitSlots } from "./http/limits.ts";
+import { createHttpServers, type HealthReport, type HttpServers } from "./http/server.ts";
 import { createKeyRegistry } from "./keys/registry.ts";
 import { createMetrics, type RelayMetrics } from "./metrics.ts";
 import { importSigningKey, type PublicJwk, type SigningKey } from "./protocol/keys.ts";
@@ -46,8 +47,12 @@ export interface RelayDeps {
 export interface Relay {
   start(): Promise<void>;
   close(): Promise<void>;
-  /** `http://host:port` once started. */
+  /** `http://host:port` once started: the API's listener (in a process without the API, the operator one). */
   readonly url: string;
+  /** Where /metrics and /readyz are served: `url` unless http.operator is set. */
+  readonly operatorUrl: string;
+  /** Every HTTP route of every listener and who may call it, once started. */
+  readonly routes: HttpServers["routes"];
   readonly db: Db;
   readonly metrics: RelayMetrics;
   readonly signingKey: SigningKey | undefined;
@@ -77,8 +82,9 @@ export function createRelay(config: RelayConfig, roles: RelayRoles, deps: RelayD
   let reportLoop: BatchLoop | undefined;
   let policy: PolicyWatcher | undefined;
   let notifier: DeliveryNotifier | undefined;
-  let http: FastifyInstance | undefined;
+  let http: HttpServers | undefined;
   let url = "";
+  let operatorUrl = "";
   let closing: Promise<void> | undefined;
 
   async function health(): Promise<HealthReport> {
@@ -160,19 +166,24 @@ export function createRelay(config: RelayConfig, roles: RelayRoles, deps: RelayD
           maxBodyBytes: config.limits.maxBodyBytes,
           publishTimeoutMs: config.fanout.publishTimeoutMs,
         }),
-        clientTokens: createClientTokens({
-          self: config.homeserver, signingKey, publicKeys: { keys: publicKeys }, ttlSeconds: config.http.clientTokenTtlSeconds, now,
-        }),
+        clientTokens: createClientTokens({ self: config.homeserver, db, ttlSeconds: config.http.clientTokenTtlSeconds, now }),
+        // Wall-clock time, even under a test's frozen clock: the throttle is about how fast a caller asks.
+        serviceAuth: createServiceAuth({ token: config.http.serviceToken, throttle: new FailureThrottle(config.http.serviceAuthFailures), now: () => Date.now() / 1000 }),
         jwks: () => ({ keys: publicKeys }),
-        serviceToken: config.http.serviceToken,
         maxWaitSeconds: config.http.maxWaitSeconds,
-        // A fan-out to 100,000 recipients with 43-byte capabilities, plus a 64 KiB body, base64url.
-        bodyLimit: 16 * 1024 * 1024,
+        waits: new WaitSlots({ perHolder: config.http.maxWaitsPerClient, perProcess: config.http.maxWaits }),
+        fanoutBodyLimit: config.http.fanoutBodyLimitBytes,
+        metrics,
       };
     }
-    http = await createHttpServer({ log, metrics, health, isClosing: () => closing !== undefined, ...(api ? { api } : {}) });
-    url = await http.listen({ host: config.http.host, port: config.http.port });
-    log.info({ url, roles }, "relay started");
+    const { host, port, operator } = config.http;
+    http = createHttpServers(
+      { log, metrics, health, isClosing: () => closing !== undefined, limits: config.http, ...(api ? { api } : {}) },
+      // A process without the API has only the operator listener: http.operator, or else host/port.
+      api ? { public: { host, port }, ...(operator ? { operator } : {}) } : { operator: operator ?? { host, port } },
+    );
+    ({ url, operatorUrl } = await http.listen());
+    log.info({ url, operatorUrl, roles }, "relay started");
   }
 
   async function close(): Promise<void> {
@@ -200,6 +211,8 @@ export function createRelay(config: RelayConfig, roles: RelayRoles, deps: RelayD
     start,
     close,
     get url() { return url; },
+    get operatorUrl() { return operatorUrl; },
+    get routes() { return http?.routes ?? []; },
     db,
     metrics,
     signingKey,

@@ -1,10 +1,7 @@
-/** Who is calling: the homeserver backend (service token) or a client (bearer JWT minted by this homeserver). */
+/** The two credentials of the API: the backend's service token, and a client's bearer token (src/client-tokens.ts). */
 import { timingSafeEqual, createHash } from "node:crypto";
-import { createLocalJWKSet, jwtVerify, SignJWT, type JSONWebKeySet } from "jose";
 import { RelayError } from "../errors.ts";
-import { CLIENT_TOKEN_TYP, EVENT_ALG } from "../protocol/claims.ts";
-import type { SigningKey } from "../protocol/keys.ts";
-import { isClientId } from "../protocol/names.ts";
+import type { FailureThrottle } from "./limits.ts";
 
 export function bearerOf(header: string | undefined): string {
   const match = /^Bearer ([^\s]+)$/.exec(header ?? "");
@@ -13,53 +10,36 @@ export function bearerOf(header: string | undefined): string {
 }
 
 /** Constant-time, and length-independent: both sides are hashed first. */
-export function checkServiceToken(header: string | undefined, expected: string | undefined): void {
-  if (expected === undefined) throw new RelayError("unauthorized", "no service token is configured (http.serviceToken)");
-  const given = createHash("sha256").update(bearerOf(header)).digest();
-  if (!timingSafeEqual(given, createHash("sha256").update(expected).digest())) {
-    throw new RelayError("unauthorized", "invalid service token");
-  }
+function sameSecret(given: string, expected: string): boolean {
+  return timingSafeEqual(createHash("sha256").update(given).digest(), createHash("sha256").update(expected).digest());
 }
 
-export interface ClientTokens {
-  mint(clientId: string): Promise<{ token: string; expiresAt: number }>;
-  /** The client id, or `unauthorized`. */
-  verify(header: string | undefined): Promise<string>;
+export interface ServiceAuth {
+  /** Throws `unauthorized`, or `too_many_requests` while `source` is throttled for failing too often. */
+  check(header: string | undefined, source: string): void;
 }
 
-export function createClientTokens(options: {
-  self: string;
-  signingKey: SigningKey;
-  publicKeys: JSONWebKeySet;
-  ttlSeconds: number;
-  now: () => number;
-}): ClientTokens {
-  const keySet = createLocalJWKSet(options.publicKeys);
+/**
+ * The service token, checked only while its caller's source is not throttled:
+ * each failure spends from the source's bucket (src/http/limits.ts), and a
+ * source with none left is refused unchecked, so guessing runs at the refill
+ * rate however fast it asks.
+ */
+export function createServiceAuth(options: { token: string | undefined; throttle: FailureThrottle; now: () => number }): ServiceAuth {
+  const { token, throttle, now } = options;
   return {
-    async mint(clientId) {
-      const iat = Math.floor(options.now());
-      const expiresAt = iat + options.ttlSeconds;
-      const token = await new SignJWT({})
-        .setProtectedHeader({ alg: EVENT_ALG, kid: options.signingKey.kid, typ: CLIENT_TOKEN_TYP })
-        .setIssuer(options.self).setAudience(options.self).setSubject(clientId)
-        .setIssuedAt(iat).setExpirationTime(expiresAt)
-        .sign(options.signingKey.privateKey);
-      return { token, expiresAt };
-    },
-    async verify(header) {
-      const token = bearerOf(header);
+    check(header, source) {
+      const at = now();
+      const retryAfterSeconds = throttle.retryAfter(source, at);
+      if (retryAfterSeconds > 0) {
+        throw new RelayError("too_many_requests", `too many failed service credentials from this address; retry in ${retryAfterSeconds} s`, { retryAfterSeconds });
+      }
       try {
-        const { payload } = await jwtVerify(token, keySet, {
-          issuer: options.self,
-          audience: options.self,
-          typ: CLIENT_TOKEN_TYP,
-          algorithms: [EVENT_ALG],
-          currentDate: new Date(options.now() * 1000),
-        });
-        if (!isClientId(payload.sub)) throw new Error("sub is not a client id");
-        return payload.sub;
-      } catch (cause) {
-        throw new RelayError("unauthorized", `invalid client token: ${(cause as Error).message}`, { cause });
+        if (token === undefined) throw new RelayError("unauthorized", "no service token is configured (http.serviceToken)");
+        if (!sameSecret(bearerOf(header), token)) throw new RelayError("unauthorized", "invalid service token");
+      } catch (err) {
+        throttle.failed(source, at);
+        throw err;
       }
     },
   };

@@ -6,7 +6,7 @@ import { storedClaims } from "../protocol/claims.ts";
 import { isHomeserverName, parseGroupId } from "../protocol/names.ts";
 import { deleteBlock, issueCapability, listBlocks, listCapabilities, putBlock, revokeCapability, type BlockKind } from "../store/capabilities.ts";
 import { ackThrough, listMessages, type StoredMessage } from "../store/messages.ts";
-import { longPoll, parse, requireClient, type ApiDeps } from "./common.ts";
+import { longPoll, parse, type ApiDeps } from "./common.ts";
 
 const cursor = z.string().regex(/^\d{1,15}$/, "must be a non-negative integer").transform(Number);
 const messagesQuery = z.strictObject({
@@ -41,59 +41,57 @@ function blockTarget(kind: BlockKind, raw: string): string {
   return target;
 }
 
+/** Every route here is the authenticated client's own (src/http/access.ts): `request.clientId`. */
+const client = { config: { access: "client" } } as const;
+
 export function registerClientRoutes(app: FastifyInstance, api: ApiDeps): void {
-  app.get("/v1/messages", async (request) => {
-    const clientId = await requireClient(api, request);
+  app.get("/v1/messages", client, async (request) => {
+    const { clientId } = request;
     const q = parse(messagesQuery, request.query, "query");
     const limit = q.limit ?? 100;
     const wait = Math.min(q.wait ?? 0, api.maxWaitSeconds);
-    const messages = (await longPoll(api, [clientId], wait, async () => {
+    const messages = (await longPoll(api, clientId, [clientId], wait, async () => {
       const page = await listMessages(api.db, clientId, q.after, limit);
       return page.length > 0 ? page : undefined;
     })) ?? [];
     return { messages: messages.map(messageView), next: messages.at(-1)?.cursor ?? q.after ?? null };
   });
 
-  app.post("/v1/messages/ack", async (request) => {
-    const clientId = await requireClient(api, request);
+  app.post("/v1/messages/ack", client, async (request) => {
     const { through } = parse(ackBody, request.body, "ack");
-    return ackThrough(api.db, clientId, through);
+    return ackThrough(api.db, request.clientId, through);
   });
 
-  app.post("/v1/capabilities", async (request, reply) => {
-    const clientId = await requireClient(api, request);
+  app.post("/v1/capabilities", client, async (request, reply) => {
     const { group } = parse(capabilityRequest, request.body, "capability request");
-    return reply.status(201).send(await issueCapability(api.db, clientId, group, parseGroupId(group)!.owner));
+    return reply.status(201).send(await issueCapability(api.db, request.clientId, group, parseGroupId(group)!.owner));
   });
 
-  app.get("/v1/capabilities", async (request) => ({ capabilities: await listCapabilities(api.db, await requireClient(api, request)) }));
+  app.get("/v1/capabilities", client, async (request) => ({ capabilities: await listCapabilities(api.db, request.clientId) }));
 
-  app.delete<{ Params: { id: string } }>("/v1/capabilities/:id", async (request, reply) => {
-    const clientId = await requireClient(api, request);
+  app.delete<{ Params: { id: string } }>("/v1/capabilities/:id", client, async (request, reply) => {
     // Another client's id answers exactly like an unknown one.
-    if (!(await revokeCapability(api.db, request.params.id, clientId))) throw new RelayError("not_found", `no capability ${request.params.id}`);
+    if (!(await revokeCapability(api.db, request.params.id, request.clientId))) throw new RelayError("not_found", `no capability ${request.params.id}`);
     return reply.status(204).send();
   });
 
-  app.get("/v1/blocks", async (request) => listBlocks(api.db, await requireClient(api, request)));
+  app.get("/v1/blocks", client, async (request) => listBlocks(api.db, request.clientId));
   for (const [kind, path] of [["server", "servers"], ["group", "groups"]] as const) {
-    app.get<{ Params: { target: string } }>(`/v1/blocks/${path}/:target`, async (request) => {
-      const clientId = await requireClient(api, request);
+    app.get<{ Params: { target: string } }>(`/v1/blocks/${path}/:target`, client, async (request) => {
+      const { clientId } = request;
       const target = blockTarget(kind, request.params.target);
       const blocks = await listBlocks(api.db, clientId);
       if (!(kind === "server" ? blocks.servers : blocks.groups).includes(target)) throw new RelayError("not_found", `${target} is not blocked`);
       return { [kind]: target, blocked: true };
     });
-    app.put<{ Params: { target: string } }>(`/v1/blocks/${path}/:target`, async (request, reply) => {
-      const clientId = await requireClient(api, request);
+    app.put<{ Params: { target: string } }>(`/v1/blocks/${path}/:target`, client, async (request, reply) => {
       const target = blockTarget(kind, request.params.target);
-      const created = await putBlock(api.db, clientId, kind, target);
+      const created = await putBlock(api.db, request.clientId, kind, target);
       return reply.status(created ? 201 : 200).send({ [kind]: target, blocked: true });
     });
-    app.delete<{ Params: { target: string } }>(`/v1/blocks/${path}/:target`, async (request, reply) => {
-      const clientId = await requireClient(api, request);
+    app.delete<{ Params: { target: string } }>(`/v1/blocks/${path}/:target`, client, async (request, reply) => {
       const target = blockTarget(kind, request.params.target);
-      if (!(await deleteBlock(api.db, clientId, kind, target))) throw new RelayError("not_found", `${target} is not blocked`);
+      if (!(await deleteBlock(api.db, request.clientId, kind, target))) throw new RelayError("not_found", `${target} is not blocked`);
       return reply.status(204).send();
     });
   }

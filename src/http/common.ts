@@ -1,26 +1,30 @@
-/** Shared by the route modules: request parsing and the two kinds of caller. */
-import type { FastifyRequest } from "fastify";
+/** Shared by the route modules: what the API needs, request parsing, and long-polls. */
 import type { z } from "zod";
+import type { ClientTokens } from "../client-tokens.ts";
 import { RelayError } from "../errors.ts";
 import type { FanoutRequest, FanoutResult } from "../fanout.ts";
-import { clientExists } from "../store/clients.ts";
+import type { RelayMetrics } from "../metrics.ts";
 import type { Db } from "../store/db.ts";
 import type { DeliveryNotifier } from "../store/notifier.ts";
 import type { PolicyWatcher } from "../store/server-policy.ts";
-import { checkServiceToken, type ClientTokens } from "./auth.ts";
+import type { ServiceAuth } from "./auth.ts";
+import type { WaitSlots } from "./limits.ts";
 
 export interface ApiDeps {
   readonly self: string;
   readonly db: Db;
+  readonly metrics: RelayMetrics;
   readonly notifier: DeliveryNotifier;
   readonly fanout: { fanout(request: FanoutRequest): Promise<FanoutResult> };
   readonly clientTokens: ClientTokens;
+  readonly serviceAuth: ServiceAuth;
   readonly policy: PolicyWatcher;
   readonly jwks: () => { keys: readonly object[] };
-  readonly serviceToken: string | undefined;
   readonly maxWaitSeconds: number;
-  /** Request bodies: a fan-out carries one body plus its recipient list. */
-  readonly bodyLimit: number;
+  /** Long-polls in progress, per client and in all. */
+  readonly waits: WaitSlots;
+  /** A fan-out request's body: one message body plus its recipient list. */
+  readonly fanoutBodyLimit: number;
 }
 
 /** A 400 naming the field, from the first issue zod found. */
@@ -34,35 +38,43 @@ export function parse<T>(schema: z.ZodType<T>, value: unknown, what: string): T 
   return result.data;
 }
 
-export async function requireService(api: ApiDeps, request: FastifyRequest): Promise<void> {
-  checkServiceToken(request.headers.authorization, api.serviceToken);
-}
-
-/** The calling client's id; a token for a client that was removed is refused. */
-export async function requireClient(api: ApiDeps, request: FastifyRequest): Promise<string> {
-  const id = await api.clientTokens.verify(request.headers.authorization);
-  if (!(await clientExists(api.db, id))) throw new RelayError("unauthorized", `client ${id} no longer exists`);
-  return id;
-}
-
 /**
  * Waits up to `seconds` for `check` to return something, waking on any of
  * the notifier's `keys`. The waiter is registered before each check, so a commit
- * between the check and the wait still wakes it.
+ * between the check and the wait still wakes it. A wait holds one of the
+ * `holder`'s slots (api.waits: a client's id, or undefined for the backend);
+ * with none free it is refused 429 at once.
  */
-export async function longPoll<T>(api: ApiDeps, keys: readonly string[], seconds: number, check: () => Promise<T | undefined>): Promise<T | undefined> {
-  const deadline = Date.now() + seconds * 1000;
-  for (;;) {
-    const remaining = deadline - Date.now();
-    const waiters = remaining > 0 ? keys.map((key) => api.notifier.waiter(key, remaining)) : [];
-    const value = await check();
-    if (value !== undefined || waiters.length === 0) {
+export async function longPoll<T>(api: ApiDeps, holder: string | undefined, keys: readonly string[], seconds: number, check: () => Promise<T | undefined>): Promise<T | undefined> {
+  if (seconds <= 0) return check();
+  const slot = api.waits.acquire(holder);
+  if (!slot.ok) {
+    api.metrics.httpWaitsRefused.inc({ limit: slot.limit });
+    // A client over its own cap has other waits open, each answering within maxWaitSeconds;
+    // a full process frees slots continually.
+    const retryAfterSeconds = slot.limit === "holder" ? Math.max(1, api.maxWaitSeconds) : 1;
+    throw new RelayError("too_many_requests", slot.limit === "holder"
+      ? `at most ${api.waits.perHolder} waiting requests at once per client`
+      : "this server holds as many waiting requests as it takes; retry shortly", { retryAfterSeconds });
+  }
+  api.metrics.httpWaiting.inc();
+  try {
+    const deadline = Date.now() + seconds * 1000;
+    for (;;) {
+      const remaining = deadline - Date.now();
+      const waiters = remaining > 0 ? keys.map((key) => api.notifier.waiter(key, remaining)) : [];
+      const value = await check();
+      if (value !== undefined || waiters.length === 0) {
+        for (const w of waiters) w.cancel();
+        return value;
+      }
+      await Promise.race(waiters.map((w) => w.promise));
       for (const w of waiters) w.cancel();
-      return value;
+      // Shutting down: one last look, then answer.
+      if (api.notifier.closed) return await check();
     }
-    await Promise.race(waiters.map((w) => w.promise));
-    for (const w of waiters) w.cancel();
-    // Shutting down: one last look, then answer.
-    if (api.notifier.closed) return check();
+  } finally {
+    slot.release();
+    api.metrics.httpWaiting.dec();
   }
 }

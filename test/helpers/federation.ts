@@ -47,7 +47,9 @@ export function homeserverConfig(id: Identity, db: TestSchema, options: Homeserv
       homeserver: id.name,
       nats: { servers: [options.natsUrl] },
       postgres: { url: db.url, schema: db.schema, poolSize: 4 },
-      http: { port: 0, serviceToken: SERVICE_TOKEN },
+      // Every test calls from 127.0.0.1, and some present wrong credentials on purpose: the
+      // per-source throttle (tested on its own) would otherwise refuse the next test's backend.
+      http: { port: 0, serviceToken: SERVICE_TOKEN, serviceAuthFailures: { rate: 1000, burst: 10_000 } },
       keys: { signingKey: id.jwk },
       peers: Object.fromEntries(options.peers.map((p) => [p.name, { keys: [p.publicJwk] }])),
       log: { level: "silent" },

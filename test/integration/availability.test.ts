@@ -21,7 +21,7 @@ import { publishEvent } from "../../src/transport/publisher.ts";
 import { ensureInbox } from "../../src/transport/streams.ts";
 import { testSchema, TEST_DATABASE_URL } from "../helpers/db.ts";
 import {
-  eventually, homeserverConfig, identity, natsClient, signed, startHomeserver,
+  eventually, homeserverConfig, identity, natsClient, SERVICE_TOKEN, signed, startHomeserver,
   type Identity, type NatsClient,
 } from "../helpers/federation.ts";
 import { startWorkerProcess, writeConfigFile, type WorkerProcess } from "../helpers/processes.ts";
@@ -145,10 +145,16 @@ async function inboxLeft(jsm: JetStreamManager): Promise<number> {
 
 interface Probe { readonly status: number; readonly checks?: Record<string, boolean> }
 
+/**
+ * Operator routes on a relay's one listener need the service token when it also serves the API;
+ * a worker's listener is open, and ignores it.
+ */
+const OPERATOR = { authorization: `Bearer ${SERVICE_TOKEN}` };
+
 /** GET /readyz; undefined when nothing answers. */
 async function readyz(url: string): Promise<Probe | undefined> {
   try {
-    const res = await fetch(`${url}/readyz`, { signal: AbortSignal.timeout(5000) });
+    const res = await fetch(`${url}/readyz`, { signal: AbortSignal.timeout(5000), headers: OPERATOR });
     const body = (await res.json().catch(() => ({}))) as { checks?: Record<string, boolean> };
     return { status: res.status, ...(body.checks ? { checks: body.checks } : {}) };
   } catch {
@@ -175,7 +181,7 @@ async function healthz(url: string): Promise<number> {
 }
 
 async function metric(url: string, name: string): Promise<number> {
-  const text = await (await fetch(`${url}/metrics`)).text();
+  const text = await (await fetch(`${url}/metrics`, { headers: OPERATOR })).text();
   const line = text.split("\n").find((l) => l.startsWith(`${name} `));
   return line ? Number(line.split(" ")[1]) : 0;
 }

@@ -4,16 +4,18 @@ import { mkdtemp, readFile, rm, stat, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
+import { SignJWT } from "jose";
 import pg from "pg";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { createClientTokens } from "../../src/http/auth.ts";
+import { createClientTokens } from "../../src/client-tokens.ts";
+import { createDb, type Db } from "../../src/store/db.ts";
 import { startLocalNats, type LocalNats } from "../../src/local-nats.ts";
 import { generateSigningJwk, importSigningKey } from "../../src/protocol/keys.ts";
 import { readMigrations } from "../../src/store/migrate.ts";
 import { TEST_DATABASE_URL, testSchema, type TestSchema } from "../helpers/db.ts";
 
 const ROOT = fileURLToPath(new URL("../..", import.meta.url));
-const SUBCOMMANDS = ["keygen", "migrate", "serve", "worker", "client-add", "demo"];
+const SUBCOMMANDS = ["keygen", "migrate", "serve", "worker", "client-add", "token-keys", "demo"];
 const BASE64URL_TOKEN = /^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$/;
 
 interface Run {
@@ -81,6 +83,16 @@ function schema(label: string): TestSchema {
   const db = testSchema(label);
   schemas.push(db);
   return db;
+}
+
+/** The homeserver alpha's client tokens, over the schema the CLI wrote to. */
+async function withTokens(db: TestSchema, fn: (tokens: ReturnType<typeof createClientTokens>, handle: Db) => Promise<void>): Promise<void> {
+  const handle = createDb({ url: db.url, schema: db.schema, poolSize: 1 });
+  try {
+    await fn(createClientTokens({ self: "alpha", db: handle, ttlSeconds: 86_400, now: () => Date.now() / 1000 }), handle);
+  } finally {
+    await handle.close();
+  }
 }
 
 describe("usage", () => {
@@ -278,9 +290,7 @@ describe("client-add", () => {
     const token = lines[0]!;
     expect(token).toMatch(BASE64URL_TOKEN);
 
-    const key = importSigningKey(JSON.parse(await readFile(keyFile, "utf8")));
-    const tokens = createClientTokens({ self: "alpha", signingKey: key, publicKeys: { keys: [key.publicJwk] }, ttlSeconds: 60, now: () => Date.now() / 1000 });
-    expect(await tokens.verify(`Bearer ${token}`)).toBe("bob");
+    await withTokens(db, async (tokens) => expect(await tokens.verify(token)).toBe("bob"));
 
     const client = new pg.Client({ connectionString: TEST_DATABASE_URL });
     await client.connect();
@@ -297,12 +307,11 @@ describe("client-add", () => {
     expect(again.stdout).toMatch(/^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\n$/);
   });
 
-  it("without a signing key exits 2 with one line naming keys.signingKeyFile", async () => {
+  it("needs no federation signing key: client tokens have keys of their own", async () => {
     const db = schema("cli-client-nokey");
-    const run = await fedrelay(["client-add", "bob"], dbEnv(db));
-    expect(run.code).toBe(2);
-    expectOneLine(run.stderr, /keys\.signingKeyFile/);
-    expect(run.stdout).toBe("");
+    const run = await fedrelay(["client-add", "bob"], { ...dbEnv(db), FEDRELAY_HOMESERVER: "alpha" });
+    expect(run.code).toBe(0);
+    await withTokens(db, async (tokens) => expect(await tokens.verify(run.stdout.trim())).toBe("bob"));
   });
 
   it("with a signing key file that does not exist exits 2 with one line naming the path", async () => {
@@ -318,6 +327,55 @@ describe("client-add", () => {
       const run = await fedrelay(args, { FEDRELAY_KEYS__SIGNING_KEY_FILE: keyFile });
       expect({ args, code: run.code }).toEqual({ args, code: 2 });
       expectOneLine(run.stderr, /client id/);
+    }
+  });
+});
+
+describe("token-keys", () => {
+  it("rotate signs with a new key and keeps the old one's tokens valid; a token made with a retired key after its retirement and every token of a revoked key are refused", async () => {
+    const db = schema("cli-token-keys");
+    const env = { ...dbEnv(db), FEDRELAY_HOMESERVER: "alpha" };
+    const before = (await fedrelay(["client-add", "bob"], env)).stdout.trim();
+    const listed = await fedrelay(["token-keys", "list"], env);
+    expect(listed.code).toBe(0);
+    const [first] = JSON.parse(listed.stdout) as { id: string; signing: boolean }[];
+    expect(first).toMatchObject({ signing: true, retiredAt: null, revokedAt: null });
+
+    const rotated = await fedrelay(["token-keys", "rotate"], env);
+    expect(rotated.code).toBe(0);
+    expect(rotated.stdout).toMatch(new RegExp(`^signing with \\S+; retired ${first!.id}\n$`));
+    const after = (await fedrelay(["client-add", "bob"], env)).stdout.trim();
+    const keys = JSON.parse((await fedrelay(["token-keys", "list"], env)).stdout) as { id: string; signing: boolean; retiredAt: string | null }[];
+    expect(keys.map((k) => [k.id === first!.id, k.signing, k.retiredAt !== null])).toEqual([[true, false, true], [false, true, false]]);
+    expect(JSON.parse(Buffer.from(after.split(".")[0]!, "base64url").toString()) as unknown).toMatchObject({ kid: keys[1]!.id });
+
+    await withTokens(db, async (tokens, handle) => {
+      expect(await tokens.verify(before)).toBe("bob");
+      expect(await tokens.verify(after)).toBe("bob");
+      // Whoever holds the retired secret can still sign, but nothing it signs after the retirement counts.
+      const { secret } = await handle.kysely.selectFrom("client_token_keys").select("secret").where("id", "=", first!.id).executeTakeFirstOrThrow();
+      const claims = JSON.parse(Buffer.from(before.split(".")[1]!, "base64url").toString()) as Record<string, unknown>;
+      const now = Math.floor(Date.now() / 1000) + 2;
+      const late = await new SignJWT({ ...claims, iat: now, exp: now + 3600 }).setProtectedHeader({ alg: "HS256", typ: "fedrelay-client+jwt", kid: first!.id }).sign(secret);
+      await expect(tokens.verify(late)).rejects.toMatchObject({ code: "unauthorized", message: expect.stringMatching(/revoked/) });
+    });
+
+    const revoked = await fedrelay(["token-keys", "revoke", first!.id], env);
+    expect({ code: revoked.code, stdout: revoked.stdout }).toEqual({ code: 0, stdout: `revoked ${first!.id}\n` });
+    await withTokens(db, async (tokens) => {
+      await expect(tokens.verify(before)).rejects.toMatchObject({ code: "unauthorized" });
+      expect(await tokens.verify(after)).toBe("bob");
+    });
+    const again = await fedrelay(["token-keys", "revoke", first!.id], env);
+    expect(again.code).toBe(1);
+    expectOneLine(again.stderr, /no unrevoked token key/);
+  });
+
+  it("a bad action exits 2 with one line, before touching the database", async () => {
+    for (const args of [["token-keys"], ["token-keys", "spin"], ["token-keys", "revoke"]]) {
+      const run = await fedrelay(args, { FEDRELAY_POSTGRES__URL: "postgresql://nobody@127.0.0.1:1/none" });
+      expect({ args, code: run.code }).toEqual({ args, code: 2 });
+      expectOneLine(run.stderr, /token-keys/);
     }
   });
 });
@@ -362,7 +420,9 @@ describe("serve", () => {
         });
         void exited.then((code) => { clearTimeout(timer); reject(new Error(`serve exited ${code}: ${stderr}`)); });
       });
-      const ready = await fetch(`${url}/readyz`);
+      // Served on the public listener (no http.operator), readiness needs the service token.
+      expect((await fetch(`${url}/readyz`)).status).toBe(401);
+      const ready = await fetch(`${url}/readyz`, { headers: { authorization: "Bearer cli-serve-service-token-0123" } });
       expect({ status: ready.status, body: await ready.json() as unknown })
         .toEqual({ status: 200, body: { ok: true, checks: { postgres: true, nats: true, worker: true } } });
       const jwks = await (await fetch(`${url}/.well-known/fedrelay/jwks.json`)).json() as { keys: unknown[] };

@@ -20,7 +20,7 @@ import { EVENT_TYP } from "../../src/protocol/claims.ts";
 import { inboxStreamName } from "../../src/protocol/subjects.ts";
 import { publishEvent } from "../../src/transport/publisher.ts";
 import {
-  addClient, eventClaims, eventually, grantCapability, http, identity, natsClient, signed, startHomeserver,
+  addClient, eventClaims, eventually, grantCapability, http, identity, natsClient, SERVICE_TOKEN, signed, startHomeserver,
   type Identity, type NatsClient, type TestHomeserver,
 } from "../helpers/federation.ts";
 
@@ -206,8 +206,11 @@ interface Metrics {
   readonly batchFailures: number;
 }
 
+/** Operator routes on the API's listener need the service token. */
+const OPERATOR = { authorization: `Bearer ${SERVICE_TOKEN}` };
+
 async function scrapeMetrics(): Promise<Metrics> {
-  const text = await (await fetch(`${betaHs.relay.url}/metrics`)).text();
+  const text = await (await fetch(`${betaHs.relay.url}/metrics`, { headers: OPERATOR })).text();
   const value = (re: RegExp): number => Number(re.exec(text)?.[1] ?? 0);
   return {
     duplicates: value(/^fedrelay_events_refused_total\{reason="duplicate"\} (\d+)$/m),
@@ -306,7 +309,7 @@ describe("mutated events through NATS, the worker and Postgres (property-based, 
     const { events, refused, metrics } = settled;
 
     // The worker did not crash and never failed a batch.
-    const ready = await http(`${betaHs.relay.url}/readyz`);
+    const ready = await http(`${betaHs.relay.url}/readyz`, { token: SERVICE_TOKEN });
     expect(ready.status, json(ready.json)).toBe(200);
     expect(metrics.batchFailures, `batches failed (seed ${seed})`).toBe(0);
 
@@ -355,7 +358,7 @@ describe("regressions found by the property above", () => {
       const poisonSeq = (await publishEvent(client.js, subject, poison, 5000)).seq;
       await publishEvent(client.js, subject, Buffer.from(marker.token), 5000);
 
-      const failures = async (): Promise<number> => Number(/^fedrelay_batch_failures_total (\d+)$/m.exec(await (await fetch(`${hs.relay.url}/metrics`)).text())?.[1] ?? 0);
+      const failures = async (): Promise<number> => Number(/^fedrelay_batch_failures_total (\d+)$/m.exec(await (await fetch(`${hs.relay.url}/metrics`, { headers: OPERATOR })).text())?.[1] ?? 0);
       const row = await eventually(
         () => hs.relay.db.kysely.selectFrom("refused_events").select(["reason", "detail"]).where("stream_seq", "=", String(poisonSeq)).executeTakeFirst(),
         10_000,

@@ -1,10 +1,11 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { createClientTokens } from "../../src/http/auth.ts";
+import { SignJWT } from "jose";
+import { createClientTokens } from "../../src/client-tokens.ts";
 import { startLocalNats, type LocalNats } from "../../src/local-nats.ts";
 import { CLIENT_TOKEN_TYP, EVENT_TYP } from "../../src/protocol/claims.ts";
-import { importSigningKey, type SigningKey } from "../../src/protocol/keys.ts";
 import { signToken } from "../../src/protocol/sign.ts";
-import { clientExists } from "../../src/store/clients.ts";
+import { clientExists, clientRegistration } from "../../src/store/clients.ts";
+import { signingTokenKey } from "../../src/store/client-token-keys.ts";
 import {
   addClient, eventually, grantCapability, http, identity, SERVICE_TOKEN, startHomeserver,
   type Identity, type TestHomeserver,
@@ -110,9 +111,15 @@ async function deliveriesFor(clientId: string): Promise<number> {
   return Number(row.n);
 }
 
-function mintWith(self: string, signingKey: SigningKey, clientId: string, now = Date.now() / 1000, ttlSeconds = 3600): Promise<string> {
-  const tokens = createClientTokens({ self, signingKey, publicKeys: { keys: [signingKey.publicJwk] }, ttlSeconds, now: () => now });
-  return tokens.mint(clientId).then((t) => t.token);
+/** A token minted by `hs` itself (its own key and the client's registration), at another time or lifetime. */
+function mintAt(hs: TestHomeserver, clientId: string, now: number, ttlSeconds: number): Promise<string> {
+  return createClientTokens({ self: hs.id.name, db: hs.relay.db, ttlSeconds, now: () => now }).mint(clientId).then((t) => t.token);
+}
+
+/** A token with any claims, signed with `hs`'s real client-token secret: only the claims can make it wrong. */
+async function signedWithRealKey(hs: TestHomeserver, claims: Record<string, unknown>, header: Record<string, unknown> = {}): Promise<string> {
+  const key = await signingTokenKey(hs.relay.db);
+  return new SignJWT(claims).setProtectedHeader({ alg: "HS256", typ: CLIENT_TOKEN_TYP, kid: key.id, ...header }).sign(key.secret);
 }
 
 describe("authentication: every refusal is 401 { error: unauthorized, message }", () => {
@@ -165,28 +172,48 @@ describe("authentication: every refusal is 401 { error: unauthorized, message }"
     }
   });
 
-  it("refuses a token naming this homeserver but signed with a key it does not hold", async () => {
+  it("refuses a token naming this homeserver but signed with a key it does not hold, or with its federation key", async () => {
     const id = uniq("forged");
     await addClient(betaHs, id);
-    // gamma's key, under gamma's kid and under beta's own kid.
-    const underGammaKid = await mintWith("beta", gamma.key, id);
-    const underBetaKid = await mintWith("beta", importSigningKey({ ...gamma.jwk, kid: beta.key.kid }), id);
-    for (const token of [underGammaKid, underBetaKid]) {
+    const now = Math.floor(Date.now() / 1000);
+    const reg = await clientRegistration(betaHs.relay.db, id);
+    const claims = { iss: "beta", aud: "beta", sub: id, reg, iat: now, exp: now + 600 };
+    const realKid = (await signingTokenKey(betaHs.relay.db)).id;
+    // Another secret under beta's own kid, and under a kid beta never had.
+    const otherSecret = new SignJWT(claims).setProtectedHeader({ alg: "HS256", typ: CLIENT_TOKEN_TYP, kid: realKid }).sign(Buffer.alloc(32, 7));
+    const unknownKid = new SignJWT(claims).setProtectedHeader({ alg: "HS256", typ: CLIENT_TOKEN_TYP, kid: "made-up" }).sign(Buffer.alloc(32, 7));
+    // Client tokens as they were before: EdDSA under the federation signing key, which must mean nothing to the API.
+    const federationKey = signToken(claims, CLIENT_TOKEN_TYP, beta.key);
+    for (const token of await Promise.all([otherSecret, unknownKid, federationKey])) {
       expectError(await http(`${betaHs.relay.url}/v1/messages`, { token }), 401, "unauthorized", /invalid client token/);
     }
   });
 
-  it("refuses an expired client token, a token of another type and a token for an unregistered client", async () => {
+  it("refuses an expired client token, a token of another type, a token for an unregistered client and one outliving the token lifetime", async () => {
     const id = uniq("stale");
     await addClient(betaHs, id);
     const now = Math.floor(Date.now() / 1000);
-    const expired = await mintWith("beta", beta.key, id, now - 7200, 60);
-    const eventTyped = await signToken({ iss: "beta", aud: "beta", sub: id, iat: now, exp: now + 600 }, EVENT_TYP, beta.key);
-    const wrongAudience = await signToken({ iss: "beta", aud: "gamma", sub: id, iat: now, exp: now + 600 }, CLIENT_TOKEN_TYP, beta.key);
-    const unregistered = await mintWith("beta", beta.key, uniq("ghost"));
-    for (const token of [expired, eventTyped, wrongAudience, unregistered]) {
-      expectError(await http(`${betaHs.relay.url}/v1/messages`, { token }), 401, "unauthorized");
+    const reg = await clientRegistration(betaHs.relay.db, id);
+    const ttl = betaHs.config.http.clientTokenTtlSeconds;
+    const cases: [string, string, RegExp][] = [
+      ["expired", await mintAt(betaHs, id, now - 7200, 60), /exp/],
+      ["an event's typ", await signedWithRealKey(betaHs, { iss: "beta", aud: "beta", sub: id, reg, iat: now, exp: now + 600 }, { typ: EVENT_TYP }), /not a fedrelay-client\+jwt/],
+      ["another audience", await signedWithRealKey(betaHs, { iss: "beta", aud: "gamma", sub: id, reg, iat: now, exp: now + 600 }), /aud/],
+      ["no registration", await signedWithRealKey(betaHs, { iss: "beta", aud: "beta", sub: id, iat: now, exp: now + 600 }), /reg/],
+      ["another registration", await signedWithRealKey(betaHs, { iss: "beta", aud: "beta", sub: id, reg: "00000000-0000-4000-8000-000000000000", iat: now, exp: now + 600 }), /revoked/],
+      ["an unregistered client", await signedWithRealKey(betaHs, { iss: "beta", aud: "beta", sub: uniq("ghost"), reg, iat: now, exp: now + 600 }), /revoked/],
+      // Made with the real key, but for a year: longer than any token this homeserver mints.
+      ["365 days", await signedWithRealKey(betaHs, { iss: "beta", aud: "beta", sub: id, reg, iat: now, exp: now + 365 * 86_400 }), new RegExp(`exceeds ${ttl}`)],
+      ["from the future", await signedWithRealKey(betaHs, { iss: "beta", aud: "beta", sub: id, reg, iat: now + 600, exp: now + 1200 }), /future/],
+    ];
+    for (const [name, token, message] of cases) {
+      const res = await http(`${betaHs.relay.url}/v1/messages`, { token });
+      expect({ name, status: res.status, error: res.json.error }).toEqual({ name, status: 401, error: "unauthorized" });
+      expect({ name, message: res.json.message }).toEqual({ name, message: expect.stringMatching(message) });
     }
+    // The same claims done right are accepted: each case above differs in one thing.
+    const good = await signedWithRealKey(betaHs, { iss: "beta", aud: "beta", sub: id, reg, iat: now, exp: now + 600 });
+    expect((await http(`${betaHs.relay.url}/v1/messages`, { token: good })).status).toBe(200);
   });
 
   it("service routes refuse a client token and a wrong service token, and change nothing", async () => {
@@ -514,9 +541,10 @@ describe("keys and operations", () => {
 
   it("/healthz is 200 and /readyz is 200 with postgres, nats and worker checks", async () => {
     expect(await http(`${betaHs.relay.url}/healthz`)).toEqual({ status: 200, json: { ok: true } });
-    expect(await http(`${betaHs.relay.url}/readyz`)).toEqual({ status: 200, json: { ok: true, checks: { postgres: true, nats: true, worker: true } } });
+    // On the public listener (no http.operator here), readiness is for holders of the service token.
+    expect(await http(`${betaHs.relay.url}/readyz`, { token: SERVICE_TOKEN })).toEqual({ status: 200, json: { ok: true, checks: { postgres: true, nats: true, worker: true } } });
     // An API-only process has no worker to report on.
-    expect(await http(`${gammaHs.relay.url}/readyz`)).toEqual({ status: 200, json: { ok: true, checks: { postgres: true, nats: true } } });
+    expect(await http(`${gammaHs.relay.url}/readyz`, { token: SERVICE_TOKEN })).toEqual({ status: 200, json: { ok: true, checks: { postgres: true, nats: true } } });
   });
 
   it("/metrics exposes the relay's counters and the default process metrics", async () => {
@@ -524,7 +552,7 @@ describe("keys and operations", () => {
     const token = await member(id);
     await send([id], "count me");
     await waitForMessages(token, 1);
-    const res = await call(`${betaHs.relay.url}/metrics`);
+    const res = await call(`${betaHs.relay.url}/metrics`, { headers: { authorization: `Bearer ${SERVICE_TOKEN}` } });
     expect(res.status).toBe(200);
     expect(res.contentType).toMatch(/^text\/plain/);
     const value = (name: string): number => Number(new RegExp(`^${name} (\\S+)$`, "m").exec(res.body)?.[1]);

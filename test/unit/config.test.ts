@@ -253,6 +253,20 @@ describe("loadConfig validation", () => {
     expect(err.message).toContain("http.serviceToken");
   });
 
+  it("refuses a headers timeout longer than the request timeout, naming http.headersTimeoutMs", () => {
+    const err = configError({ overrides: { http: { headersTimeoutMs: 5000, requestTimeoutMs: 1000 } } });
+    expect(err.code).toBe("config_invalid");
+    expect(err.message).toMatch(/http\.headersTimeoutMs/);
+    expect(loadConfig({ overrides: { http: { headersTimeoutMs: 1000, requestTimeoutMs: 1000 } } }).http.headersTimeoutMs).toBe(1000);
+  });
+
+  it("takes an operator listener from the environment, and leaves it unset by default", () => {
+    expect(loadConfig().http.operator).toBeUndefined();
+    const config = loadConfig({ env: { FEDRELAY_HTTP__OPERATOR__PORT: "9464", FEDRELAY_HTTP__OPERATOR__HOST: "10.0.0.5" } });
+    expect(config.http.operator).toEqual({ host: "10.0.0.5", port: 9464 });
+    expect(loadConfig({ env: { FEDRELAY_HTTP__OPERATOR__PORT: "9464" } }).http.operator).toEqual({ host: "127.0.0.1", port: 9464 });
+  });
+
   it("refuses an unknown top-level key (a typo) naming it", () => {
     const err = configError({ overrides: { homeservr: "beta.example.org" } });
     expect(err.code).toBe("config_invalid");
