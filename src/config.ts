@@ -21,11 +21,42 @@ export const configSchema = z.strictObject({
   nats: z.strictObject({
       // The machine's own nats-server; the demo and tests start their own instead.
       servers: z.array(z.string().min(1)).min(1).default(["nats://127.0.0.1:4222"]),
+      // One credential at most: user and pass, a token, an nkey seed (what `fedrelay nats-config`
+      // writes for a hub), or a .creds file (a user JWT and its seed, for servers in operator mode).
       user: z.string().optional(),
       pass: z.string().optional(),
       token: z.string().optional(),
+      nkeySeed: z.string().regex(/^SU[A-Z2-7]{56}$/, "must be a user nkey seed (SU…, 58 characters)").optional(),
+      /** Read at start into nkeySeed. */
+      nkeySeedFile: z.string().optional(),
+      /** Read at start into creds. */
+      credsFile: z.string().optional(),
+      creds: z.string().optional(),
+      /** TLS to the server: its CA, and a client certificate where the server asks for one. */
+      tls: z.strictObject({ caFile: z.string().optional(), certFile: z.string().optional(), keyFile: z.string().optional() })
+        .refine((t) => (t.certFile === undefined) === (t.keyFile === undefined), "certFile and keyFile go together")
+        .optional(),
+      /** Reply subjects' prefix. A hub lets each homeserver receive only on its own, `_INBOX_<token>` (docs/protocol.md §4). */
+      inboxPrefix: z.string().regex(/^[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*$/, "must be NATS subject tokens without wildcards").optional(),
+      /**
+       * Where this homeserver's inbox and report streams live when they are not on the
+       * server it connects to: the hub's JetStream domain across a leafnode (bridged), or
+       * an explicit JetStream API prefix. The outbox always lives on the server connected to.
+       */
+      domain: z.string().regex(/^[A-Za-z0-9_-]{1,64}$/).optional(),
+      apiPrefix: z.string().regex(/^[A-Za-z0-9_$-]+(?:\.[A-Za-z0-9_$-]+)*$/).optional(),
+      // A relay creates and repairs its own streams and consumers on its own server. A hub
+      // provisions them (`fedrelay nats-provision`) and gives no tenant the right to: false there,
+      // and the worker only checks them, saying on /readyz what is wrong.
+      manageStreams: z.boolean().default(true),
+      // How often a worker checks that its streams and consumers are as they should be
+      // (also at once when a pull fails): a tampered or deleted one is put back within this.
+      checkIntervalSeconds: z.number().int().min(1).max(3600).default(15),
     })
-    .default({ servers: ["nats://127.0.0.1:4222"] }),
+    .refine((n) => [n.user !== undefined || n.pass !== undefined, n.token, n.nkeySeed ?? n.nkeySeedFile, n.creds ?? n.credsFile].filter(Boolean).length <= 1,
+      "at most one credential: user/pass, token, nkeySeed(File) or creds(File)")
+    .refine((n) => n.domain === undefined || n.apiPrefix === undefined, "domain and apiPrefix exclude each other")
+    .default({ servers: ["nats://127.0.0.1:4222"], manageStreams: true, checkIntervalSeconds: 15 }),
   postgres: z.strictObject({
       // Trust auth on loopback, as this machine and CI run Postgres.
       url: z.string().min(1).default("postgresql://postgres@127.0.0.1:5432/postgres"),
@@ -179,8 +210,17 @@ export const configSchema = z.strictObject({
       eventLifetimeSeconds: z.number().int().min(60).max(DEFAULT_EVENT_LIMITS.maxLifetimeSeconds).default(24 * 3600),
       // A publish acknowledgement normally takes a millisecond; this bounds a stalled server.
       publishTimeoutMs: z.number().int().min(100).default(5000),
+      /**
+       * Fan-outs go first to a durable outbox on the server this relay connects to, and a
+       * forwarder (in every worker) delivers them: `POST /v1/fanout` succeeds while the way to
+       * a destination is down (a bridged homeserver's leafnode link). Off: published directly.
+       */
+      outbox: z.boolean().default(false),
+      // The forwarder signs again (same jti, fresh iat and exp) an event with less lifetime left
+      // than this: an outage of the sender's link longer than a lifetime loses nothing.
+      resignWithinSeconds: z.number().int().min(1).default(300),
     })
-    .default({ eventLifetimeSeconds: 24 * 3600, publishTimeoutMs: 5000 }),
+    .default({ eventLifetimeSeconds: 24 * 3600, publishTimeoutMs: 5000, outbox: false, resignWithinSeconds: 300 }),
   log: z.strictObject({ level: z.enum(["fatal", "error", "warn", "info", "debug", "trace", "silent"]).default("info") })
     .default({ level: "info" }),
 });
@@ -196,7 +236,10 @@ function camel(upperSnake: string): string {
 }
 
 /** Settings that are strings even when they look like JSON (a digits-only password is still a password). */
-const STRING_KEYS = new Set(["homeserver", "schema", "user", "pass", "token", "serviceToken", "url", "host", "signingKeyFile", "consumer", "level", "jwksUrl"]);
+const STRING_KEYS = new Set([
+  "homeserver", "schema", "user", "pass", "token", "serviceToken", "url", "host", "signingKeyFile", "consumer", "level", "jwksUrl",
+  "nkeySeed", "nkeySeedFile", "credsFile", "creds", "caFile", "certFile", "keyFile", "inboxPrefix", "domain", "apiPrefix",
+]);
 
 function envValue(key: string, raw: string): Json {
   if (STRING_KEYS.has(key)) return raw;

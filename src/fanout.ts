@@ -13,7 +13,7 @@ import { uuidv7 } from "./protocol/event-id.ts";
 import type { SigningKey } from "./protocol/keys.ts";
 import { isClientId, isEventId, isHomeserverName, parseGroupId } from "./protocol/names.ts";
 import { signEvent } from "./protocol/sign.ts";
-import { inboxSubject } from "./protocol/subjects.ts";
+import { inboxSubject, outboxSubject } from "./protocol/subjects.ts";
 import { publishEvent } from "./transport/publisher.ts";
 
 /** Over 1,000 recipients at one destination, chunks get a `_N` suffix: the request id leaves room for it. */
@@ -45,6 +45,8 @@ export interface FanoutEvent {
   readonly recipients: number;
   readonly published: boolean;
   readonly duplicate?: boolean;
+  /** Stored in this homeserver's outbox, from which it is delivered (fanout.outbox). */
+  readonly outbox?: boolean;
   readonly error?: string;
 }
 
@@ -62,6 +64,8 @@ export interface FanoutDeps {
   readonly eventLifetimeSeconds: number;
   readonly maxBodyBytes: number;
   readonly publishTimeoutMs: number;
+  /** Publish to this homeserver's outbox instead of the destinations' inboxes (fanout.outbox). */
+  readonly outbox?: boolean;
 }
 
 /** Groups recipients by destination, in first-seen order, dropping repeats of the same client. */
@@ -119,9 +123,10 @@ export function createFanout(deps: FanoutDeps): { fanout(request: FanoutRequest)
     const token = await signEvent(claims, deps.signingKey);
     const base = { server, event: claims.jti, recipients: claims.rcpt.length };
     try {
-      const ack = await publishEvent(deps.js, inboxSubject(server, deps.self), Buffer.from(token, "latin1"), deps.publishTimeoutMs);
+      const subject = deps.outbox ? outboxSubject(server, deps.self) : inboxSubject(server, deps.self);
+      const ack = await publishEvent(deps.js, subject, Buffer.from(token, "latin1"), deps.publishTimeoutMs);
       deps.metrics.eventsPublished.inc({ destination: server });
-      return { ...base, published: true, duplicate: ack.duplicate };
+      return { ...base, published: true, duplicate: ack.duplicate, ...(deps.outbox ? { outbox: true } : {}) };
     } catch (err) {
       deps.metrics.publishFailures.inc({ destination: server });
       return { ...base, published: false, error: (err as Error).message };

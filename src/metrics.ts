@@ -20,6 +20,10 @@ export interface RelayMetrics {
   readonly httpRefused: Counter<"access" | "code">;
   readonly httpWaiting: Gauge;
   readonly httpWaitsRefused: Counter<"limit">;
+  readonly streamRepairs: Counter<"stream">;
+  readonly outboxForwarded: Counter<"destination">;
+  readonly outboxFailures: Counter<"destination">;
+  readonly outboxResigned: Counter;
 }
 
 export function createMetrics(registry = new Registry(), options: { defaultMetrics?: boolean } = {}): RelayMetrics {
@@ -68,5 +72,14 @@ export function createMetrics(registry = new Registry(), options: { defaultMetri
       labelNames: ["limit"],
       registers,
     }),
+    streamRepairs: new Counter({
+      name: "fedrelay_stream_repairs_total",
+      help: "Streams and consumers this process found missing or changed and put back as they should be",
+      labelNames: ["stream"],
+      registers,
+    }),
+    outboxForwarded: new Counter({ name: "fedrelay_outbox_forwarded_total", help: "Outboxed events acknowledged by their destination's inbox", labelNames: ["destination"], registers }),
+    outboxFailures: new Counter({ name: "fedrelay_outbox_failures_total", help: "Outboxed events not yet accepted by their destination's inbox (retried with backoff)", labelNames: ["destination"], registers }),
+    outboxResigned: new Counter({ name: "fedrelay_outbox_resigned_total", help: "Outboxed events signed again (same jti) because their lifetime was running out", registers }),
   };
 }

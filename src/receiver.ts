@@ -20,7 +20,7 @@ export interface ReceiverDeps {
   readonly limits: EventLimits;
   readonly metrics: RelayMetrics;
   readonly log: Logger;
-  /** Seconds since the epoch. */
+  /** Seconds since the epoch: rate limits. (Events are verified as of when their inbox stored them.) */
   readonly now: () => number;
   readonly isSenderAllowed?: (iss: string) => boolean;
   /** How long JetStream waits before redelivering a batch that failed for a transient reason. */
@@ -95,7 +95,10 @@ export function createReceiver(deps: ReceiverDeps): Receiver {
       limits: deps.limits,
       keys: deps.keys,
       isSenderAllowed: deps.isSenderAllowed ?? allowAll,
-      now: deps.now(),
+      // Judged as of when this homeserver's inbox stored the event (docs/protocol.md §5 step 5),
+      // not when a worker got to it: a backlog, or an outage of ours or of the way to us, never
+      // turns an event that arrived valid into an expired one.
+      now: m.info.timestampNanos / 1e9,
     }).catch((err: unknown): Verdict => {
       // A bug in verification must refuse one message, never poison its batch with retries.
       deps.log.error({ err, seq: m.seq }, "verification threw; refusing the event as malformed");

@@ -3,7 +3,7 @@
  * everything in order and closes it in reverse, keeping the first error.
  */
 import { jetstream, jetstreamManager } from "@nats-io/jetstream";
-import { connect, type NatsConnection } from "@nats-io/transport-node";
+import type { NatsConnection } from "@nats-io/transport-node";
 import type { Logger } from "pino";
 import type { RelayConfig } from "./config.ts";
 import { RelayError } from "./errors.ts";
@@ -15,19 +15,19 @@ import { createHttpServers, type HealthReport, type HttpServers } from "./http/s
 import { createKeyRegistry } from "./keys/registry.ts";
 import { createMetrics, type RelayMetrics } from "./metrics.ts";
 import { importSigningKey, type PublicJwk, type SigningKey } from "./protocol/keys.ts";
-import { inboxStreamName, reportStreamName } from "./protocol/subjects.ts";
+import { inboxStreamName, outboxStreamName, reportStreamName } from "./protocol/subjects.ts";
 import { createReceiver } from "./receiver.ts";
 import { createDb, type Db } from "./store/db.ts";
 import { migrate } from "./store/migrate.ts";
 import { createDeliveryNotifier, type DeliveryNotifier } from "./store/notifier.ts";
 import { pullsByBytes, startBatchLoop, type BatchLoop } from "./transport/consumer.ts";
-import { ensureInbox, ensureReportStream } from "./transport/streams.ts";
+import { connectNats } from "./transport/connection.ts";
+import { watchStreams, type StreamWatch, type WatchTarget } from "./transport/stream-watch.ts";
+import { inboxSpec, OUTBOX_CONSUMER, outboxSpec, REPORT_CONSUMER, reportSpec } from "./transport/streams.ts";
+import { createForwarder } from "./outbox.ts";
 import { isSenderAllowed } from "./policy/server-rules.ts";
 import { createReportRecorder, createReportSender } from "./reports.ts";
 import { watchServerPolicy, type PolicyWatcher } from "./store/server-policy.ts";
-
-/** Not wire: the durable consumer of this homeserver's report stream. */
-const REPORT_CONSUMER = "reports";
 
 export interface RelayRoles {
   /** HTTP API: keys, fan-out, clients' messages. */
@@ -80,6 +80,8 @@ export function createRelay(config: RelayConfig, roles: RelayRoles, deps: RelayD
   let nc: NatsConnection | undefined;
   let loop: BatchLoop | undefined;
   let reportLoop: BatchLoop | undefined;
+  let outboxLoop: BatchLoop | undefined;
+  let streams: StreamWatch | undefined;
   let policy: PolicyWatcher | undefined;
   let notifier: DeliveryNotifier | undefined;
   let http: HttpServers | undefined;
@@ -93,22 +95,35 @@ export function createRelay(config: RelayConfig, roles: RelayRoles, deps: RelayD
     checks.nats = nc !== undefined && !nc.isClosed() &&
       ((await withTimeout(nc.flush().then(() => true, () => false), 1000)) ?? false);
     if (roles.worker) checks.worker = loop !== undefined && !closing;
-    return { ok: Object.values(checks).every(Boolean) && !closing, checks };
+    const problems = streams?.problems ?? [];
+    checks.streams = streams !== undefined && problems.length === 0;
+    return { ok: Object.values(checks).every(Boolean) && !closing, checks, ...(problems.length > 0 ? { problems } : {}) };
   }
 
   async function start(): Promise<void> {
     await migrate(db.pool, config.postgres.schema);
-    nc = await connect({
-      servers: [...config.nats.servers],
-      name: `fedrelay ${config.homeserver}`,
-      // Never give up: a relay that stops reconnecting needs an operator.
-      maxReconnectAttempts: -1,
-      ...(config.nats.user === undefined ? {} : { user: config.nats.user, pass: config.nats.pass }),
-      ...(config.nats.token === undefined ? {} : { token: config.nats.token }),
-    });
-    const jsm = await jetstreamManager(nc);
-    await ensureInbox(jsm, config.homeserver, { ...config.inbox, maxMessageBytes: config.limits.maxMessageBytes }, config.worker);
-    await ensureReportStream(jsm, config.homeserver, REPORT_CONSUMER, config.inbox.replicas);
+    nc = await connectNats(config.nats, `fedrelay ${config.homeserver}`);
+    // The inbox and report streams live on the hub's JetStream (a domain or API prefix across a
+    // leafnode), the outbox on the server connected to. No account-wide call ($JS.API.INFO): a
+    // hub grants each homeserver only its own streams.
+    const hubOptions = {
+      ...(config.nats.domain === undefined ? {} : { domain: config.nats.domain }),
+      ...(config.nats.apiPrefix === undefined ? {} : { apiPrefix: config.nats.apiPrefix }),
+    };
+    const jsm = await jetstreamManager(nc, { ...hubOptions, checkAPI: false });
+    const manage = config.nats.manageStreams;
+    const outbox = config.fanout.outbox && signingKey !== undefined;
+    const targets: WatchTarget[] = [
+      { jsm, manage, spec: inboxSpec(config.homeserver, { ...config.inbox, maxMessageBytes: config.limits.maxMessageBytes }, config.worker) },
+      { jsm, manage, spec: reportSpec(config.homeserver, config.inbox.replicas) },
+    ];
+    if (outbox) {
+      targets.push({ jsm: await jetstreamManager(nc, { checkAPI: false }), manage: true, spec: outboxSpec(config.homeserver, { maxMessageBytes: config.limits.maxMessageBytes }) });
+    }
+    streams = watchStreams(targets, { intervalMs: config.nats.checkIntervalSeconds * 1000, log, metrics });
+    // Missing (and not ours to create) is fatal: nothing could run. Changed is not: /readyz says so.
+    await streams.check({ fatal: true });
+    const streamWatch = streams;
     policy = await watchServerPolicy(db, { policy: config.policy, rateLimits: config.rateLimits }, config.policy.refreshMs, log);
     const serverPolicy = policy;
     const keys = createKeyRegistry({
@@ -120,7 +135,13 @@ export function createRelay(config: RelayConfig, roles: RelayRoles, deps: RelayD
       ...(deps.fetch ? { fetch: deps.fetch } : {}),
     });
     await keys.ready;
-    const js = jetstream(nc);
+    const js = jetstream(nc, hubOptions);
+    const localJs = jetstream(nc);
+    const pullFailed = (what: string) => (err: unknown): void => {
+      log.warn({ err }, `pull from the ${what} failed; pulling again`);
+      // A consumer deleted or changed under us: put it back (or say why not) before the next pull.
+      void streamWatch.check().catch(() => undefined);
+    };
 
     if (roles.worker) {
       if (!signingKey) log.warn("no signing key: this worker stores events but sends no delivery reports");
@@ -139,7 +160,7 @@ export function createRelay(config: RelayConfig, roles: RelayRoles, deps: RelayD
       loop = await startBatchLoop(consumer, {
         batchSize: config.worker.batchSize, maxBatchBytes: config.worker.maxBatchBytes, expiresMs: config.worker.fetchExpiresMs,
         maxMessageBytes: config.limits.maxMessageBytes, pullByBytes, retryMs: config.worker.retryDelayMs,
-        onPullError: (err) => log.warn({ err }, "pull from the inbox failed; pulling again"),
+        onPullError: pullFailed("inbox"),
         onBuffered: (m) => receiver.verifyAhead(m),
         // One verify slice's worth: measured at half the peak rate, p99 publish-to-commit 51 → 46 ms and p50 9 → 7.5 ms.
         overlapAfter: 32,
@@ -148,8 +169,19 @@ export function createRelay(config: RelayConfig, roles: RelayRoles, deps: RelayD
       const reportConsumer = await js.consumers.get(reportStreamName(config.homeserver), REPORT_CONSUMER);
       reportLoop = await startBatchLoop(reportConsumer, {
         batchSize: 100, expiresMs: config.worker.fetchExpiresMs, retryMs: config.worker.retryDelayMs,
-        onPullError: (err) => log.warn({ err }, "pull from the report stream failed; pulling again"),
+        onPullError: pullFailed("report stream"),
       }, recorder.handle);
+      if (outbox) {
+        const forwarder = createForwarder({
+          self: config.homeserver, js: localJs, signingKey: signingKey!, now, metrics, log,
+          eventLifetimeSeconds: config.fanout.eventLifetimeSeconds, resignWithinSeconds: config.fanout.resignWithinSeconds,
+          publishTimeoutMs: config.fanout.publishTimeoutMs,
+        });
+        outboxLoop = await startBatchLoop(await localJs.consumers.get(outboxStreamName(config.homeserver), OUTBOX_CONSUMER), {
+          batchSize: 200, expiresMs: config.worker.fetchExpiresMs, retryMs: config.worker.retryDelayMs,
+          onPullError: pullFailed("outbox"),
+        }, forwarder.handle);
+      }
     }
 
     let api;
@@ -161,7 +193,7 @@ export function createRelay(config: RelayConfig, roles: RelayRoles, deps: RelayD
         db,
         notifier,
         fanout: createFanout({
-          self: config.homeserver, js, signingKey, metrics, now,
+          self: config.homeserver, js: localJs, signingKey, metrics, now, outbox,
           eventLifetimeSeconds: config.fanout.eventLifetimeSeconds,
           maxBodyBytes: config.limits.maxBodyBytes,
           publishTimeoutMs: config.fanout.publishTimeoutMs,
@@ -195,6 +227,8 @@ export function createRelay(config: RelayConfig, roles: RelayRoles, deps: RelayD
       // The worker drains first, while /readyz still answers (503: closing is set).
       await step(() => loop?.stop());
       await step(() => reportLoop?.stop());
+      await step(() => outboxLoop?.stop());
+      streams?.close();
       policy?.close();
       // Ends long-polls at once, then HTTP: responses from here on close their connection,
       // so a keep-alive client (a Prometheus scrape) cannot hold the shutdown open.

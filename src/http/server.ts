@@ -22,6 +22,8 @@ import type { ApiDeps } from "./common.ts";
 export interface HealthReport {
   readonly ok: boolean;
   readonly checks: Readonly<Record<string, boolean>>;
+  /** What is wrong, in words, when a check says so (a stream changed and not repaired). */
+  readonly problems?: readonly string[];
 }
 
 /** What a connection may cost before it has sent a whole request. */

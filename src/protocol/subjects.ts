@@ -47,3 +47,26 @@ export function senderOfInboxSubject(subject: string): string | undefined {
   inboxSenders.set(subject, sender);
   return sender;
 }
+
+/**
+ * Not wire: a sender's outbox, on the server it connects to (`fanout.outbox`).
+ * Its own prefix, so an outboxed event is never also taken by an inbox stream.
+ */
+export function outboxSubject(destination: string, sender: string): string {
+  return `${PREFIX}.outbox.${subjectToken(destination)}.${subjectToken(sender)}`;
+}
+
+export function outboxWildcard(sender: string): string {
+  return `${PREFIX}.outbox.*.${subjectToken(sender)}`;
+}
+
+export function outboxStreamName(sender: string): string {
+  return `FEDRELAY_OUT_${subjectToken(sender)}`;
+}
+
+/** The destination an outbox subject names. */
+export function destinationOfOutboxSubject(subject: string): string | undefined {
+  const parts = subject.split(".");
+  if (parts.length !== 5 || `${parts[0]}.${parts[1]}` !== PREFIX || parts[2] !== "outbox") return undefined;
+  return homeserverFromToken(parts[3]!);
+}

@@ -1,10 +1,22 @@
-/** The destination's inbox stream and its durable consumer (DESIGN §4). */
+/**
+ * What a homeserver's streams and consumers must be (DESIGN §4), how far an
+ * existing one has drifted from that, and putting it back. The relay does this
+ * for its own (or, on a hub where it may not, says on /readyz what is wrong);
+ * `fedrelay nats-provision` does it for every homeserver of a hub.
+ *
+ * A spec lists every field that matters, each with its value, and an update
+ * sends all of them: nats.js merges an update into the stream's current config,
+ * so a field left out (a `max_age` someone set, a `republish` to another
+ * subject) would otherwise survive every repair.
+ */
 import {
-  AckPolicy, DeliverPolicy, DiscardPolicy, JetStreamApiCodes, JetStreamApiError, RetentionPolicy, StorageType,
-  type JetStreamManager, type StreamConfig,
+  AckPolicy, DeliverPolicy, DiscardPolicy, JetStreamApiCodes, JetStreamApiError, ReplayPolicy, RetentionPolicy, StorageType,
+  type ConsumerConfig, type JetStreamManager, type StreamConfig,
 } from "@nats-io/jetstream";
 import { nanos } from "@nats-io/transport-node";
-import { inboxStreamName, inboxWildcard, reportStreamName, reportWildcard } from "../protocol/subjects.ts";
+import {
+  inboxStreamName, inboxWildcard, outboxStreamName, outboxWildcard, reportStreamName, reportWildcard,
+} from "../protocol/subjects.ts";
 
 export interface InboxSettings {
   readonly replicas: number;
@@ -19,70 +31,256 @@ export interface ConsumerSettings {
   readonly maxAckPending: number;
 }
 
-export function inboxStreamConfig(homeserver: string, s: InboxSettings): Partial<StreamConfig> & { name: string } {
+/** Not wire: the durable consumer of a homeserver's report stream, and of its outbox. */
+export const REPORT_CONSUMER = "reports";
+export const OUTBOX_CONSUMER = "forwarder";
+
+/** The fields a stream spec fixes; all of them are compared and all are sent on repair. */
+export type StreamSpecConfig = Pick<StreamConfig,
+  | "name" | "subjects" | "retention" | "storage" | "num_replicas" | "duplicate_window" | "max_msgs_per_subject" | "discard"
+  | "discard_new_per_subject" | "max_msg_size" | "max_age" | "max_bytes" | "max_msgs" | "max_consumers" | "sealed"
+  | "deny_delete" | "deny_purge" | "allow_rollup_hdrs" | "allow_direct" | "mirror_direct"
+> & {
+  /** Must be absent: a copy of every event to a subject of someone else's choosing, or other streams' messages mixed in. */
+  readonly republish?: undefined;
+  readonly sources?: undefined;
+  readonly mirror?: undefined;
+  readonly subject_transform?: undefined;
+};
+
+export type ConsumerSpecConfig = Pick<ConsumerConfig,
+  "durable_name" | "ack_policy" | "deliver_policy" | "ack_wait" | "max_ack_pending" | "max_deliver" | "replay_policy"
+> & {
+  /** A pull consumer of the whole stream: no push delivery elsewhere, no filter hiding events. */
+  readonly deliver_subject?: undefined;
+  readonly filter_subject?: undefined;
+  readonly filter_subjects?: undefined;
+};
+
+export interface StreamSpec {
+  readonly stream: StreamSpecConfig;
+  readonly consumers: readonly ConsumerSpecConfig[];
+}
+
+function baseStream(name: string, subject: string, replicas: number): StreamSpecConfig {
   return {
-    name: inboxStreamName(homeserver),
-    subjects: [inboxWildcard(homeserver)],
+    name,
+    subjects: [subject],
     storage: StorageType.File,
-    // Each event is consumed once by the worker pool, then it lives in Postgres.
-    retention: RetentionPolicy.Workqueue,
-    num_replicas: s.replicas,
-    duplicate_window: nanos(s.duplicateWindowSeconds * 1000),
-    // One subject per sender: this is the per-sender backlog quota. Discard-new
-    // per subject refuses a flooding sender's publish instead of dropping others' events.
-    max_msgs_per_subject: s.maxMessagesPerSender,
-    discard: DiscardPolicy.New,
-    discard_new_per_subject: true,
-    // The JWS plus NATS headers; larger never passes verification anyway.
-    max_msg_size: s.maxMessageBytes + 4096,
-  };
-}
-
-async function upsertStream(jsm: JetStreamManager, config: Partial<StreamConfig> & { name: string }): Promise<void> {
-  try {
-    await jsm.streams.info(config.name);
-    await jsm.streams.update(config.name, config);
-  } catch (err) {
-    if (!(err instanceof JetStreamApiError && err.code === JetStreamApiCodes.StreamNotFound)) throw err;
-    await jsm.streams.add(config);
-  }
-}
-
-/** Creates or updates the inbox stream and the workers' shared durable pull consumer. */
-export async function ensureInbox(jsm: JetStreamManager, homeserver: string, inbox: InboxSettings, consumer: ConsumerSettings): Promise<void> {
-  const config = inboxStreamConfig(homeserver, inbox);
-  await upsertStream(jsm, config);
-  await jsm.consumers.add(config.name, {
-    durable_name: consumer.consumer,
-    ack_policy: AckPolicy.Explicit,
-    deliver_policy: DeliverPolicy.All,
-    ack_wait: nanos(consumer.ackWaitSeconds * 1000),
-    max_ack_pending: consumer.maxAckPending,
-    // Never give up on an event: transient failures are retried until they pass,
-    // permanent ones are terminated explicitly with their reason.
-    max_deliver: -1,
-  });
-}
-
-/** The sender's stream for reports about its events, and the consumer that records them. */
-export async function ensureReportStream(jsm: JetStreamManager, homeserver: string, consumer: string, replicas: number): Promise<void> {
-  const config: Partial<StreamConfig> & { name: string } = {
-    name: reportStreamName(homeserver),
-    subjects: [reportWildcard(homeserver)],
-    storage: StorageType.File,
+    // Each message is consumed once by its consumer, then it lives in Postgres.
     retention: RetentionPolicy.Workqueue,
     num_replicas: replicas,
     duplicate_window: nanos(120_000),
-    // Reports are proof for the sender; a week covers any outage of ours.
-    max_age: nanos(7 * 24 * 3600 * 1000),
-    max_msg_size: 256 * 1024,
+    max_msgs_per_subject: -1,
+    discard: DiscardPolicy.Old,
+    discard_new_per_subject: false,
+    max_msg_size: -1,
+    max_age: 0,
+    max_bytes: -1,
+    max_msgs: -1,
+    max_consumers: -1,
+    sealed: false,
+    deny_delete: false,
+    deny_purge: false,
+    allow_rollup_hdrs: false,
+    allow_direct: false,
+    mirror_direct: false,
+    republish: undefined,
+    sources: undefined,
+    mirror: undefined,
+    subject_transform: undefined,
   };
-  await upsertStream(jsm, config);
-  await jsm.consumers.add(config.name, {
-    durable_name: consumer,
+}
+
+function pullConsumer(name: string, ackWaitSeconds: number, maxAckPending: number): ConsumerSpecConfig {
+  return {
+    durable_name: name,
     ack_policy: AckPolicy.Explicit,
     deliver_policy: DeliverPolicy.All,
-    ack_wait: nanos(30_000),
+    ack_wait: nanos(ackWaitSeconds * 1000),
+    max_ack_pending: maxAckPending,
+    // Never give up on a message: transient failures are retried until they pass,
+    // permanent ones are terminated explicitly with their reason.
     max_deliver: -1,
-  });
+    replay_policy: ReplayPolicy.Instant,
+    deliver_subject: undefined,
+    filter_subject: undefined,
+    filter_subjects: undefined,
+  };
+}
+
+/** The destination's inbox and the workers' shared durable pull consumer. */
+export function inboxSpec(homeserver: string, s: InboxSettings, c: ConsumerSettings): StreamSpec {
+  return {
+    stream: {
+      ...baseStream(inboxStreamName(homeserver), inboxWildcard(homeserver), s.replicas),
+      duplicate_window: nanos(s.duplicateWindowSeconds * 1000),
+      // One subject per sender: this is the per-sender backlog quota. Discard-new
+      // per subject refuses a flooding sender's publish instead of dropping others' events.
+      max_msgs_per_subject: s.maxMessagesPerSender,
+      discard: DiscardPolicy.New,
+      discard_new_per_subject: true,
+      // The JWS plus NATS headers; larger never passes verification anyway.
+      max_msg_size: s.maxMessageBytes + 4096,
+    },
+    consumers: [pullConsumer(c.consumer, c.ackWaitSeconds, c.maxAckPending)],
+  };
+}
+
+/** The sender's stream for reports about its events, and the consumer that records them. */
+export function reportSpec(homeserver: string, replicas: number): StreamSpec {
+  return {
+    stream: {
+      ...baseStream(reportStreamName(homeserver), reportWildcard(homeserver), replicas),
+      // Reports are proof for the sender; a week covers any outage of ours.
+      max_age: nanos(7 * 24 * 3600 * 1000),
+      max_msg_size: 256 * 1024,
+    },
+    consumers: [pullConsumer(REPORT_CONSUMER, 30, 1000)],
+  };
+}
+
+/**
+ * The sender's outbox, on the server it connects to: signed events wait here
+ * until the forwarder has them acknowledged by their destination's inbox.
+ */
+export function outboxSpec(homeserver: string, s: { maxMessageBytes: number }): StreamSpec {
+  return {
+    stream: {
+      ...baseStream(outboxStreamName(homeserver), outboxWildcard(homeserver), 1),
+      max_msg_size: s.maxMessageBytes + 4096,
+    },
+    // Each forwarder holds up to a few batches; the rest wait in the stream.
+    consumers: [pullConsumer(OUTBOX_CONSUMER, 30, 2000)],
+  };
+}
+
+function same(a: unknown, b: unknown): boolean {
+  if (Array.isArray(a) || Array.isArray(b)) {
+    return Array.isArray(a) && Array.isArray(b) && a.length === b.length && [...a].sort().join("\u0000") === [...b].sort().join("\u0000");
+  }
+  // A server omits what is empty or off: an absent list is no list, an absent flag is false.
+  const empty = (v: unknown): boolean => v === undefined || v === null || v === false || (typeof v === "object" && Object.keys(v).length === 0);
+  if (empty(a) && empty(b)) return true;
+  return JSON.stringify(a) === JSON.stringify(b);
+}
+
+/** Each field of `desired` that `actual` does not match, as `field: actual (expected desired)`. Pure. */
+export function drift(actual: object, desired: object): string[] {
+  const out: string[] = [];
+  for (const [key, want] of Object.entries(desired)) {
+    const have = (actual as Record<string, unknown>)[key];
+    if (!same(have, want)) out.push(`${key}: ${JSON.stringify(have) ?? "absent"} (expected ${JSON.stringify(want) ?? "absent"})`);
+  }
+  return out;
+}
+
+export type SpecCheck =
+  | { readonly ok: true; readonly repaired: readonly string[] }
+  /** `missing`: a stream or consumer is not there at all, so nothing can run on it. */
+  | { readonly ok: false; readonly problem: string; readonly missing: boolean; readonly repaired: readonly string[] };
+
+function isApiError(err: unknown, code?: number): err is JetStreamApiError {
+  return err instanceof JetStreamApiError && (code === undefined || err.code === code);
+}
+
+function describe(err: unknown): string {
+  const message = (err as Error).message;
+  return /permission/i.test(message) ? `not allowed (${message})` : message;
+}
+
+/** No answer at all (the server or the way to the hub is down): says nothing about the streams. */
+function isUnreachable(err: unknown): boolean {
+  return /no responders|timeout|timed out|disconnect|closed|connection/i.test((err as Error).message) && !/permission/i.test((err as Error).message);
+}
+
+/** Thrown by ensureSpec when NATS gave no answer: the caller keeps what it knew. */
+export class StreamsUnreachable extends Error {
+  override readonly name = "StreamsUnreachable";
+}
+
+/**
+ * Makes the stream and its consumers what `spec` says, when `manage`; otherwise
+ * only compares. Never deletes a stream: a field the server cannot change in place
+ * (retention, storage) is reported, since recreating would drop its messages. A
+ * consumer that cannot be changed in place is recreated: in a work-queue stream
+ * its messages wait for the new one.
+ */
+export async function ensureSpec(jsm: JetStreamManager, spec: StreamSpec, manage: boolean): Promise<SpecCheck> {
+  const repaired: string[] = [];
+  const name = spec.stream.name;
+  const fail = (problem: string, missing = false): SpecCheck => ({ ok: false, problem, missing, repaired });
+  const unreachable = (err: unknown): boolean => {
+    if (isUnreachable(err)) throw new StreamsUnreachable(`${name}: ${(err as Error).message}`, { cause: err });
+    return false;
+  };
+  let actual: StreamConfig | undefined;
+  try {
+    actual = (await jsm.streams.info(name)).config;
+  } catch (err) {
+    if (!isApiError(err, JetStreamApiCodes.StreamNotFound) && !unreachable(err)) return fail(`stream ${name}: ${describe(err)}`);
+  }
+  if (actual === undefined) {
+    if (!manage) return fail(`stream ${name} is missing (this relay does not manage its streams: the hub operator runs fedrelay nats-provision)`, true);
+    try {
+      await jsm.streams.add(spec.stream);
+      repaired.push(`created stream ${name}`);
+    } catch (err) {
+      return fail(`stream ${name} is missing and could not be created: ${describe(err)}`, true);
+    }
+  } else {
+    const differences = drift(actual, spec.stream);
+    if (differences.length > 0) {
+      if (!manage) return fail(`stream ${name} differs: ${differences.join("; ")}`);
+      try {
+        await jsm.streams.update(name, spec.stream);
+        repaired.push(`restored stream ${name} (${differences.join("; ")})`);
+      } catch (err) {
+        return fail(`stream ${name} differs (${differences.join("; ")}) and could not be restored: ${describe(err)}`);
+      }
+    }
+  }
+  for (const consumer of spec.consumers) {
+    const durable = consumer.durable_name!;
+    let have: ConsumerConfig | undefined;
+    try {
+      have = (await jsm.consumers.info(name, durable)).config;
+    } catch (err) {
+      if (!isApiError(err, JetStreamApiCodes.ConsumerNotFound) && !unreachable(err)) return fail(`consumer ${name}/${durable}: ${describe(err)}`);
+    }
+    const differences = have === undefined ? [] : drift(have, consumer);
+    if (have !== undefined && differences.length === 0) continue;
+    const what = have === undefined ? "is missing" : `differs: ${differences.join("; ")}`;
+    if (!manage) return fail(`consumer ${name}/${durable} ${what} (this relay does not manage its consumers: the hub operator runs fedrelay nats-provision)`, have === undefined);
+    try {
+      if (have !== undefined) {
+        try {
+          await jsm.consumers.update(name, durable, consumer);
+        } catch {
+          await jsm.consumers.delete(name, durable);
+          await jsm.consumers.add(name, consumer);
+        }
+      } else {
+        await jsm.consumers.add(name, consumer);
+      }
+      repaired.push(`${have === undefined ? "created" : "restored"} consumer ${name}/${durable}${have === undefined ? "" : ` (${differences.join("; ")})`}`);
+    } catch (err) {
+      return fail(`consumer ${name}/${durable} ${what} and could not be put right: ${describe(err)}`, have === undefined);
+    }
+  }
+  return { ok: true, repaired };
+}
+
+/** With every right (the relay's own server, tests, benchmarks): a spec that cannot be met throws. */
+export async function ensureOrThrow(jsm: JetStreamManager, spec: StreamSpec): Promise<void> {
+  const check = await ensureSpec(jsm, spec, true);
+  if (!check.ok) throw new Error(check.problem);
+}
+
+export function ensureInbox(jsm: JetStreamManager, homeserver: string, inbox: InboxSettings, consumer: ConsumerSettings): Promise<void> {
+  return ensureOrThrow(jsm, inboxSpec(homeserver, inbox, consumer));
+}
+
+export function ensureReportStream(jsm: JetStreamManager, homeserver: string, replicas: number): Promise<void> {
+  return ensureOrThrow(jsm, reportSpec(homeserver, replicas));
 }

@@ -31,6 +31,8 @@ export interface HomeserverOptions {
   readonly peers: readonly Identity[];
   readonly roles?: RelayRoles;
   readonly overrides?: Record<string, unknown>;
+  /** The relay's clock (seconds since the epoch), injected. */
+  readonly now?: () => number;
 }
 
 export interface TestHomeserver {
@@ -62,7 +64,7 @@ export function homeserverConfig(id: Identity, db: TestSchema, options: Homeserv
 export async function startHomeserver(id: Identity, options: HomeserverOptions): Promise<TestHomeserver> {
   const db = testSchema(id.name);
   const config = homeserverConfig(id, db, options);
-  const relay = createRelay(config, options.roles ?? { api: true, worker: true }, { log: pino({ level: "silent" }) });
+  const relay = createRelay(config, options.roles ?? { api: true, worker: true }, { log: pino({ level: "silent" }), ...(options.now ? { now: options.now } : {}) });
   await relay.start();
   return {
     id, relay, config, db,

@@ -293,7 +293,7 @@ describe("shutdown", () => {
     const relay = createRelay(config, { api: false, worker: true }, { log: silent });
     later(() => relay.close());
     await relay.start();
-    expect(await readyz(relay.url)).toEqual({ status: 200, checks: { postgres: true, nats: true, worker: true } });
+    expect(await readyz(relay.url)).toEqual({ status: 200, checks: { postgres: true, nats: true, worker: true, streams: true } });
     return { relay, pg };
   }
 
@@ -356,7 +356,7 @@ describe("outages", () => {
       const p = await readyz(relay.url);
       return p?.status === 503 && p.checks?.nats === false ? p : undefined;
     }, 5000, "/readyz 503 with nats false");
-    expect(down.checks).toEqual({ postgres: true, nats: false, worker: true });
+    expect(down.checks).toEqual({ postgres: true, nats: false, worker: true, streams: true });
     expect(await healthz(relay.url)).toBe(200);
 
     await f.nats.restart();

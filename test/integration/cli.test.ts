@@ -424,7 +424,7 @@ describe("serve", () => {
       expect((await fetch(`${url}/readyz`)).status).toBe(401);
       const ready = await fetch(`${url}/readyz`, { headers: { authorization: "Bearer cli-serve-service-token-0123" } });
       expect({ status: ready.status, body: await ready.json() as unknown })
-        .toEqual({ status: 200, body: { ok: true, checks: { postgres: true, nats: true, worker: true } } });
+        .toEqual({ status: 200, body: { ok: true, checks: { postgres: true, nats: true, worker: true, streams: true } } });
       const jwks = await (await fetch(`${url}/.well-known/fedrelay/jwks.json`)).json() as { keys: unknown[] };
       expect(jwks.keys).toEqual([publicJwk]);
       const put = await fetch(`${url}/v1/clients/dora`, { method: "PUT", headers: { authorization: "Bearer cli-serve-service-token-0123" } });

@@ -542,9 +542,9 @@ describe("keys and operations", () => {
   it("/healthz is 200 and /readyz is 200 with postgres, nats and worker checks", async () => {
     expect(await http(`${betaHs.relay.url}/healthz`)).toEqual({ status: 200, json: { ok: true } });
     // On the public listener (no http.operator here), readiness is for holders of the service token.
-    expect(await http(`${betaHs.relay.url}/readyz`, { token: SERVICE_TOKEN })).toEqual({ status: 200, json: { ok: true, checks: { postgres: true, nats: true, worker: true } } });
+    expect(await http(`${betaHs.relay.url}/readyz`, { token: SERVICE_TOKEN })).toEqual({ status: 200, json: { ok: true, checks: { postgres: true, nats: true, worker: true, streams: true } } });
     // An API-only process has no worker to report on.
-    expect(await http(`${gammaHs.relay.url}/readyz`, { token: SERVICE_TOKEN })).toEqual({ status: 200, json: { ok: true, checks: { postgres: true, nats: true } } });
+    expect(await http(`${gammaHs.relay.url}/readyz`, { token: SERVICE_TOKEN })).toEqual({ status: 200, json: { ok: true, checks: { postgres: true, nats: true, streams: true } } });
   });
 
   it("/metrics exposes the relay's counters and the default process metrics", async () => {

@@ -36,7 +36,7 @@ beforeAll(async () => {
   client = await natsClient(nats.url);
   alpha = await identity("alpha");
   // alpha runs its report stream, so the destinations' reports to it are accepted.
-  await ensureReportStream(await jetstreamManager(client.nc), "alpha", "reports", 1);
+  await ensureReportStream(await jetstreamManager(client.nc), "alpha", 1);
 });
 
 afterAll(async () => {
