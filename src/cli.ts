@@ -1,5 +1,7 @@
 /** `fedrelay <command>`: one function per subcommand. I/O comes in through `CliIo`. */
+import { join, resolve } from "node:path";
 import { parseArgs, type ParseArgsConfig } from "node:util";
+import { jetstreamManager } from "@nats-io/jetstream";
 import { pino, type Logger } from "pino";
 import { loadConfig, type RelayConfig } from "./config.ts";
 import { isRelayError, RelayError } from "./errors.ts";
@@ -15,6 +17,11 @@ import { deleteRateOverride, deleteRule, loadRateOverrides, loadRuntimePolicy, m
 import { MAX_RECIPIENTS } from "./protocol/claims.ts";
 import { isServerPattern, mergePolicies } from "./policy/server-rules.ts";
 import { migrate } from "./store/migrate.ts";
+import { parseFederation } from "./federation/federation.ts";
+import { federationKeys } from "./federation/keys.ts";
+import { natsConfigFiles } from "./federation/nats-config.ts";
+import { provisionHub } from "./federation/provision.ts";
+import { connectNats } from "./transport/connection.ts";
 
 export interface CliIo {
   readonly env: Readonly<Record<string, string | undefined>>;
@@ -23,6 +30,8 @@ export interface CliIo {
   readonly readFile: (path: string) => Promise<string>;
   /** Creates the file with owner-only permissions; fails if it exists. */
   readonly writeSecretFile: (path: string, text: string) => Promise<void>;
+  /** Writes (or replaces) a file, creating its folder; `secret`: readable by its owner only. */
+  readonly writeFile: (path: string, text: string, options: { secret: boolean }) => Promise<void>;
   /** Resolves on the first SIGTERM/SIGINT. */
   readonly shutdownSignal: Promise<void>;
 }
@@ -43,16 +52,21 @@ async function readConfig(values: Record<string, unknown>, io: CliIo): Promise<R
   let config = loadConfig({ env: io.env, ...(file ? { file } : {}) });
   // Where `keygen` writes by default: a fresh checkout runs after keygen with no config at all.
   const keyFile = config.keys.signingKeyFile ?? (config.keys.signingKey ? undefined : await defaultKeyFile(io, config.homeserver));
+  const overrides: { keys?: object; nats?: Record<string, string> } = {};
   if (keyFile && !config.keys.signingKey) {
     const text = await readOrFail(io, keyFile, "keys.signingKeyFile");
-    let jwk: unknown;
     try {
-      jwk = JSON.parse(text);
+      overrides.keys = { signingKey: JSON.parse(text) as object };
     } catch {
       throw new RelayError("config_invalid", `config key keys.signingKeyFile: ${keyFile} is not JSON`);
     }
-    config = loadConfig({ env: io.env, ...(file ? { file } : {}), overrides: { keys: { signingKey: jwk } } });
   }
+  // The NATS credential files, read once here: a missing or unreadable one fails at start, naming it.
+  const { nkeySeedFile, credsFile, tls } = config.nats;
+  if (nkeySeedFile !== undefined) (overrides.nats ??= {}).nkeySeed = (await readOrFail(io, nkeySeedFile, "nats.nkeySeedFile")).trim();
+  if (credsFile !== undefined) (overrides.nats ??= {}).creds = await readOrFail(io, credsFile, "nats.credsFile");
+  for (const [key, path] of Object.entries(tls ?? {})) if (path !== undefined) await readOrFail(io, path, `nats.tls.${key}`);
+  if (overrides.keys || overrides.nats) config = loadConfig({ env: io.env, ...(file ? { file } : {}), overrides });
   return config;
 }
 
@@ -303,6 +317,65 @@ ${CONFIG_HELP}`,
             return 0;
         }
       });
+    },
+  },
+  "nats-config": {
+    summary: "write a NATS hub's configuration and each homeserver's credentials from a federation file",
+    usage: "fedrelay nats-config --federation FILE --out DIR\n  --federation FILE  the federation: hub nodes, homeservers and their topology (docs/operations.md, \"Federating\")\n  --out DIR          where to write hub/*.conf, hub/admin.seed and homeservers/NAME/ (seeds already there are kept)",
+    options: { federation: { type: "string" }, out: { type: "string" } },
+    async run({ values }, io) {
+      const path = values.federation as string | undefined;
+      const out = values.out as string | undefined;
+      if (!path || !out) throw new RelayError("bad_request", "nats-config needs --federation FILE and --out DIR");
+      const fed = parseFederation(await readOrFail(io, path, "federation file"), path);
+      const existing = async (file: string): Promise<string | undefined> => io.readFile(join(out, file)).catch(() => undefined);
+      const seeds = new Map<string, string>();
+      for (const name of Object.keys(fed.homeservers)) {
+        const seed = await existing(`homeservers/${name}/nkey.seed`);
+        if (seed !== undefined) seeds.set(name, seed);
+      }
+      const admin = await existing("hub/admin.seed");
+      const keys = federationKeys(fed, { ...(admin === undefined ? {} : { admin }), homeservers: seeds });
+      const files = natsConfigFiles(fed, keys, (name) => resolve(out, `homeservers/${name}/nkey.seed`));
+      for (const f of files) await io.writeFile(join(out, f.path), f.text, { secret: f.secret });
+      io.stderr(`fedrelay: wrote ${files.length} files for ${Object.keys(fed.homeservers).length} homeservers and ${fed.hub.nodes.length} hub nodes; reload the hub (nats-server --signal reload), then run fedrelay nats-provision`);
+      for (const f of files) io.stdout(join(out, f.path));
+      return 0;
+    },
+  },
+  "nats-provision": {
+    summary: "create, or put back, every homeserver's streams and consumers on a NATS hub",
+    usage: "fedrelay nats-provision --federation FILE --server URL --seed-file FILE [--watch SECONDS]\n  --server URL       a hub node (nats://host:4222)\n  --seed-file FILE   the hub admin's nkey seed (hub/admin.seed from nats-config)\n  --watch SECONDS    keep checking this often, until SIGTERM",
+    options: { federation: { type: "string" }, server: { type: "string" }, "seed-file": { type: "string" }, watch: { type: "string" } },
+    async run({ values }, io) {
+      const path = values.federation as string | undefined;
+      const server = values.server as string | undefined;
+      const seedFile = values["seed-file"] as string | undefined;
+      const watch = values.watch === undefined ? undefined : Number(values.watch);
+      if (!path || !server || !seedFile) throw new RelayError("bad_request", "nats-provision needs --federation FILE, --server URL and --seed-file FILE");
+      if (watch !== undefined && !(Number.isInteger(watch) && watch >= 1)) throw new RelayError("bad_request", "--watch takes whole seconds, at least 1");
+      const fed = parseFederation(await readOrFail(io, path, "federation file"), path);
+      const seed = (await readOrFail(io, seedFile, "--seed-file")).trim();
+      const nc = await connectNats({ ...loadConfig().nats, servers: [server], nkeySeed: seed }, "fedrelay nats-provision");
+      try {
+        const jsm = await jetstreamManager(nc, { domain: fed.hub.domain, checkAPI: false });
+        for (;;) {
+          const results = await provisionHub(jsm, fed);
+          for (const r of results) {
+            for (const what of r.repaired) io.stdout(`${r.homeserver}: ${what}`);
+            for (const problem of r.problems) io.stderr(`fedrelay nats-provision: ${r.homeserver}: ${problem}`);
+          }
+          const failed = results.filter((r) => r.problems.length > 0).length;
+          if (watch === undefined) {
+            io.stdout(`${results.length - failed} of ${results.length} homeservers as they should be`);
+            return failed === 0 ? 0 : 1;
+          }
+          const stop = await Promise.race([io.shutdownSignal.then(() => true), new Promise<false>((r) => setTimeout(() => r(false), watch * 1000).unref())]);
+          if (stop) return failed === 0 ? 0 : 1;
+        }
+      } finally {
+        await nc.close();
+      }
     },
   },
   demo: {

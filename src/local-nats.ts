@@ -33,6 +33,8 @@ export interface LocalNatsOptions {
   readonly extraConfig?: string;
   /** A fixed client port (cluster nodes); default: any free one. */
   readonly port?: number;
+  /** A whole config of its own (a generated hub or leaf config), instead of the one built here. */
+  readonly config?: string;
 }
 
 export interface LocalNats {
@@ -45,6 +47,8 @@ export interface LocalNats {
   kill(): Promise<void>;
   /** Start again on the same port and store. */
   restart(): Promise<void>;
+  /** Replace the config file and have the running server reload it (SIGHUP), as an operator would. */
+  reload(config?: string): Promise<void>;
   stop(): Promise<void>;
 }
 
@@ -68,7 +72,8 @@ export async function startLocalNats(options: LocalNatsOptions = {}): Promise<Lo
   const storeDir = join(dir, "js");
   const conf = join(dir, "nats.conf");
   let port = options.port ?? -1;
-  const writeConf = (): Promise<void> => writeFile(conf, [
+  let own = options.config;
+  const writeConf = (): Promise<void> => writeFile(conf, own ?? [
     `listen: "127.0.0.1:${port}"`,
     `jetstream { store_dir: "${storeDir}"${options.syncAlways ? ", sync_interval: always" : ""} }`,
     options.extraConfig ?? "",
@@ -101,6 +106,13 @@ export async function startLocalNats(options: LocalNatsOptions = {}): Promise<Lo
     async restart() {
       await server.kill();
       await launch();
+    },
+    async reload(config) {
+      if (config !== undefined) own = config;
+      await writeConf();
+      child?.kill("SIGHUP");
+      // The server applies a reload at once; a moment lets it finish before the caller connects.
+      await new Promise((r) => setTimeout(r, 200));
     },
     async stop() {
       if (child) {

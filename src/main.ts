@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 /** The only place that reads process.env and installs signal handlers. */
-import { mkdir, open, readFile } from "node:fs/promises";
+import { chmod, mkdir, open, readFile, writeFile } from "node:fs/promises";
 import { dirname } from "node:path";
 import { runCli } from "./cli.ts";
 
@@ -33,6 +33,12 @@ const code = await runCli(process.argv.slice(2), {
     } finally {
       await file.close();
     }
+  },
+  async writeFile(path, text, { secret }) {
+    await mkdir(dirname(path), { recursive: true });
+    await writeFile(path, text, { mode: secret ? 0o600 : 0o644 });
+    // A file that existed keeps its mode otherwise: a seed must never stay readable by others.
+    await chmod(path, secret ? 0o600 : 0o644);
   },
   shutdownSignal,
 });

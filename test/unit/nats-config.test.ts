@@ -1,0 +1,160 @@
+import { createUser } from "@nats-io/nkeys";
+import { describe, expect, it } from "vitest";
+import { loadConfig } from "../../src/config.ts";
+import { federationSchema, parseFederation, type Federation } from "../../src/federation/federation.ts";
+import { federationKeys } from "../../src/federation/keys.ts";
+import { hubNodeConfig, hubPermissions, natsConfigFiles, relaySettings } from "../../src/federation/nats-config.ts";
+import { hubSpecs } from "../../src/federation/provision.ts";
+import { drift, inboxSpec, reportSpec } from "../../src/transport/streams.ts";
+
+function federation(input: Record<string, unknown>): Federation {
+  return federationSchema.parse(input);
+}
+
+interface HubConfig {
+  jetstream: unknown;
+  cluster?: unknown;
+  leafnodes: unknown;
+  accounts: { FEDRELAY: { users: { nkey: string; permissions?: unknown }[] } };
+}
+
+const ONE_NODE = { nodes: [{ name: "hub-1", host: "hub.example.net" }] };
+const THREE_NODES = { nodes: ["a", "b", "c"].map((n) => ({ name: `hub-${n}`, host: `hub-${n}.example.net` })) };
+
+describe("hubPermissions: a homeserver's part of the hub, and nothing else", () => {
+  it("publishes only as itself, reads and pulls only its own streams and consumers, receives only on its own prefix", () => {
+    expect(hubPermissions("beta.example.org", "hub")).toEqual({
+      publish: [
+        "fedrelay.v1.inbox.*.beta_example_org",
+        "fedrelay.v1.report.*.beta_example_org",
+        "$JS.API.STREAM.INFO.FEDRELAY_IN_beta_example_org",
+        "$JS.API.CONSUMER.INFO.FEDRELAY_IN_beta_example_org.receiver",
+        "$JS.API.CONSUMER.MSG.NEXT.FEDRELAY_IN_beta_example_org.receiver",
+        "$JS.API.STREAM.INFO.FEDRELAY_REPORTS_beta_example_org",
+        "$JS.API.CONSUMER.INFO.FEDRELAY_REPORTS_beta_example_org.reports",
+        "$JS.API.CONSUMER.MSG.NEXT.FEDRELAY_REPORTS_beta_example_org.reports",
+        "$JS.hub.API.STREAM.INFO.FEDRELAY_IN_beta_example_org",
+        "$JS.hub.API.CONSUMER.INFO.FEDRELAY_IN_beta_example_org.receiver",
+        "$JS.hub.API.CONSUMER.MSG.NEXT.FEDRELAY_IN_beta_example_org.receiver",
+        "$JS.hub.API.STREAM.INFO.FEDRELAY_REPORTS_beta_example_org",
+        "$JS.hub.API.CONSUMER.INFO.FEDRELAY_REPORTS_beta_example_org.reports",
+        "$JS.hub.API.CONSUMER.MSG.NEXT.FEDRELAY_REPORTS_beta_example_org.reports",
+        "$JS.ACK.FEDRELAY_IN_beta_example_org.receiver.>",
+        "$JS.ACK.FEDRELAY_REPORTS_beta_example_org.reports.>",
+      ],
+      subscribe: ["_INBOX_beta_example_org.>"],
+    });
+  });
+
+  it("never grants a wildcard in a stream or consumer position, nor any admin call", () => {
+    for (const subject of hubPermissions("a-b.example", "hub").publish) {
+      if (!subject.startsWith("$JS.")) continue;
+      expect(subject).not.toMatch(/\.(CREATE|UPDATE|DELETE|PURGE|NAMES|LIST|MSG\.GET|DIRECT)\b/);
+      expect(subject.replace(/\.>$/, "")).not.toMatch(/[*>]/);
+    }
+  });
+});
+
+describe("hubNodeConfig", () => {
+  const keys = (fed: Federation) => federationKeys(fed, { homeservers: new Map() });
+
+  it("a single node fsyncs every write and has no cluster; every homeserver is a user with its permissions, the admin one without", () => {
+    const fed = federation({ hub: ONE_NODE, homeservers: { alpha: { topology: "shared" }, beta: { topology: "bridged" } } });
+    const k = keys(fed);
+    const config = hubNodeConfig(fed, "hub-1", k) as unknown as HubConfig;
+    expect(config.jetstream).toEqual({ store_dir: "/var/lib/fedrelay-hub", domain: "hub", sync_interval: "always" });
+    expect(config.cluster).toBeUndefined();
+    expect(config.leafnodes).toEqual({ listen: "0.0.0.0:7422" });
+    const users = config.accounts.FEDRELAY.users;
+    expect(users).toEqual([
+      { nkey: k.admin.publicKey },
+      { nkey: k.homeservers.get("alpha")!.publicKey, permissions: hubPermissions("alpha", "hub") },
+      { nkey: k.homeservers.get("beta")!.publicKey, permissions: hubPermissions("beta", "hub") },
+    ]);
+    expect(config).not.toHaveProperty("no_auth_user");
+  });
+
+  it("three nodes form a cluster routed to each other, each with a store of its own, and streams get 3 replicas", () => {
+    const fed = federation({ hub: THREE_NODES, homeservers: { alpha: { topology: "shared" } } });
+    const config = hubNodeConfig(fed, "hub-b", keys(fed)) as unknown as HubConfig;
+    expect(config.cluster).toEqual({
+      name: "fedrelay-hub", listen: "0.0.0.0:6222",
+      routes: ["nats-route://hub-a.example.net:6222", "nats-route://hub-b.example.net:6222", "nats-route://hub-c.example.net:6222"],
+    });
+    expect(config.jetstream).toEqual({ store_dir: "/var/lib/fedrelay-hub/hub-b", domain: "hub" });
+    expect(relaySettings(fed, "alpha", "/seed")).toMatchObject({ inbox: { replicas: 3 } });
+  });
+});
+
+describe("natsConfigFiles", () => {
+  it("writes each node's config, the seeds it made (secret), each relay's settings and each bridged homeserver's own server config", () => {
+    const kept = createUser();
+    const fed = federation({ hub: ONE_NODE, homeservers: { alpha: { topology: "shared" }, beta: { topology: "bridged" }, gamma: { topology: "bridged", nkey: kept.getPublicKey() } } });
+    const files = natsConfigFiles(fed, federationKeys(fed, { homeservers: new Map() }), (n) => `/etc/fedrelay/${n}.seed`);
+    expect(files.map((f) => [f.path, f.secret])).toEqual([
+      ["hub/hub-1.conf", false],
+      ["hub/admin.seed", true],
+      ["homeservers/alpha/nkey.seed", true],
+      ["homeservers/alpha/fedrelay.json", false],
+      ["homeservers/beta/nkey.seed", true],
+      ["homeservers/beta/fedrelay.json", false],
+      ["homeservers/beta/nats-server.conf", true],
+      ["homeservers/gamma/fedrelay.json", false],
+      ["homeservers/gamma/nats-server.conf", false],
+    ]);
+    const gammaLeaf = files.find((f) => f.path === "homeservers/gamma/nats-server.conf")!.text;
+    expect(gammaLeaf).toContain('"nkey": "$FEDRELAY_NKEY_SEED"');
+    expect(gammaLeaf).not.toMatch(/SU[A-Z2-7]{56}/);
+    // NATS config is JSON after its comment lines.
+    expect(JSON.parse(gammaLeaf.replace(/^#.*$/gm, ""))).toMatchObject({ jetstream: { domain: "gamma" }, leafnodes: { remotes: [{ urls: ["nats-leaf://hub.example.net:7422"] }] } });
+  });
+
+  it("keeps the seeds of an earlier run", () => {
+    const fed = federation({ hub: ONE_NODE, homeservers: { alpha: { topology: "shared" } } });
+    const first = federationKeys(fed, { homeservers: new Map() });
+    const second = federationKeys(fed, { admin: first.admin.seed!, homeservers: new Map([["alpha", first.homeservers.get("alpha")!.seed!]]) });
+    expect(second).toEqual(first);
+  });
+});
+
+describe("what the hub provisions is what each relay checks against", () => {
+  it("a relay configured with nats-config's settings expects exactly the specs nats-provision creates, for both topologies", () => {
+    const fed = federation({
+      hub: THREE_NODES, streams: { maxMessagesPerSender: 500, ackWaitSeconds: 45 },
+      homeservers: { "alpha.example": { topology: "shared" }, "beta.example": { topology: "bridged" } },
+    });
+    for (const { homeserver, specs } of hubSpecs(fed)) {
+      const config = loadConfig({ overrides: relaySettings(fed, homeserver, "/seed") as Record<string, unknown> });
+      const relayInbox = inboxSpec(homeserver, { ...config.inbox, maxMessageBytes: config.limits.maxMessageBytes }, config.worker);
+      expect(relayInbox).toEqual(specs[0]);
+      expect(reportSpec(homeserver, config.inbox.replicas)).toEqual(specs[1]);
+      expect(drift(specs[0]!.stream, relayInbox.stream)).toEqual([]);
+    }
+  });
+});
+
+describe("drift", () => {
+  it("names each differing field with what it is and what it should be, treating absent as empty or off", () => {
+    const desired = { max_age: 0, subjects: ["a.*"], republish: undefined, sealed: false, sources: undefined };
+    expect(drift({ max_age: 0, subjects: ["a.*"], sealed: undefined }, desired)).toEqual([]);
+    expect(drift({ max_age: 60, subjects: ["a.*", "b.*"], republish: { src: ">", dest: "x" }, sealed: true, sources: [{ name: "X" }] }, desired)).toEqual([
+      "max_age: 60 (expected 0)",
+      'subjects: ["a.*","b.*"] (expected ["a.*"])',
+      'republish: {"src":">","dest":"x"} (expected absent)',
+      "sealed: true (expected false)",
+      'sources: [{"name":"X"}] (expected absent)',
+    ]);
+  });
+});
+
+describe("parseFederation", () => {
+  it("names the key of what is wrong", () => {
+    const bad = (value: unknown) => () => parseFederation(JSON.stringify(value), "fed.json");
+    expect(bad({ hub: { nodes: [] }, homeservers: { a: { topology: "shared" } } })).toThrow(/fed\.json: hub\.nodes:/);
+    expect(bad({ hub: ONE_NODE, homeservers: { "Not A Name": { topology: "shared" } } })).toThrow(/homeservers/);
+    expect(bad({ hub: ONE_NODE, homeservers: { a: { topology: "mesh" } } })).toThrow(/homeservers\.a\.topology/);
+    expect(bad({ hub: ONE_NODE, homeservers: { a: { topology: "shared", nkey: "SUXYZ" } } })).toThrow(/nkey/);
+    expect(bad({ hub: ONE_NODE, homeservers: {} })).toThrow(/at least one homeserver/);
+    expect(() => parseFederation("{", "fed.json")).toThrow(/federation file fed\.json/);
+  });
+});
