@@ -190,8 +190,9 @@ export const COMMANDS: Readonly<Record<string, Command>> = {
   "token-keys": {
     summary: "list, rotate or revoke the keys client tokens are signed with (not the federation key)",
     usage: `fedrelay token-keys list | rotate | revoke KEY_ID [--config FILE]
-  rotate   a new key signs from now on; tokens of the old one stay valid until they expire
-  revoke   every token signed with KEY_ID is refused from now on (a leaked key)
+  rotate   a new key signs from now on; tokens of the old one stay valid until they expire (hygiene:
+           a secret someone has seen can still date tokens before the rotation; revoke it instead)
+  revoke   every token signed with KEY_ID is refused from now on (a secret that may have been seen)
 ${CONFIG_HELP}`,
     options: configOption,
     async run({ values, positionals }, io) {

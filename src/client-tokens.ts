@@ -24,6 +24,8 @@ export const MAX_CLIENT_TOKEN_LENGTH = 2048;
 const MAX_ISSUED_AHEAD_SECONDS = 60;
 const KEY_ID_RE = /^[A-Za-z0-9_-]{1,64}$/;
 const UUID_RE = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
+/** header.payload.MAC, each canonical unpadded base64url; an HS256 MAC is 32 bytes, 43 characters ending in one of 16. */
+const TOKEN_SHAPE = /^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]{42}[AEIMQUYcgkosw048]$/;
 
 export interface ClientTokens {
   /** A new token for a registered client (`not_found` otherwise). */
@@ -101,6 +103,8 @@ export function createClientTokens(options: ClientTokenOptions): ClientTokens {
 
     async verify(token) {
       if (token.length > MAX_CLIENT_TOKEN_LENGTH) throw refused("too long");
+      // One spelling per token: jose would also take padded or otherwise re-encoded parts.
+      if (!TOKEN_SHAPE.test(token)) throw refused("not three unpadded base64url parts with a 256-bit MAC");
       let kid: string;
       try {
         const header = decodeProtectedHeader(token);

@@ -96,6 +96,14 @@ export const configSchema = z.strictObject({
       // descriptor (this machine allows 20,000 a process) and a few KB; 10,000 leaves room
       // for Postgres and NATS below the descriptor limit.
       maxConnections: z.number().int().min(1).default(10_000),
+      // One source address (an IPv6 /64) may hold this many of them: one address cannot
+      // take the listener for everyone (measured before: one address held all 10,000).
+      // A carrier-grade NAT puts many users behind one address: raise it where clients sit behind one.
+      maxConnectionsPerSource: z.number().int().min(1).default(500),
+      // An idle keep-alive connection is closed after this (Fastify's default, 72 s, let idle
+      // connections pile up); a long-poll client reconnects at once and a scrape every 15 s is
+      // a new connection either way.
+      keepAliveTimeoutMs: z.number().int().min(100).max(120_000).default(5000),
       // A client is one device: a few long-polls at once (a retry overlapping its
       // predecessor, a second tab). More are refused 429 rather than held.
       maxWaitsPerClient: z.number().int().min(1).max(1000).default(4),
@@ -110,6 +118,7 @@ export const configSchema = z.strictObject({
     .default({
       host: "127.0.0.1", port: 8080, clientTokenTtlSeconds: 24 * 3600, maxWaitSeconds: 30,
       fanoutBodyLimitBytes: 4 * 1024 * 1024, headersTimeoutMs: 10_000, requestTimeoutMs: 30_000, maxConnections: 10_000,
+      maxConnectionsPerSource: 500, keepAliveTimeoutMs: 5000,
       maxWaitsPerClient: 4, maxWaits: 5000, serviceAuthFailures: { rate: 0.2, burst: 10 },
     }),
   keys: z.strictObject({

@@ -69,18 +69,21 @@ export function enforceAccess(app: FastifyInstance, options: {
     if (needsAuth(access) && !auth) throw new TypeError(`route ${methods} ${route.url} is for ${access} callers, but this listener has no credentials to check`);
     for (const method of [route.method].flat()) routes.push({ method, url: route.url!, access });
   });
-  app.addHook("onRequest", async (request) => {
+  app.addHook("onRequest", async (request, reply) => {
     const access = request.routeOptions.config.access;
     // No route matched: answer before anything is read (no body is buffered for a 404).
     if (access === undefined) throw new RelayError("not_found", `no route ${request.method} ${request.url.split("?")[0]}`);
-    if (!needsAuth(access)) return;
-    try {
-      if (access === "client") request.clientId = await auth!.client(request);
-      else auth!.service(request);
-    } catch (err) {
-      onRefused?.(access, err);
-      throw err;
+    if (needsAuth(access)) {
+      try {
+        if (access === "client") request.clientId = await auth!.client(request);
+        else auth!.service(request);
+      } catch (err) {
+        onRefused?.(access, err);
+        throw err;
+      }
     }
+    // The caller is known: now, and only now, may it send the body it asked leave to send.
+    if (/^100-continue$/i.test(request.headers.expect ?? "")) reply.raw.writeContinue();
   });
   return routes;
 }

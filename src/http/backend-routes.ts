@@ -49,7 +49,7 @@ export function registerBackendRoutes(app: FastifyInstance, api: ApiDeps): void 
       reports = await longPoll(api, undefined, refs.map((ref) => `report:${ref}`), Math.min(wait, api.maxWaitSeconds), async () => {
         const list = await reportsFor(api.db, refs);
         return complete(list) ? list : undefined;
-      }) ?? await reportsFor(api.db, refs);
+      }, request.signal) ?? await reportsFor(api.db, refs);
     }
     const payload = { ...result, ...(reports ? { reports } : {}) };
     // 503 when a destination was not reached: the caller retries with the same id, which is safe.

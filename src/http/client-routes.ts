@@ -53,7 +53,7 @@ export function registerClientRoutes(app: FastifyInstance, api: ApiDeps): void {
     const messages = (await longPoll(api, clientId, [clientId], wait, async () => {
       const page = await listMessages(api.db, clientId, q.after, limit);
       return page.length > 0 ? page : undefined;
-    })) ?? [];
+    }, request.signal)) ?? [];
     return { messages: messages.map(messageView), next: messages.at(-1)?.cursor ?? q.after ?? null };
   });
 

@@ -45,7 +45,11 @@ export function parse<T>(schema: z.ZodType<T>, value: unknown, what: string): T 
  * `holder`'s slots (api.waits: a client's id, or undefined for the backend);
  * with none free it is refused 429 at once.
  */
-export async function longPoll<T>(api: ApiDeps, holder: string | undefined, keys: readonly string[], seconds: number, check: () => Promise<T | undefined>): Promise<T | undefined> {
+export async function longPoll<T>(
+  api: ApiDeps, holder: string | undefined, keys: readonly string[], seconds: number, check: () => Promise<T | undefined>,
+  /** The caller hung up: stop waiting and give the slot back at once, not when the wait would have ended. */
+  gone?: AbortSignal,
+): Promise<T | undefined> {
   if (seconds <= 0) return check();
   const slot = api.waits.acquire(holder);
   if (!slot.ok) {
@@ -58,18 +62,23 @@ export async function longPoll<T>(api: ApiDeps, holder: string | undefined, keys
       : "this server holds as many waiting requests as it takes; retry shortly", { retryAfterSeconds });
   }
   api.metrics.httpWaiting.inc();
+  const hungUp = new Promise<void>((resolve) => {
+    if (gone?.aborted) resolve();
+    gone?.addEventListener("abort", () => resolve(), { once: true });
+  });
   try {
     const deadline = Date.now() + seconds * 1000;
     for (;;) {
       const remaining = deadline - Date.now();
-      const waiters = remaining > 0 ? keys.map((key) => api.notifier.waiter(key, remaining)) : [];
+      const waiters = remaining > 0 && !gone?.aborted ? keys.map((key) => api.notifier.waiter(key, remaining)) : [];
       const value = await check();
       if (value !== undefined || waiters.length === 0) {
         for (const w of waiters) w.cancel();
         return value;
       }
-      await Promise.race(waiters.map((w) => w.promise));
+      await Promise.race([...waiters.map((w) => w.promise), hungUp]);
       for (const w of waiters) w.cancel();
+      if (gone?.aborted) return undefined;
       // Shutting down: one last look, then answer.
       if (api.notifier.closed) return await check();
     }

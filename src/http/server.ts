@@ -6,7 +6,7 @@
  * who may call it (src/http/access.ts). Every error is `{ error: <code>, message }`
  * with the code's status.
  */
-import type { IncomingMessage } from "node:http";
+import { STATUS_CODES, type IncomingMessage } from "node:http";
 import type { Socket } from "node:net";
 import Fastify, { LogController, type FastifyBaseLogger, type FastifyInstance, type FastifyReply } from "fastify";
 import type { Logger } from "pino";
@@ -16,7 +16,7 @@ import { enforceAccess, type RouteAccess } from "./access.ts";
 import { bearerOf } from "./auth.ts";
 import { registerBackendRoutes } from "./backend-routes.ts";
 import { registerClientRoutes } from "./client-routes.ts";
-import { sourceOf } from "./limits.ts";
+import { sourceOf, WaitSlots } from "./limits.ts";
 import type { ApiDeps } from "./common.ts";
 
 export interface HealthReport {
@@ -34,6 +34,10 @@ export interface ConnectionLimits {
   readonly requestTimeoutMs: number;
   /** Open connections per listener; more are closed as they arrive. */
   readonly maxConnections: number;
+  /** Of those, from one source address (an IPv6 /64). */
+  readonly maxConnectionsPerSource: number;
+  /** How long an idle keep-alive connection stays open. */
+  readonly keepAliveTimeoutMs: number;
 }
 
 export interface HttpDeps {
@@ -77,6 +81,10 @@ export const LINGER_MS = 1000;
  * a full window while it reads the answer), and it is closed LINGER_MS later.
  */
 function lingerUnread(request: IncomingMessage, reply: FastifyReply): void {
+  // A small body costs nothing to read and drop: Node does, and the connection stays usable
+  // (requests pipelined behind it are answered).
+  const length = Number(request.headers["content-length"]);
+  if (Number.isFinite(length) && length <= SMALL_BODY_LIMIT) return;
   reply.header("connection", "close");
   const socket = request.socket as Socket & { destroySoon?: () => void };
   // Node ends a `Connection: close` response with socket.destroySoon(): a reset, right after the answer.
@@ -130,6 +138,18 @@ export function createHttpApp(deps: HttpDeps, role: ListenerRole): { app: Fastif
         : new RelayError("bad_request", err.message));
     },
     requestTimeout: limits.requestTimeoutMs,
+    keepAliveTimeout: limits.keepAliveTimeoutMs,
+    // What Node refuses before any route (headers too large, a timeout, a malformed request
+    // line) answers in the API's error format too, and closes the connection.
+    clientErrorHandler: (err, socket) => {
+      const code = (err as { code?: string }).code;
+      const error = code === "HPE_HEADER_OVERFLOW" ? new RelayError("headers_too_large", "request headers too large")
+        : code === "ERR_HTTP_REQUEST_TIMEOUT" ? new RelayError("request_timeout", "the request did not arrive in time")
+        : new RelayError("bad_request", "malformed HTTP request");
+      if (!socket.writable) return void socket.destroy();
+      const body = JSON.stringify({ error: error.code, message: error.message });
+      socket.end(`HTTP/1.1 ${error.httpStatus} ${STATUS_CODES[error.httpStatus]}\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`);
+    },
     http: {
       headersTimeout: limits.headersTimeoutMs,
       // Node looks for connections past their timeouts this often (by default every 30 s,
@@ -138,6 +158,16 @@ export function createHttpApp(deps: HttpDeps, role: ListenerRole): { app: Fastif
     },
   });
   app.server.maxConnections = limits.maxConnections;
+  // One source may hold at most its share of the listener's connections; beyond it, new ones are closed.
+  const connections = new WaitSlots({ perHolder: limits.maxConnectionsPerSource, perProcess: limits.maxConnections });
+  app.server.on("connection", (socket: Socket) => {
+    const slot = connections.acquire(sourceOf(socket.remoteAddress ?? ""));
+    if (!slot.ok) return void socket.destroy();
+    socket.once("close", slot.release);
+  });
+  // Node answers `Expect: 100-continue` itself, inviting the body before anyone is authenticated:
+  // the request goes through the hooks first, and is told to continue once its caller passed.
+  app.server.on("checkContinue", (req, res) => app.server.emit("request", req, res));
 
   const routes = enforceAccess(app, {
     operatorNeedsCredential: role === "public+operator",

@@ -38,6 +38,7 @@ beforeAll(async () => {
       http: {
         port: 0, serviceToken: SERVICE_TOKEN, serviceAuthFailures: HIGH_THROTTLE,
         maxWaitsPerClient: 2, maxWaits: 3, headersTimeoutMs: 500, requestTimeoutMs: 1000,
+        maxConnectionsPerSource: 20, keepAliveTimeoutMs: 1000,
       },
     },
   });
@@ -126,6 +127,31 @@ function rawRequest(base: string, head: string, options: { bodyBytes: number; se
     });
     socket.on("data", (d) => (answer += d.toString("latin1")));
     socket.on("error", () => undefined); // EPIPE/ECONNRESET once the server hung up: expected
+    socket.on("close", () => finish(true));
+  });
+}
+
+/** Sends `bytes` on a new connection and returns all that comes back until the server closes it (or `waitMs`). */
+function exchange(base: string, bytes: string, options: { waitMs?: number; localAddress?: string; then?: (answer: string) => string | undefined } = {}): Promise<{ answer: string; closed: boolean }> {
+  const { hostname, port } = new URL(base);
+  return new Promise((resolve) => {
+    let answer = "";
+    let done = false;
+    const finish = (closed: boolean): void => {
+      if (done) return;
+      done = true;
+      clearTimeout(timer);
+      socket.destroy();
+      resolve({ answer, closed });
+    };
+    const timer = setTimeout(() => finish(false), options.waitMs ?? 5000);
+    const socket = connect({ port: Number(port), host: hostname, ...(options.localAddress ? { localAddress: options.localAddress } : {}) }, () => socket.write(bytes));
+    socket.on("data", (d) => {
+      answer += d.toString("latin1");
+      const more = options.then?.(answer);
+      if (more !== undefined) socket.write(more);
+    });
+    socket.on("error", () => undefined);
     socket.on("close", () => finish(true));
   });
 }
@@ -264,7 +290,8 @@ describe("every route declares who may call it, and refuses everyone else howeve
   it("a route that declares no access, or one the listener cannot check, fails at start-up", () => {
     const deps = {
       log: pino({ level: "silent" }), metrics: createMetrics(undefined, { defaultMetrics: false }),
-      health: async () => ({ ok: true, checks: {} }), limits: { headersTimeoutMs: 1000, requestTimeoutMs: 1000, maxConnections: 10 },
+      health: async () => ({ ok: true, checks: {} }),
+      limits: { headersTimeoutMs: 1000, requestTimeoutMs: 1000, maxConnections: 10, maxConnectionsPerSource: 10, keepAliveTimeoutMs: 1000 },
     };
     const { app } = createHttpApp(deps, "operator");
     expect(() => app.get("/undeclared", async () => "hi")).toThrow(/GET \/undeclared declares no access/);
@@ -364,6 +391,14 @@ describe("client tokens live and die with their registration and their key", () 
     expect((await get(await mint(id))).status).toBe(200);
   });
 
+  it("a token is accepted only in its one spelling: padded or otherwise re-encoded copies are refused", async () => {
+    const token = await addClient(shared, uniq("spelled"));
+    expect((await get(token)).status).toBe(200);
+    for (const variant of [`${token}=`, `${token}==`, token.replace(/\.([^.]*)$/, ".$1="), ` ${token}`.trim() + "%3D"]) {
+      expect({ variant: variant.slice(-6), status: (await get(variant)).status }).toEqual({ variant: variant.slice(-6), status: 401 });
+    }
+  });
+
   it("DELETE /v1/clients/{id}/tokens ends every token issued so far; tokens minted after work", async () => {
     const id = uniq("stolen");
     const [first, second] = [await addClient(shared, id), await mint(id)];
@@ -457,6 +492,68 @@ describe("waiting, slow and guessing callers hold a bounded share", () => {
     } finally {
       await throttled.close();
     }
+  });
+
+  it("one source address holds at most its share of the listener's connections, while others are still served", async () => {
+    // maxConnectionsPerSource is 20 here; 20 silent connections from 127.0.0.4 take its share.
+    const held = await Promise.all(Array.from({ length: 20 }, () => new Promise<import("node:net").Socket>((resolve) => {
+      const s = connect({ port: Number(new URL(shared.relay.url).port), host: "127.0.0.1", localAddress: "127.0.0.4" }, () => resolve(s));
+      s.on("error", () => undefined);
+    })));
+    try {
+      const refused = await exchange(shared.relay.url, "GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n", { localAddress: "127.0.0.4", waitMs: 2000 });
+      expect(refused).toEqual({ answer: "", closed: true });
+      const other = await send(shared.relay.url, "GET", "/healthz", { localAddress: "127.0.0.5" });
+      expect(other.status).toBe(200);
+    } finally {
+      for (const s of held) s.destroy();
+    }
+  });
+
+  it("an idle keep-alive connection is closed after keepAliveTimeoutMs", async () => {
+    const started = Date.now();
+    const { answer, closed } = await exchange(shared.relay.url, "GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n", { waitMs: 5000 });
+    expect(answer).toMatch(/^HTTP\/1\.1 200/);
+    // keepAliveTimeoutMs is 1000 here (Fastify's own default held idle connections 72 s).
+    expect(closed).toBe(true);
+    expect(Date.now() - started).toBeLessThan(4000);
+  });
+
+  it("a long-poll whose client hangs up gives its slot back at once", async () => {
+    const token = await addClient(shared, uniq("flaky"));
+    const head = `GET /v1/messages?wait=30 HTTP/1.1\r\nHost: relay\r\nAuthorization: Bearer ${token}\r\n\r\n`;
+    // Two polls (this client's cap), each dropped by its client.
+    await Promise.all([exchange(shared.relay.url, head, { waitMs: 400 }), exchange(shared.relay.url, head, { waitMs: 400 })]);
+    await eventually(async () => (await waitingNow()) === 0, 3000, "no long-poll waiting");
+    const again = await send(shared.relay.url, "GET", "/v1/messages?wait=1", { token });
+    expect(again.status).toBe(200);
+  });
+
+  it("Expect: 100-continue is answered only once the caller is authenticated", async () => {
+    const unauthenticated = await exchange(shared.relay.url, "POST /v1/fanout HTTP/1.1\r\nHost: relay\r\nContent-Type: application/json\r\nContent-Length: 16777216\r\nExpect: 100-continue\r\n\r\n", { waitMs: 3000 });
+    expect(unauthenticated.answer).toMatch(/^HTTP\/1\.1 401/);
+    expect(unauthenticated.answer).not.toMatch(/100 Continue/);
+    const token = await addClient(shared, uniq("expecting"));
+    const body = '{"through":0}';
+    const authenticated = await exchange(shared.relay.url,
+      `POST /v1/messages/ack HTTP/1.1\r\nHost: relay\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\nAuthorization: Bearer ${token}\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n`,
+      { waitMs: 3000, then: (answer) => (answer.endsWith("100 Continue\r\n\r\n") ? body : undefined) });
+    expect(authenticated.answer).toMatch(/^HTTP\/1\.1 100 Continue\r\n\r\nHTTP\/1\.1 200 /);
+  });
+
+  it("a small refused request keeps its connection: a request pipelined behind it is answered", async () => {
+    const { answer } = await exchange(shared.relay.url,
+      "POST /v1/messages/ack HTTP/1.1\r\nHost: relay\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}" +
+      "GET /healthz HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n", { waitMs: 3000 });
+    expect(answer.match(/HTTP\/1\.1 \d{3}/g), answer).toEqual(["HTTP/1.1 401", "HTTP/1.1 200"]);
+  });
+
+  it("what Node refuses before any route (headers too large, a malformed request) is answered in the API's format", async () => {
+    const big = await exchange(shared.relay.url, `GET /healthz HTTP/1.1\r\nHost: relay\r\nX-Junk: ${"x".repeat(20_000)}\r\n\r\n`);
+    expect(big.answer).toMatch(/^HTTP\/1\.1 431 /);
+    expect(JSON.parse(big.answer.slice(big.answer.indexOf("\r\n\r\n") + 4)) as unknown).toEqual({ error: "headers_too_large", message: expect.any(String) });
+    const garbled = await exchange(shared.relay.url, "BLAH\r\n\r\n");
+    expect(JSON.parse(garbled.answer.slice(garbled.answer.indexOf("\r\n\r\n") + 4)) as unknown).toEqual({ error: "bad_request", message: expect.any(String) });
   });
 
   it("client ids up to 255 characters and group ids up to 382 are served in paths, percent-encoded (never 414)", async () => {

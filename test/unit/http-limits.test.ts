@@ -47,13 +47,37 @@ describe("FailureThrottle", () => {
     expect(t.retryAfter("b", 100)).toBe(0);
   });
 
-  it("remembers at most maxSources, forgetting the least recently failed", () => {
-    const t = new FailureThrottle({ rate: 0, burst: 1 }, 3);
-    for (const s of ["a", "b", "c"]) t.failed(s, 0);
-    t.failed("a", 1);
-    t.failed("d", 2);
-    expect(t.sources).toBe(3);
-    expect(["a", "b", "c", "d"].map((s) => t.retryAfter(s, 3) > 0)).toEqual([true, false, true, true]);
+  it("remembers at most maxSources: forgets a source whose bucket has refilled, else counts newcomers in one shared bucket", () => {
+    const t = new FailureThrottle({ rate: 1, burst: 2 }, 3);
+    for (const s of ["a", "b", "c"]) {
+      t.failed(s, 0);
+      t.failed(s, 0);
+    }
+    expect(["a", "b", "c"].map((s) => t.retryAfter(s, 0))).toEqual([1, 1, 1]);
+    // All three still draining: newcomers fail into the overflow bucket, and an unknown source is judged by it.
+    t.failed("d", 0);
+    t.failed("e", 0);
+    expect(t.retryAfter("f", 0)).toBe(1);
+    expect(t.sources).toBe(4);
+    // Two seconds on, a's bucket is full again: a newcomer takes its place and has its own bucket.
+    t.failed("a", 2);
+    expect(t.retryAfter("g", 3)).toBe(0);
+  });
+
+  it("gives an attacker cycling through more addresses than it remembers no more than one burst and the refill rate", () => {
+    const limit = { rate: 0.2, burst: 10 };
+    const t = new FailureThrottle(limit, 100);
+    let checked = 0;
+    for (let second = 0; second < 60; second++) {
+      for (let i = 0; i < 200; i++) {
+        const source = `10.0.${i >> 8}.${i & 255}`;
+        if (t.retryAfter(source, second) > 0) continue;
+        checked += 1;
+        t.failed(source, second);
+      }
+    }
+    // 100 remembered sources' bursts, the overflow's burst, and the refill of all of them over a minute.
+    expect(checked).toBeLessThanOrEqual(100 * 10 + 10 + 101 * 0.2 * 60);
   });
 
   it("never refuses a source with fewer than `burst` failures in any window the rate refills, whatever the order", () => {
