@@ -6,8 +6,10 @@
  *   b  Postgres is restarted (pg_ctlcluster restart: run this where nothing else needs Postgres)
  *   c  the nats-server is killed with SIGKILL and restarted (single node, sync_interval: always)
  *   d  one node of a 3-node cluster is killed (stream replicas 3)
+ *   e  a bridged destination's leafnode link to the hub is cut and comes back (its
+ *      events wait at the hub); the hub and its credentials as nats-config writes them
  *
- *   npm run chaos [-- --n 20000] [-- --scenarios a,b,c,d] [-- --json]
+ *   npm run chaos [-- --n 20000] [-- --scenarios a,b,c,d,e] [-- --json]
  *
  * Exits non-zero unless every scenario has lost = 0 and duplicated = 0.
  */
@@ -19,17 +21,19 @@ import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
 import pg from "pg";
 import { loadConfig, type RelayConfig } from "../src/config.ts";
+import { startLocalHub, type LocalHub } from "../src/federation/local-hub.ts";
 import { startLocalCluster, startLocalNats, type LocalNats } from "../src/local-nats.ts";
 import type { EventClaims } from "../src/protocol/claims.ts";
 import { generateSigningJwk, importSigningKey, type SigningKey } from "../src/protocol/keys.ts";
 import { signEvent } from "../src/protocol/sign.ts";
 import { inboxSubject } from "../src/protocol/subjects.ts";
 import { messageId } from "../src/transport/publisher.ts";
+import { startTcpProxy, type TcpProxy } from "../test/helpers/tcp-proxy.ts";
 import { freshDestination, startProcess, type BenchProcess } from "./fixtures.ts";
 
 const { values: args } = parseArgs({ options: { n: { type: "string" }, scenarios: { type: "string" }, json: { type: "boolean" } } });
 const N = Number(args.n ?? 20_000);
-const SCENARIOS = (args.scenarios ?? "a,b,c,d").split(",").map((s) => s.trim());
+const SCENARIOS = (args.scenarios ?? "a,b,c,d,e").split(",").map((s) => s.trim());
 const PG_URL = "postgresql://postgres@127.0.0.1:5432/test";
 const SCHEMA = "chaos_relay";
 const CLIENTS = 100;
@@ -97,23 +101,34 @@ async function counts(admin: pg.Pool): Promise<{ stored: number; duplicated: num
 async function scenario(name: string, key: SigningKey, caps: string[], events: Buffer[]): Promise<Outcome> {
   const started = Date.now();
   const cluster = name === "d" ? await startLocalCluster(3, { syncAlways: false }) : undefined;
-  const single: LocalNats | undefined = cluster ? undefined : await startLocalNats({ syncAlways: true });
-  const urls = cluster ? [...cluster.urls] : [single!.url];
+  // e: the destination is bridged, its leafnode link running through a proxy the fault cuts.
+  let link: TcpProxy | undefined;
+  const hub: LocalHub | undefined = name === "e" ? await startLocalHub({
+    homeservers: { chaos: "bridged", alpha: "shared" },
+    leafVia: async (_name, port) => (link = await startTcpProxy({ host: "127.0.0.1", port })).port,
+  }) : undefined;
+  const single: LocalNats | undefined = cluster || hub ? undefined : await startLocalNats({ syncAlways: true });
+  const urls = cluster ? [...cluster.urls] : hub ? [hub.leaf("chaos").url] : [single!.url];
   const admin = new pg.Pool({ connectionString: PG_URL, max: 2 });
   admin.on("error", () => undefined);
   const workers: BenchProcess[] = [];
   try {
+    const onHub = hub ? await hub.relaySettings("chaos") as { worker: object } : undefined;
     const config: RelayConfig = loadConfig({
       overrides: {
-        homeserver: "chaos", nats: { servers: urls }, postgres: { url: PG_URL, schema: SCHEMA, poolSize: 4 },
+        ...onHub,
+        homeserver: "chaos", postgres: { url: PG_URL, schema: SCHEMA, poolSize: 4 },
         http: { port: 0 }, peers: { alpha: { keys: [key.publicJwk] } }, log: { level: "error" },
-        inbox: { replicas: cluster ? 3 : 1 },
-        worker: { batchSize: 100, retryDelayMs: 500, ackWaitSeconds: 10 },
+        ...(hub ? {} : { nats: { servers: urls }, inbox: { replicas: cluster ? 3 : 1 } }),
+        worker: { ...onHub?.worker, batchSize: 100, retryDelayMs: 500, ...(hub ? {} : { ackWaitSeconds: 10 }) },
         rateLimits: { enabled: false },
       },
     });
-    const nc = await connect({ servers: urls, maxReconnectAttempts: -1 });
-    await freshDestination(admin, await jetstreamManager(nc), config, caps);
+    // The publisher is alpha, with its own hub credential on e; the destination's streams are the hub's to make.
+    const nc = hub ? await hub.connectAs("alpha") : await connect({ servers: urls, maxReconnectAttempts: -1 });
+    const setup = hub ? await hub.connectAdmin() : nc;
+    await freshDestination(admin, await jetstreamManager(setup), config, caps);
+    if (setup !== nc) await setup.close();
     const path = `/tmp/fedrelay-chaos-${process.pid}.json`;
     writeFileSync(path, JSON.stringify({ ...config, keys: { retired: [] } }));
     workers.push(await startWorker(path), await startWorker(path));
@@ -133,6 +148,16 @@ async function scenario(name: string, key: SigningKey, caps: string[], events: B
         case "b": restartPostgres(); break;
         case "c": await single!.restart(); break;
         case "d": await cluster!.nodes[0]!.kill(); break;
+        case "e": {
+          link!.cut();
+          const atCut = (await counts(admin)).stored;
+          setTimeout(() => {
+            // What the workers stored while cut off: nothing new, the events waited at the hub.
+            void counts(admin).then((c) => log(`  [e] link back after 3 s: stored ${atCut} when cut, ${c.stored} when restored`));
+            link!.restore();
+          }, 3000);
+          break;
+        }
       }
     };
     // Strike when a third has been published and the workers are busy committing.
@@ -162,6 +187,8 @@ async function scenario(name: string, key: SigningKey, caps: string[], events: B
     await admin.end();
     await single?.stop();
     await cluster?.stop();
+    await hub?.stop();
+    await link?.close();
   }
 }
 

@@ -337,7 +337,9 @@ ${CONFIG_HELP}`,
       }
       const admin = await existing("hub/admin.seed");
       const keys = federationKeys(fed, { ...(admin === undefined ? {} : { admin }), homeservers: seeds });
-      const files = natsConfigFiles(fed, keys, (name) => resolve(out, `homeservers/${name}/nkey.seed`));
+      // A seed made here is read where it was written; one the homeserver keeps, where its operator puts it.
+      const files = natsConfigFiles(fed, keys, (name) =>
+        keys.homeservers.get(name)?.seed === undefined ? "/etc/fedrelay/nkey.seed" : resolve(out, `homeservers/${name}/nkey.seed`));
       for (const f of files) await io.writeFile(join(out, f.path), f.text, { secret: f.secret });
       io.stderr(`fedrelay: wrote ${files.length} files for ${Object.keys(fed.homeservers).length} homeservers and ${fed.hub.nodes.length} hub nodes; reload the hub (nats-server --signal reload), then run fedrelay nats-provision`);
       for (const f of files) io.stdout(join(out, f.path));
@@ -381,7 +383,7 @@ ${CONFIG_HELP}`,
   },
   demo: {
     summary: "run three homeservers on this machine and fan out a few messages",
-    usage: "fedrelay demo [--messages N]\n  --messages N   messages alpha's group sends (default 3)\n  Uses NATS_URL if set, else starts its own nats-server; Postgres from DATABASE_URL or the default.",
+    usage: "fedrelay demo [--messages N]\n  --messages N   messages alpha's group sends (default 3)\n  Starts its own NATS hub (nats-config's output) and a bridged homeserver's server; Postgres from DATABASE_URL or the default.",
     options: { messages: { type: "string" } },
     async run({ values }, io) {
       const { runDemo } = await import("./demo.ts");

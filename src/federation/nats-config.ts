@@ -132,7 +132,7 @@ export function leafConfig(fed: Federation, homeserver: string, key: Nkey): Reco
       remotes: [{
         urls: fed.hub.nodes.map((n) => `nats-leaf://${n.host}:${n.leafnodePort}`),
         // The seed itself (nats-server takes no file here); without one, from the environment.
-        nkey: key.seed ?? "$FEDRELAY_NKEY_SEED",
+        nkey: key.seed ?? SEED_FROM_ENVIRONMENT,
       }],
     },
   };
@@ -157,9 +157,13 @@ export function relaySettings(fed: Federation, homeserver: string, seedFile: str
   };
 }
 
+/** Stands for a reference to an environment variable, which NATS config writes unquoted. */
+const SEED_FROM_ENVIRONMENT = "\u0000FEDRELAY_NKEY_SEED";
+
 /** NATS config text: a comment saying where it came from, then the object as JSON (which nats-server reads). */
 export function renderNatsConf(config: Record<string, unknown>, comment: readonly string[]): string {
-  return `${comment.map((line) => `# ${line}`).join("\n")}\n${JSON.stringify(config, null, 2)}\n`;
+  const json = JSON.stringify(config, null, 2).replaceAll(JSON.stringify(SEED_FROM_ENVIRONMENT), "$FEDRELAY_NKEY_SEED");
+  return `${comment.map((line) => `# ${line}`).join("\n")}\n${json}\n`;
 }
 
 /** Every file `nats-config` writes. `seedFileOf` says where a homeserver's relay will find its seed. */
