@@ -107,8 +107,8 @@ export const configSchema = z.strictObject({
       // A client is one device: a few long-polls at once (a retry overlapping its
       // predecessor, a second tab). More are refused 429 rather than held.
       maxWaitsPerClient: z.number().int().min(1).max(1000).default(4),
-      // Long-polls one API process holds at once: each costs ~36 KB of the process's memory
-      // (measured: 2,000 and 5,000 waiting polls, 35–37 KB each), so ~175 MB at the cap.
+      // Long-polls one API process holds at once: each costs 35–47 KB of the process's memory
+      // (npm run bench:waits, 2,000 and 5,000 waiting polls), so about 200 MB at the cap.
       maxWaits: z.number().int().min(1).default(5000),
       // Failed service-token attempts per source address (an IPv6 /64): 10 at once, then one
       // every 5 s; the backend holds the right token, so only a guesser or a misconfiguration fails.
