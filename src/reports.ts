@@ -83,7 +83,7 @@ export function createReportRecorder(deps: { self: string; db: Db; keys: KeyReso
     async handle(batch) {
       for (const m of batch) {
         const token = Buffer.from(m.data).toString("latin1");
-        const verdict = await verifyReport(token, senderOfSubject(m.subject, "report"), { self: deps.self, keys: deps.keys });
+        const verdict = await verifyReport(m.data, senderOfSubject(m.subject, "report"), { self: deps.self, keys: deps.keys });
         if (!verdict.ok) {
           deps.log.warn({ subject: m.subject, detail: verdict.detail }, "report refused");
           m.term(verdict.detail);

@@ -1,14 +1,14 @@
 /**
  * Delivery reports (DESIGN §8): the destination's signed statement of what it
- * accepted and refused of one event. Not on the hot path, so jose verifies.
+ * accepted and refused of one event.
  */
-import { compactVerify, decodeProtectedHeader } from "jose";
 import type { RecipientReason } from "../errors.ts";
 import { EVENT_ALG, REPORT_TYP, reportClaimsSchema, type ReportClaims } from "./claims.ts";
 import { uuidv7 } from "./event-id.ts";
 import { isValidAt } from "./keys.ts";
 import { splitKid } from "./names.ts";
-import type { KeyResolver } from "./verify.ts";
+import { readCompactJws, verifySignature } from "./jws.ts";
+import { ALLOWED_HEADER, show, type KeyResolver } from "./verify.ts";
 
 export function reportClaims(input: {
   destination: string;
@@ -31,29 +31,28 @@ export function reportClaims(input: {
 
 export type ReportVerdict = { ok: true; claims: ReportClaims } | { ok: false; detail: string };
 
-/** A report is accepted only from the destination it names, on its own subject, addressed to us. */
-export async function verifyReport(token: string, subjectSender: string | undefined, ctx: { self: string; keys: KeyResolver }): Promise<ReportVerdict> {
-  let header;
-  try {
-    header = decodeProtectedHeader(token);
-  } catch {
-    return { ok: false, detail: "not a JWS" };
+/**
+ * A report is accepted only from the destination it names, on its own subject,
+ * addressed to us, and read as strictly as an event (src/protocol/jws.ts): the
+ * same canonical encoding, no repeated member, the same header members, a
+ * signature verified over the bytes as received.
+ */
+export async function verifyReport(data: Uint8Array | string, subjectSender: string | undefined, ctx: { self: string; keys: KeyResolver }): Promise<ReportVerdict> {
+  const jws = readCompactJws(typeof data === "string" ? Buffer.from(data, "latin1") : data);
+  if (!jws.ok) return { ok: false, detail: jws.detail };
+  const { header, payload } = jws;
+  for (const name of Object.keys(header)) {
+    if (!ALLOWED_HEADER.has(name)) return { ok: false, detail: `header member ${show(name)} is not allowed` };
   }
   if (header.alg !== EVENT_ALG || header.typ !== REPORT_TYP || typeof header.kid !== "string") {
     return { ok: false, detail: "header must be EdDSA, fedrelay-report+jwt, with a kid" };
   }
   const kid = splitKid(header.kid);
-  if (!kid || kid.homeserver !== subjectSender) return { ok: false, detail: `kid ${header.kid} does not name the subject's sender` };
+  if (!kid || kid.homeserver !== subjectSender) return { ok: false, detail: `kid ${show(header.kid)} does not name the subject's sender` };
   if (!ctx.keys.isKnown(kid.homeserver)) return { ok: false, detail: `${kid.homeserver} is not federated` };
   const key = await ctx.keys.resolve(header.kid);
   if (!key) return { ok: false, detail: `unknown key ${header.kid}` };
-  let payload: unknown;
-  try {
-    const result = await compactVerify(token, key.publicKey, { algorithms: [EVENT_ALG] });
-    payload = JSON.parse(new TextDecoder().decode(result.payload));
-  } catch (err) {
-    return { ok: false, detail: `signature: ${(err as Error).message}` };
-  }
+  if (!verifySignature(jws, key.raw)) return { ok: false, detail: `signature does not verify with ${header.kid}` };
   const parsed = reportClaimsSchema.safeParse(payload);
   if (!parsed.success) return { ok: false, detail: `claims: ${parsed.error.issues[0]!.message}` };
   const claims = parsed.data;

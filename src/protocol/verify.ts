@@ -12,10 +12,10 @@
  * checked before any key is looked up or used, and only the header members this
  * protocol defines are allowed, so no embedded key (jwk, jku, x5c…) is ever read.
  */
-import sodium from "sodium-native";
 import type { EventReason } from "../errors.ts";
-import { decodeCanonicalBase64urlBytes, decodedLength, isCanonicalBase64url } from "./base64url.ts";
+import { decodedLength, isCanonicalBase64url } from "./base64url.ts";
 import { EVENT_ALG, EVENT_TYP, eventClaimsSchema, wellFormedClaims, type EventClaims, type EventLimits } from "./claims.ts";
+import { readCompactJws, verifySignature } from "./jws.ts";
 import { isValidAt, type VerificationKey } from "./keys.ts";
 import { parseGroupId, splitKid } from "./names.ts";
 import { senderOfInboxSubject } from "./subjects.ts";
@@ -61,8 +61,7 @@ export type Verdict =
       readonly claimed?: { readonly iss: string; readonly jti: string };
     };
 
-const ALLOWED_HEADER = new Set(["alg", "kid", "typ"]);
-const DOT = 0x2e;
+export const ALLOWED_HEADER: ReadonlySet<string> = new Set(["alg", "kid", "typ"]);
 
 /**
  * A short, printable rendering of an attacker-chosen value for a refusal's
@@ -85,50 +84,14 @@ function refuse(reason: EventReason, detail: string, claimed?: { iss: string; jt
   return claimed ? { ok: false, reason, detail, claimed } : { ok: false, reason, detail };
 }
 
-/** Where decoded token parts are put: one buffer, used only between awaits and grown on demand. */
-let scratch = Buffer.allocUnsafe(4096);
-
-/**
- * The canonical base64url in `bytes[start, end)` decoded to text (JSON, for the
- * header and payload), or undefined if not canonical.
- */
-function decodeText(bytes: Buffer, start: number, end: number): string | undefined {
-  const room = Math.floor((3 * (end - start)) / 4);
-  if (scratch.length < room) scratch = Buffer.allocUnsafe(room);
-  const n = decodeCanonicalBase64urlBytes(bytes, start, end, scratch);
-  return n < 0 ? undefined : scratch.toString("utf8", 0, n);
-}
-
-function parseJsonObject(text: string): Record<string, unknown> | undefined {
-  try {
-    const value: unknown = JSON.parse(text);
-    return value !== null && typeof value === "object" && !Array.isArray(value)
-      ? (value as Record<string, unknown>)
-      : undefined;
-  } catch {
-    return undefined;
-  }
-}
-
 export async function verifyEvent(data: Uint8Array, subject: string, ctx: VerifyContext): Promise<Verdict> {
   // Step 1: size, shape, header.
   if (data.byteLength > ctx.limits.maxMessageBytes) {
     return refuse("too_large", `message is ${data.byteLength} bytes, limit ${ctx.limits.maxMessageBytes}`);
   }
-  // The parts are read straight from the bytes: the whole token never becomes a string
-  // (a worker holds a batch of events until it commits; their bytes live off the heap).
-  const bytes = Buffer.from(data.buffer, data.byteOffset, data.byteLength);
-  const dot1 = bytes.indexOf(DOT);
-  const dot2 = dot1 < 0 ? -1 : bytes.indexOf(DOT, dot1 + 1);
-  if (dot2 < 0 || bytes.indexOf(DOT, dot2 + 1) >= 0) return refuse("malformed", "not a compact JWS (three dot-separated parts)");
-  const headerText = decodeText(bytes, 0, dot1);
-  const payloadText = decodeText(bytes, dot1 + 1, dot2);
-  if (headerText === undefined || payloadText === undefined || decodeCanonicalBase64urlBytes(bytes, dot2 + 1, bytes.length, null) < 0) {
-    return refuse("malformed", "JWS parts must be canonical base64url without padding");
-  }
-  const header = parseJsonObject(headerText);
-  const payload = parseJsonObject(payloadText);
-  if (!header || !payload) return refuse("malformed", "JWS header and payload must be JSON objects");
+  const jws = readCompactJws(data);
+  if (!jws.ok) return refuse("malformed", jws.detail);
+  const { header, payload, bytes } = jws;
   for (const name of Object.keys(header)) {
     if (!ALLOWED_HEADER.has(name)) return refuse("malformed", `header member ${show(name)} is not allowed`);
   }
@@ -170,12 +133,7 @@ export async function verifyEvent(data: Uint8Array, subject: string, ctx: Verify
   if (!isValidAt(key, claims.iat)) return refuse("unknown_key", `key ${kid} is not valid at iat ${claims.iat}`, claimed);
 
   // Step 3: the signature, over the bytes as received.
-  // Decoded and checked with no await between: the scratch buffer is this call's until the next await.
-  const signatureLength = bytes.length - dot2 - 1;
-  if (scratch.length < signatureLength) scratch = Buffer.allocUnsafe(signatureLength);
-  const decoded = decodeCanonicalBase64urlBytes(bytes, dot2 + 1, bytes.length, scratch);
-  const signingInput = bytes.subarray(0, dot2);
-  if (decoded !== 64 || !sodium.crypto_sign_verify_detached(scratch.subarray(0, 64), signingInput, key.raw)) {
+  if (!verifySignature(jws, key.raw)) {
     return refuse("bad_signature", `signature does not verify with ${kid}`, claimed);
   }
 
