@@ -1,5 +1,5 @@
 /**
- * `npm run bench:commit`: the commit alone (src/store/commit-batch.ts), without
+ * `npm run bench:commit`: the commit alone (src/receive/), without
  * NATS or verification, to measure what one batch costs the worker and Postgres.
  * Two pools (two workers) commit batches of single-recipient events to 1,000
  * clients in a loop, rate limits on; prints batches/s, mean commit time, and CPU
@@ -14,7 +14,7 @@ import { loadConfig } from "../src/config.ts";
 import { generateSigningJwk, importSigningKey, importVerificationKey } from "../src/protocol/keys.ts";
 import { issueCapability } from "../src/store/capabilities.ts";
 import { registerClient } from "../src/store/clients.ts";
-import { commitBatch, type AcceptedInput } from "../src/store/commit-batch.ts";
+import { commitBatch, type AcceptedInput } from "../src/receive/commit.ts";
 import { createDb } from "../src/store/db.ts";
 import { migrate } from "../src/store/migrate.ts";
 import { postgresCpuMeter } from "./fixtures.ts";

@@ -16,7 +16,7 @@ import { createKeyRegistry } from "./keys/registry.ts";
 import { createMetrics, type RelayMetrics } from "./metrics.ts";
 import { importSigningKey, type PublicJwk, type SigningKey } from "./protocol/keys.ts";
 import { inboxStreamName, outboxStreamName, reportStreamName } from "./protocol/subjects.ts";
-import { createReceiver } from "./receiver.ts";
+import { createReceiver } from "./receive/batch.ts";
 import { createDb, type Db } from "./store/db.ts";
 import { migrate } from "./store/migrate.ts";
 import { createDeliveryNotifier, type DeliveryNotifier } from "./store/notifier.ts";

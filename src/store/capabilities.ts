@@ -1,4 +1,4 @@
-/** Capabilities and client blocks: written by the API, read by the commit transaction (commit-batch.ts). */
+/** Capabilities and client blocks: written by the API, read by the commit transaction (src/receive/). */
 import { sql } from "kysely";
 import { capabilityHash, newCapabilitySecret } from "../policy/capabilities.ts";
 import { uuidv7 } from "../protocol/event-id.ts";

@@ -11,7 +11,7 @@ export interface ClientsTable {
   delivery_seq: GeneratedBigInt;
   acked_seq: GeneratedBigInt;
   created_at: Timestamp;
-  /** The client's rate buckets (src/store/commit-batch.ts): "*" for all senders, else per sender. */
+  /** The client's rate buckets (src/receive/plan.ts): "*" for all senders, else per sender. */
   buckets: ColumnType<Record<string, [number, number]>, string | undefined, string>;
   /** Drawn at registration and when its tokens are revoked; every client token carries it (migration 009). */
   registration: ColumnType<string, string | undefined, string>;

@@ -7,7 +7,7 @@ import { inboxStreamName, inboxSubject } from "../../src/protocol/subjects.ts";
 import { importSigningKey } from "../../src/protocol/keys.ts";
 import { verifyEvent } from "../../src/protocol/verify.ts";
 import { createKeyRegistry } from "../../src/keys/registry.ts";
-import { commitBatch } from "../../src/store/commit-batch.ts";
+import { commitBatch } from "../../src/receive/commit.ts";
 import { publishEvent } from "../../src/transport/publisher.ts";
 import {
   addClient, eventClaims, eventually, grantCapability, http, identity, natsClient, SERVICE_TOKEN, signed, startHomeserver,

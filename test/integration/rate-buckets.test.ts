@@ -1,5 +1,5 @@
 /**
- * Where the commit keeps rate buckets (src/store/commit-batch.ts), at the store
+ * Where the commit keeps rate buckets (src/receive/), at the store
  * level with a fixed clock. The sender's bucket is read without a lock and
  * charged by the commit's last statement: two batches that read it at the same
  * time, when it holds enough for either but not both, must still charge it
@@ -14,7 +14,7 @@ import type { RateLimits } from "../../src/policy/rate-limit.ts";
 import { generateSigningJwk, importSigningKey, importVerificationKey, type VerificationKey } from "../../src/protocol/keys.ts";
 import { issueCapability } from "../../src/store/capabilities.ts";
 import { registerClient } from "../../src/store/clients.ts";
-import { commitBatch, type AcceptedInput } from "../../src/store/commit-batch.ts";
+import { commitBatch, type AcceptedInput } from "../../src/receive/commit.ts";
 import { createDb, type Db } from "../../src/store/db.ts";
 import { migrate } from "../../src/store/migrate.ts";
 import { testSchema, type TestSchema } from "../helpers/db.ts";

@@ -16,7 +16,7 @@ import { createMetrics } from "../../src/metrics.ts";
 import { DEFAULT_EVENT_LIMITS } from "../../src/protocol/claims.ts";
 import type { PublicJwk } from "../../src/protocol/keys.ts";
 import { inboxStreamName, inboxSubject } from "../../src/protocol/subjects.ts";
-import { createReceiver } from "../../src/receiver.ts";
+import { createReceiver } from "../../src/receive/batch.ts";
 import { createDb, type Db } from "../../src/store/db.ts";
 import { migrate } from "../../src/store/migrate.ts";
 import { startBatchLoop } from "../../src/transport/consumer.ts";

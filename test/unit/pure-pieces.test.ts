@@ -6,7 +6,7 @@ import { splitByDestination } from "../../src/fanout.ts";
 import { capabilityHash, capabilityHashHex } from "../../src/policy/capabilities.ts";
 import { uuidv7 } from "../../src/protocol/event-id.ts";
 import { isEventId } from "../../src/protocol/names.ts";
-import { sampleOf } from "../../src/receiver.ts";
+import { sampleOf } from "../../src/receive/batch.ts";
 import { messageId } from "../../src/transport/publisher.ts";
 import { batchLength, pullsByBytes } from "../../src/transport/consumer.ts";
 

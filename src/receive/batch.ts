@@ -4,14 +4,15 @@
  */
 import type { JsMsg } from "@nats-io/jetstream";
 import type { Logger } from "pino";
-import { dispositionOf } from "./errors.ts";
-import type { RateLimits } from "./policy/rate-limit.ts";
-import type { RelayMetrics } from "./metrics.ts";
-import type { EventLimits } from "./protocol/claims.ts";
-import { verifyEvent, type KeyResolver, type Verdict, type VerifiedEvent } from "./protocol/verify.ts";
-import { commitBatch, type AcceptedInput, type EventOutcome, type RefusedInput } from "./store/commit-batch.ts";
-import type { Db } from "./store/db.ts";
-import { storedDecisions, type ReportItem, type ReportSender } from "./reports.ts";
+import { dispositionOf } from "../errors.ts";
+import type { RateLimits } from "../policy/rate-limit.ts";
+import type { RelayMetrics } from "../metrics.ts";
+import type { EventLimits } from "../protocol/claims.ts";
+import { verifyEvent, type KeyResolver, type Verdict, type VerifiedEvent } from "../protocol/verify.ts";
+import type { Db } from "../store/db.ts";
+import { storedDecisions, type ReportItem, type ReportSender } from "../reports.ts";
+import { commitBatch } from "./commit.ts";
+import type { AcceptedInput, EventOutcome, RefusedInput } from "./types.ts";
 
 export interface ReceiverDeps {
   readonly self: string;
