@@ -171,6 +171,8 @@ export const configSchema = z.strictObject({
   }),
   /** Tests only: freeze the relay's clock at this time (seconds since the epoch), in every process that reads this config. */
   clock: z.strictObject({ frozenAt: z.number().min(0).optional() }).default({}),
+  /** Tests and chaos only: the commit of an event with one of these ids fails, as a bug would (the same way every time). */
+  faults: z.strictObject({ commitFailsFor: z.array(z.string().min(1).max(64)).max(100).default([]) }).default({ commitFailsFor: [] }),
   // Refetching a peer's JWKS on an unknown kid lets it rotate keys without us restarting;
   // the cooldown stops forged kids from turning us into a request amplifier.
   jwksRefreshCooldownSeconds: z.number().int().min(1).default(60),
@@ -189,8 +191,12 @@ export const configSchema = z.strictObject({
       maxMessagesPerSender: z.number().int().min(1).default(100_000),
       // Covers a publisher's retries after a lost acknowledgement; Postgres dedupes beyond it.
       duplicateWindowSeconds: z.number().int().min(1).default(120),
+      // All senders' events waiting together: the per-sender quota counts messages, and 100,000
+      // 1-MiB events from each of a few senders would fill any disk. 8 GiB is hours of a busy
+      // federation's backlog at 1 KiB events; past it, publishes are refused, nothing stored dropped.
+      maxBytes: z.number().int().min(1024 * 1024).default(8 * 1024 ** 3),
     })
-    .default({ replicas: 1, maxMessagesPerSender: 100_000, duplicateWindowSeconds: 120 }),
+    .default({ replicas: 1, maxMessagesPerSender: 100_000, duplicateWindowSeconds: 120, maxBytes: 8 * 1024 ** 3 }),
   worker: z.strictObject({
       consumer: z.string().regex(/^[A-Za-z0-9_-]{1,64}$/).default("receiver"),
       // Measured: 200-event batches commit in tens of ms, far under ackWaitSeconds.

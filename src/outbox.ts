@@ -17,6 +17,7 @@ import type { RelayMetrics } from "./metrics.ts";
 import { storedClaims } from "./protocol/claims.ts";
 import type { SigningKey } from "./protocol/keys.ts";
 import { signEvent } from "./protocol/sign.ts";
+import { readCompactJws, verifySignature } from "./protocol/jws.ts";
 import { destinationOfOutboxSubject, inboxSubject } from "./protocol/subjects.ts";
 import { publishEvent } from "./transport/publisher.ts";
 
@@ -47,12 +48,21 @@ export async function freshEvent(token: string, deps: Pick<ForwarderDeps, "signi
 }
 
 export function createForwarder(deps: ForwarderDeps): { handle(batch: JsMsg[]): Promise<void> } {
+  const ownKey = Buffer.from(deps.signingKey.publicJwk.x, "base64url");
   async function forward(m: JsMsg): Promise<void> {
     const destination = destinationOfOutboxSubject(m.subject);
     if (destination === undefined) {
       // Nothing of ours publishes such a subject: drop it rather than retry it forever.
       deps.log.error({ subject: m.subject }, "outbox message on an unexpected subject; dropped");
       m.term("not an outbox subject");
+      return;
+    }
+    // Only what this relay signed, from itself, to the destination its subject names, is ever sent or
+    // signed again: the outbox is on a server others may reach, and re-signing is signing.
+    const jws = readCompactJws(m.data);
+    if (!jws.ok || !verifySignature(jws, ownKey) || jws.payload.iss !== deps.self || jws.payload.aud !== destination) {
+      deps.log.error({ subject: m.subject, seq: m.seq }, "outbox message not signed by this homeserver for its destination; dropped");
+      m.term("not ours");
       return;
     }
     try {

@@ -150,6 +150,7 @@ export function createRelay(config: RelayConfig, roles: RelayRoles, deps: RelayD
         maxVerifyAheadBytes: config.worker.maxBatchBytes / 2,
         isSenderAllowed: (iss) => isSenderAllowed(iss, serverPolicy.current()),
         rateLimits: () => serverPolicy.rates(),
+        ...(config.faults.commitFailsFor.length > 0 ? { faults: { commitFailsFor: new Set(config.faults.commitFailsFor) } } : {}),
         ...(signingKey ? {
           reports: createReportSender({ self: config.homeserver, js, signingKey, log, metrics, now, publishTimeoutMs: config.fanout.publishTimeoutMs }),
         } : {}),

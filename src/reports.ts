@@ -70,6 +70,11 @@ export async function storedDecisions(db: Db, events: readonly { iss: string; jt
   });
 }
 
+function isDataError(err: unknown): boolean {
+  const code = (err as { code?: unknown } | null)?.code;
+  return typeof code === "string" && code.startsWith("22");
+}
+
 export interface StoredReport {
   readonly server: string;
   readonly event: string;
@@ -99,6 +104,13 @@ export function createReportRecorder(deps: { self: string; db: Db; keys: KeyReso
           });
           m.ack();
         } catch (err) {
+          // A value Postgres refuses (SQLSTATE class 22: data) will be refused every time: a report
+          // that cannot be stored is dropped, not retried until it blocks the consumer.
+          if (isDataError(err)) {
+            deps.log.warn({ err, subject: m.subject }, "report refused by the database; dropped");
+            m.term("unstorable");
+            continue;
+          }
           deps.log.error({ err }, "recording a report failed; will retry");
           m.nak(1000);
         }

@@ -35,6 +35,11 @@ export const federationSchema = z.strictObject({
       clusterPort: port.default(6222),
       leafnodePort: port.default(7422),
     })).min(1),
+    /**
+     * The most the hub's streams may hold on disk, in bytes (its JetStream max_file_store and
+     * HUB's account limit): size it to the disk. Unset: NATS's default, 75 % of the free space.
+     */
+    maxStoreBytes: z.number().int().min(1024 * 1024).optional(),
     /** The hub operator's own key, for `fedrelay nats-provision`; generated (and its seed written) when absent. */
     adminNkey: publicNkey.optional(),
   }),
@@ -43,9 +48,11 @@ export const federationSchema = z.strictObject({
     maxMessagesPerSender: z.number().int().min(1).default(100_000),
     duplicateWindowSeconds: z.number().int().min(1).default(120),
     maxMessageBytes: z.number().int().min(1024).max(1024 * 1024).default(1024 * 1024),
+    // Each homeserver's inbox, all senders together (the relay's inbox.maxBytes).
+    maxInboxBytes: z.number().int().min(1024 * 1024).default(8 * 1024 ** 3),
     ackWaitSeconds: z.number().int().min(1).default(30),
     maxAckPending: z.number().int().min(1).default(5000),
-  }).default({ maxMessagesPerSender: 100_000, duplicateWindowSeconds: 120, maxMessageBytes: 1024 * 1024, ackWaitSeconds: 30, maxAckPending: 5000 }),
+  }).default({ maxMessagesPerSender: 100_000, duplicateWindowSeconds: 120, maxMessageBytes: 1024 * 1024, maxInboxBytes: 8 * 1024 ** 3, ackWaitSeconds: 30, maxAckPending: 5000 }),
   homeservers: z.record(
     z.string().refine(isHomeserverName, "must be a homeserver name (DESIGN §3)"),
     z.strictObject({

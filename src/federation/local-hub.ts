@@ -63,6 +63,9 @@ export async function startLocalHub(options: LocalHubOptions): Promise<LocalHub>
   const [clientPort, leafnodePort] = await Promise.all([freePort(), freePort()]);
   const input = {
     hub: { nodes: [{ name: "hub-1", host: "127.0.0.1", listen: "127.0.0.1", clientPort, leafnodePort, clusterPort: 6222 }], storeDir: join(dir, "hub-js") },
+    // A link cut leaves the events a pull had in flight unacknowledged until ack_wait: 10 s keeps
+    // the demo and the tests that cut links quick (a real hub keeps the relay's 30 s).
+    streams: { ackWaitSeconds: 10 },
     homeservers: {} as Record<string, unknown>,
   };
   const describe = async (name: string, topology: Topology): Promise<void> => {
@@ -157,7 +160,10 @@ export async function startLocalHub(options: LocalHubOptions): Promise<LocalHub>
         const seeds = new Map([...keys.homeservers].flatMap(([n, k]) => (k.seed === undefined ? [] : [[n, k.seed] as [string, string]])));
         keys = federationKeys(federation, { admin: keys.admin.seed!, homeservers: seeds });
         await generate();
+        // Twice: a new account's imports take effect only at the reload after the one that
+        // added it (nats-server 2.10.27; src/federation/nats-config.ts).
         await server.reload(hubConf());
+        await server.reload();
         await provision();
         if (topology === "bridged") await startLeaf(name);
       },

@@ -3,18 +3,24 @@
  * each bridged homeserver's own server config and each relay's `nats` settings
  * out. Pure: keys come in, files go out as text.
  *
- * Isolation is NATS's own: one account, and per homeserver a user whose
- * permissions allow exactly its part (docs/protocol.md §4, "On a shared hub"):
- * publishing events and reports as itself, reading (not changing) its own two
- * streams, pulling and acknowledging its own two consumers, and receiving on a
- * reply prefix no one else may use. Streams are the hub's, provisioned by
- * `fedrelay nats-provision`. Why one account and not one per homeserver:
- * measured on nats-server 2.10.27, a homeserver's account added by a config
- * reload could not reach another account's stream through its service import
- * until a second reload (nats-io/nats-server#8560 reports the same in clusters,
- * where it stays broken), while users and permissions reload cleanly. Leafnode
- * connections authenticate as the same users, so a bridged homeserver has the
- * same rights across its link.
+ * Isolation is NATS's own, by account. The streams live in one account, HUB,
+ * which no homeserver can log into. Each homeserver has an account of its own,
+ * named by its subject token, without JetStream, that imports from HUB exactly
+ * its part (docs/protocol.md §4, "NATS rights on a hub"): publishing events and
+ * reports as itself, and, under the prefix `HUBJS.API`, reading its own two
+ * streams and pulling and acknowledging its own two consumers. Its user's
+ * permissions allow the same and nothing else, so anything beyond is a
+ * permissions violation. A JetStream reply a homeserver sends somewhere else
+ * (a reply subject of `$JS.API.STREAM.DELETE.…`) arrives in its own account,
+ * where no JetStream runs: in one shared account JetStream would have run it.
+ * Bridged homeservers' leafnodes authenticate as the same users, into the same
+ * accounts.
+ *
+ * Adding a homeserver adds its account. On nats-server 2.10.27 a new account's
+ * imports from a JetStream account take effect only at the next reload after the
+ * one that added it (measured: no responders after one reload, served after a
+ * second; nats-io/nats-server#8560 reports the cluster case): apply a change with
+ * two reloads.
  */
 import { subjectToken } from "../protocol/names.ts";
 import { inboxStreamName, inboxSubject, reportStreamName, reportSubject } from "../protocol/subjects.ts";
@@ -23,8 +29,10 @@ import type { Federation } from "./federation.ts";
 
 /** The consumer every homeserver's workers share on a hub (the relay's worker.consumer must say the same). */
 export const HUB_INBOX_CONSUMER = "receiver";
-/** The one account of a hub. */
-export const HUB_ACCOUNT = "FEDRELAY";
+/** The account that holds every stream of a hub. */
+export const HUB_ACCOUNT = "HUB";
+/** Where a homeserver's account reaches HUB's JetStream API: the relay's nats.apiPrefix. */
+export const HUB_API_PREFIX = "HUBJS.API";
 /**
  * Events up to 1 MiB plus NATS headers; the server's default (1 MiB) would
  * refuse the largest events the protocol allows.
@@ -55,27 +63,66 @@ export function inboxPrefixOf(homeserver: string): string {
   return `_INBOX_${subjectToken(homeserver)}`;
 }
 
-/** What a homeserver's user may do on the hub: its own part and nothing else. */
-export function hubPermissions(homeserver: string, hubDomain: string): { publish: string[]; subscribe: string[] } {
-  const own: [stream: string, consumer: string][] = [
-    [inboxStreamName(homeserver), HUB_INBOX_CONSUMER],
-    [reportStreamName(homeserver), REPORT_CONSUMER],
+/** A homeserver's account on the hub: its subject token (the inbox and report exports check that token). */
+export function accountOf(homeserver: string): string {
+  return subjectToken(homeserver);
+}
+
+/** A homeserver's own streams and consumers on the hub. */
+function ownConsumers(homeserver: string): [stream: string, consumer: string][] {
+  return [[inboxStreamName(homeserver), HUB_INBOX_CONSUMER], [reportStreamName(homeserver), REPORT_CONSUMER]];
+}
+
+/** The JetStream API calls a homeserver makes on its own streams, as HUB knows them ($JS.API.…). */
+function ownApiSubjects(homeserver: string): string[] {
+  return ownConsumers(homeserver).flatMap(([stream, consumer]) => [
+    `$JS.API.STREAM.INFO.${stream}`, `$JS.API.CONSUMER.INFO.${stream}.${consumer}`, `$JS.API.CONSUMER.MSG.NEXT.${stream}.${consumer}`,
+  ]);
+}
+
+/** What a homeserver's user may do in its account: its own part and nothing else. */
+export function hubPermissions(homeserver: string): { publish: string[]; subscribe: string[] } {
+  return {
+    publish: [
+      // Events and reports as itself, to anyone: the last token is the sender (DESIGN §4).
+      inboxSubject("*", homeserver),
+      reportSubject("*", homeserver),
+      ...ownApiSubjects(homeserver).map((s) => s.replace("$JS.API.", `${HUB_API_PREFIX}.`)),
+      // Acknowledgements (ack, nak, term) of what its own consumers delivered.
+      ...ownConsumers(homeserver).map(([stream, consumer]) => `$JS.ACK.${stream}.${consumer}.>`),
+    ],
+    subscribe: [`${inboxPrefixOf(homeserver)}.>`],
+  };
+}
+
+/**
+ * HUB's exports: events and reports to anyone, as the importing account's own
+ * sender token (account_token_position: the last token must be the importer's
+ * account name); the JetStream calls on its own streams to each homeserver alone.
+ */
+function hubExports(homeservers: readonly string[]): object[] {
+  return [
+    { service: "fedrelay.v1.inbox.*.*", account_token_position: 5 },
+    { service: "fedrelay.v1.report.*.*", account_token_position: 5 },
+    ...homeservers.flatMap((h) => [
+      ...ownApiSubjects(h).map((subject) => ({ service: subject, accounts: [accountOf(h)], ...(subject.includes(".MSG.NEXT.") ? { response_type: "stream" } : {}) })),
+      ...ownConsumers(h).map(([stream, consumer]) => ({ service: `$JS.ACK.${stream}.${consumer}.>`, accounts: [accountOf(h)] })),
+    ]),
   ];
-  // Connected to the hub, JetStream calls are $JS.API.…; from a leafnode they name the hub's domain.
-  const apis = ["$JS.API", `$JS.${hubDomain}.API`];
-  const publish = [
-    // Events and reports as itself, to anyone: the last token is the sender (DESIGN §4).
-    inboxSubject("*", homeserver),
-    reportSubject("*", homeserver),
-  ];
-  for (const api of apis) {
-    for (const [stream, consumer] of own) {
-      publish.push(`${api}.STREAM.INFO.${stream}`, `${api}.CONSUMER.INFO.${stream}.${consumer}`, `${api}.CONSUMER.MSG.NEXT.${stream}.${consumer}`);
-    }
-  }
-  // Acknowledgements (ack, nak, term) of what its own consumers delivered.
-  for (const [stream, consumer] of own) publish.push(`$JS.ACK.${stream}.${consumer}.>`);
-  return { publish, subscribe: [`${inboxPrefixOf(homeserver)}.>`] };
+}
+
+/** A homeserver's account: its user, and its imports from HUB (the JetStream API under HUB_API_PREFIX). */
+function homeserverAccount(homeserver: string, key: Nkey): object {
+  const imported = (subject: string, to?: string) => ({ service: { account: HUB_ACCOUNT, subject }, ...(to === undefined ? {} : { to }) });
+  return {
+    users: [{ nkey: key.publicKey, permissions: hubPermissions(homeserver) }],
+    imports: [
+      imported(inboxSubject("*", homeserver)),
+      imported(reportSubject("*", homeserver)),
+      ...ownApiSubjects(homeserver).map((s) => imported(s, s.replace("$JS.API.", `${HUB_API_PREFIX}.`))),
+      ...ownConsumers(homeserver).map(([stream, consumer]) => imported(`$JS.ACK.${stream}.${consumer}.>`)),
+    ],
+  };
 }
 
 export function replicasOf(fed: Federation): number {
@@ -90,11 +137,18 @@ function syncAlwaysOf(fed: Federation): boolean {
 export function hubNodeConfig(fed: Federation, nodeName: string, keys: FederationKeys): Record<string, unknown> {
   const node = fed.hub.nodes.find((n) => n.name === nodeName);
   if (!node) throw new TypeError(`no hub node ${nodeName}`);
-  const users: object[] = [{ nkey: keys.admin.publicKey }];
-  for (const name of Object.keys(fed.homeservers).sort()) {
+  const names = Object.keys(fed.homeservers).sort();
+  const accounts: Record<string, object> = {
+    [HUB_ACCOUNT]: {
+      jetstream: fed.hub.maxStoreBytes === undefined ? "enabled" : { max_file: fed.hub.maxStoreBytes, max_mem: 0 },
+      users: [{ nkey: keys.admin.publicKey }],
+      exports: hubExports(names),
+    },
+  };
+  for (const name of names) {
     const key = keys.homeservers.get(name);
     if (!key) throw new TypeError(`no key for ${name}`);
-    users.push({ nkey: key.publicKey, permissions: hubPermissions(name, fed.hub.domain) });
+    accounts[accountOf(name)] = homeserverAccount(name, key);
   }
   const clustered = fed.hub.nodes.length > 1;
   return {
@@ -105,6 +159,7 @@ export function hubNodeConfig(fed: Federation, nodeName: string, keys: Federatio
       store_dir: clustered ? `${fed.hub.storeDir}/${node.name}` : fed.hub.storeDir,
       domain: fed.hub.domain,
       ...(syncAlwaysOf(fed) ? { sync_interval: "always" } : {}),
+      ...(fed.hub.maxStoreBytes === undefined ? {} : { max_file_store: fed.hub.maxStoreBytes }),
     },
     ...(clustered ? {
       cluster: {
@@ -115,7 +170,7 @@ export function hubNodeConfig(fed: Federation, nodeName: string, keys: Federatio
     } : {}),
     // Bridged homeservers' servers connect here, as the same users as their relays would.
     leafnodes: { listen: `${node.listen}:${node.leafnodePort}` },
-    accounts: { [HUB_ACCOUNT]: { jetstream: "enabled", users } },
+    accounts,
   };
 }
 
@@ -126,6 +181,9 @@ export function leafConfig(fed: Federation, homeserver: string, key: Nkey): Reco
     server_name: `${subjectToken(homeserver)}-leaf`,
     listen: `${leaf.listen}:${leaf.port}`,
     max_payload: HUB_MAX_PAYLOAD,
+    // Its relay is its only client, with the homeserver's own key: nobody else may read its
+    // outbox or publish through its link as this homeserver.
+    authorization: { users: [{ nkey: key.publicKey }] },
     // Its outbox lives here: fsynced, since this server is alone.
     jetstream: { store_dir: leaf.storeDir, domain: subjectToken(homeserver), sync_interval: "always" },
     leafnodes: {
@@ -143,14 +201,14 @@ export function relaySettings(fed: Federation, homeserver: string, seedFile: str
   const hs = fed.homeservers[homeserver];
   if (!hs) throw new TypeError(`no homeserver ${homeserver}`);
   const s = fed.streams;
-  const nats = hs.topology === "shared"
-    ? { servers: fed.hub.nodes.map((n) => `nats://${n.host}:${n.clientPort}`), nkeySeedFile: seedFile }
-    : { servers: [`nats://${hs.leaf?.listen === "0.0.0.0" ? "127.0.0.1" : (hs.leaf?.listen ?? "127.0.0.1")}:${hs.leaf?.port ?? 4222}`], domain: fed.hub.domain };
+  const servers = hs.topology === "shared"
+    ? fed.hub.nodes.map((n) => `nats://${n.host}:${n.clientPort}`)
+    : [`nats://${hs.leaf?.listen === "0.0.0.0" ? "127.0.0.1" : (hs.leaf?.listen ?? "127.0.0.1")}:${hs.leaf?.port ?? 4222}`];
   return {
     homeserver,
-    nats: { ...nats, inboxPrefix: inboxPrefixOf(homeserver), manageStreams: false },
+    nats: { servers, nkeySeedFile: seedFile, inboxPrefix: inboxPrefixOf(homeserver), apiPrefix: HUB_API_PREFIX, manageStreams: false },
     // What the hub provisioned: the relay checks its streams against these.
-    inbox: { replicas: replicasOf(fed), maxMessagesPerSender: s.maxMessagesPerSender, duplicateWindowSeconds: s.duplicateWindowSeconds },
+    inbox: { replicas: replicasOf(fed), maxMessagesPerSender: s.maxMessagesPerSender, duplicateWindowSeconds: s.duplicateWindowSeconds, maxBytes: s.maxInboxBytes },
     limits: { maxMessageBytes: s.maxMessageBytes },
     worker: { consumer: HUB_INBOX_CONSUMER, ackWaitSeconds: s.ackWaitSeconds, maxAckPending: s.maxAckPending },
     ...(hs.topology === "bridged" ? { fanout: { outbox: true } } : {}),
@@ -175,7 +233,7 @@ export function natsConfigFiles(fed: Federation, keys: FederationKeys, seedFileO
       path: `hub/${node.name}.conf`,
       text: renderNatsConf(hubNodeConfig(fed, node.name, keys), [
         generated,
-        `Hub node ${node.name}. Apply a change with: nats-server --signal reload (no restart), then fedrelay nats-provision.`,
+        `Hub node ${node.name}. Apply a change with nats-server --signal reload, twice (no restart; docs/operations.md, "Reload twice"), then fedrelay nats-provision.`,
       ]),
       secret: false,
     });

@@ -16,7 +16,7 @@ export function hubSpecs(fed: Federation): { homeserver: string; specs: StreamSp
   return Object.keys(fed.homeservers).sort().map((homeserver) => ({
     homeserver,
     specs: [
-      inboxSpec(homeserver, { replicas, maxMessagesPerSender: s.maxMessagesPerSender, duplicateWindowSeconds: s.duplicateWindowSeconds, maxMessageBytes: s.maxMessageBytes },
+      inboxSpec(homeserver, { replicas, maxMessagesPerSender: s.maxMessagesPerSender, duplicateWindowSeconds: s.duplicateWindowSeconds, maxMessageBytes: s.maxMessageBytes, maxBytes: s.maxInboxBytes },
         { consumer: HUB_INBOX_CONSUMER, ackWaitSeconds: s.ackWaitSeconds, maxAckPending: s.maxAckPending }),
       reportSpec(homeserver, replicas),
     ],

@@ -1,5 +1,6 @@
 /** The fan-out event's claims (DESIGN §5, wire) and their limits. Pure. */
 import { z } from "zod";
+import { RECIPIENT_REASONS } from "../errors.ts";
 import { isClientId, isEventId, isHomeserverName } from "./names.ts";
 
 export const EVENT_TYP = "fedrelay-fanout+jwt";
@@ -111,7 +112,8 @@ export const reportClaimsSchema = z.object({
   jti: z.string().refine(isEventId, "not an event id"),
   iat: seconds,
   ref: z.string().refine(isEventId, "not an event id"),
-  accepted: z.array(z.string().refine(isClientId)),
-  refused: z.array(z.object({ cid: z.string().refine(isClientId), reason: z.string() })),
+  // At most an event's recipients, each a client id; a refusal's reason one of §7's.
+  accepted: z.array(z.string().refine(isClientId)).max(MAX_RECIPIENTS),
+  refused: z.array(z.object({ cid: z.string().refine(isClientId), reason: z.enum(RECIPIENT_REASONS) })).max(MAX_RECIPIENTS),
 });
 export type ReportClaims = z.infer<typeof reportClaimsSchema>;

@@ -12,7 +12,8 @@ import { verifyEvent, type KeyResolver, type Verdict, type VerifiedEvent } from 
 import type { Db } from "../store/db.ts";
 import { storedDecisions, type ReportItem, type ReportSender } from "../reports.ts";
 import { commitBatch } from "./commit.ts";
-import type { AcceptedInput, EventOutcome, RefusedInput } from "./types.ts";
+import { isTransient } from "./failures.ts";
+import type { AcceptedInput, CommitFaults, EventOutcome, RefusedInput } from "./types.ts";
 
 export interface ReceiverDeps {
   readonly self: string;
@@ -32,6 +33,8 @@ export interface ReceiverDeps {
   readonly maxVerifyAheadBytes?: number;
   /** The limits in force now (config plus run-time overrides); absent: no rate limiting. */
   readonly rateLimits?: () => RateLimits;
+  /** Tests and chaos only: faults to inject (src/receive/types.ts, CommitFaults). */
+  readonly faults?: CommitFaults;
 }
 
 /** A delayed event is looked at again at least this often, so a refilled bucket is noticed. */
@@ -187,13 +190,49 @@ export function createReceiver(deps: ReceiverDeps): Receiver {
         }
         // Wall-clock time, not the injectable clock: this is for operators watching the workers keep up.
         metrics.batchAgeSeconds.observe(Math.max(0, Date.now() / 1000 - batch[0]!.info.timestampNanos / 1e9));
-        const stop = metrics.batchCommitSeconds.startTimer();
-        const outcomes = await commitBatch(deps.db, accepted, refused, {
-          now, rateLimits: deps.rateLimits?.(), onSenderRace: () => metrics.senderBucketRaces.inc(),
-        });
-        stop();
+        const outcomes = await settle(accepted, refused, now);
+        if (deps.reports) await sendReports(deps.reports, outcomes, acceptedBySeq);
+        return { outcomes, refused };
+      } catch (err) {
+        // Transient (Postgres down, a timeout): nothing was committed, so nothing
+        // is acknowledged; every message comes back after the delay.
+        metrics.batchFailures.inc();
+        deps.log.error({ err, size: batch.length }, "batch failed; will be redelivered");
+        for (const m of batch) m.nak(deps.retryDelayMs);
+        return undefined;
+      }
 
-        // Committed: now, and only now, the acks. Counters move once a batch, not once an event.
+      /**
+       * Commits a part of the batch and settles its messages. A failure that is
+       * not transient (src/receive/failures.ts) is the batch's own: the part is
+       * split in two and each half committed on its own, until the message that
+       * fails stands alone; it is recorded as `unprocessable` and terminated,
+       * and every other message commits once. A transient failure throws: the
+       * messages not yet settled go back to JetStream.
+       */
+      async function settle(acc: readonly AcceptedInput[], ref: readonly RefusedInput[], at: number): Promise<EventOutcome[]> {
+        let outcomes: EventOutcome[];
+        const stop = metrics.batchCommitSeconds.startTimer();
+        try {
+          outcomes = await commitBatch(deps.db, acc, ref, {
+            now: at, rateLimits: deps.rateLimits?.(), onSenderRace: () => metrics.senderBucketRaces.inc(), ...(deps.faults ? { faults: deps.faults } : {}),
+          });
+        } catch (err) {
+          if (isTransient(err)) throw err;
+          if (acc.length + ref.length > 1) {
+            deps.log.warn({ err, size: acc.length + ref.length }, "a commit failed, not transiently: splitting the batch to find the message");
+            const half = Math.ceil((acc.length + ref.length) / 2);
+            const first = await settle(acc.slice(0, half), ref.slice(0, Math.max(0, half - acc.length)), at);
+            return [...first, ...(await settle(acc.slice(half), ref.slice(Math.max(0, half - acc.length)), at))];
+          }
+          if (acc[0]) await refuseUnprocessable(acceptedMsgs.get(acc[0].streamSeq)!, err, { iss: acc[0].event.claims.iss, jti: acc[0].event.claims.jti });
+          else await refuseUnprocessable(refusedMsgs[refused.indexOf(ref[0]!)]!, err, ref[0]!.claimed);
+          return [];
+        } finally {
+          stop();
+        }
+
+        // Committed: now, and only now, the acks. Counters move once a commit, not once an event.
         let stored = 0;
         let duplicates = 0;
         let delivered = 0;
@@ -218,22 +257,29 @@ export function createReceiver(deps: ReceiverDeps): Receiver {
         if (duplicates > 0) metrics.eventsRefused.inc({ reason: "duplicate" }, duplicates);
         if (stored > 0) metrics.eventsAccepted.inc(stored);
         if (delivered > 0) metrics.deliveriesCommitted.inc(delivered);
-        refused.forEach((r, i) => {
-          const m = refusedMsgs[i]!;
-          if (dispositionOf(r.reason) === "term") m.term(r.reason);
+        for (const r of ref) {
+          const m = refusedMsgs[refused.indexOf(r)]!;
+          if (r.reason !== "unprocessable" && dispositionOf(r.reason) === "term") m.term(r.reason);
           else m.ack();
           metrics.eventsRefused.inc({ reason: r.reason });
           deps.log.info({ seq: r.streamSeq, subject: r.subject, reason: r.reason, detail: r.detail, claimed: r.claimed }, "event refused");
-        });
-        if (deps.reports) await sendReports(deps.reports, outcomes, acceptedBySeq);
-        return { outcomes, refused };
-      } catch (err) {
-        // Transient (Postgres down, a timeout): nothing was committed, so nothing
-        // is acknowledged; every message comes back after the delay.
-        metrics.batchFailures.inc();
-        deps.log.error({ err, size: batch.length }, "batch failed; will be redelivered");
-        for (const m of batch) m.nak(deps.retryDelayMs);
-        return undefined;
+        }
+        return outcomes;
+      }
+
+      /** The one message a commit fails on, not transiently: recorded for the operator, and never redelivered. */
+      async function refuseUnprocessable(m: JsMsg, err: unknown, claimed: RefusedInput["claimed"]): Promise<void> {
+        const detail = `its commit failed: ${String((err as Error).message ?? err).slice(0, 200)}`;
+        deps.log.error({ err, seq: m.seq, subject: m.subject }, "event unprocessable: recorded and terminated");
+        const record: RefusedInput = { streamSeq: m.seq, subject: m.subject, reason: "unprocessable", detail, claimed, sample: sampleOf(m.data) };
+        try {
+          await commitBatch(deps.db, [], [record], { now: deps.now() });
+        } catch (recordErr) {
+          if (isTransient(recordErr)) throw recordErr;
+          deps.log.error({ err: recordErr, seq: m.seq }, "could not record the unprocessable event; terminating it anyway");
+        }
+        m.term("unprocessable");
+        metrics.eventsRefused.inc({ reason: "unprocessable" });
       }
     },
   };

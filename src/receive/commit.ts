@@ -83,6 +83,8 @@ export async function commitBatch(
 ): Promise<EventOutcome[]> {
   const known = storedKeys.get(db) ?? new Set<string>();
   storedKeys.set(db, known);
+  const poisoned = options.faults && accepted.find((a) => options.faults!.commitFailsFor.has(a.event.claims.jti));
+  if (poisoned) throw new TypeError(`injected fault: the commit of ${poisoned.event.claims.jti} fails`);
   const attempt = async (lockFirst: boolean): Promise<EventOutcome[]> => {
     const client = await db.connect();
     const run = async <R>(statement: RawBuilder<R>): Promise<R[]> => {
@@ -103,7 +105,7 @@ export async function commitBatch(
       const plan = await deciding;
       await begin;
       socket?.cork();
-      const written = run(writeDecisions(plan, refused, options.now, db.schema));
+      const written = run(writeDecisions(plan, refused, options.now, db.schema, options.queueReports ?? false));
       commit = client.query("COMMIT");
       socket?.uncork();
       commit.catch(() => undefined);

@@ -52,6 +52,8 @@ export interface Plan {
   readonly clients: [string, [number] | [number, StoredBuckets]][];
   /** Delayed events, inserted only to learn they were new: taken back, so their redelivery is not a duplicate. */
   readonly takenBack: readonly AcceptedInput[];
+  /** Events whose report is due (stored, or a duplicate repeating its stored decision): queued by the commit. */
+  readonly reported: { iss: string[]; jti: string[] };
   /** Charged on condition by the last statement (senders read without a lock)… */
   readonly senderCharges: readonly SenderCharge[];
   /** …or written as decided (senders locked). */
@@ -117,16 +119,19 @@ export function planBatch(inputs: PlanInputs, options: { lockFirst: boolean; loc
     const buckets = charged.clientBuckets.get(c.id);
     if (seq !== c.cursor || buckets !== undefined) clients.push([c.id, buckets === undefined ? [seq] : [seq, buckets]]);
   }
+  const reported: Plan["reported"] = { iss: [], jti: [] };
   const outcomes = accepted.map((a): EventOutcome => {
     const decision = decisions.get(a);
     const wait = charged.delays.get(a);
     if (wait !== undefined) return { streamSeq: a.streamSeq, status: "delayed", waitSeconds: wait };
+    reported.iss.push(a.event.claims.iss);
+    reported.jti.push(a.event.claims.jti);
     return decision ? { streamSeq: a.streamSeq, status: "stored", decision } : { streamSeq: a.streamSeq, status: "duplicate" };
   });
   return {
     kind: "plan",
     plan: {
-      outcomes, deliveries, refusals, clients, takenBack: [...charged.delays.keys()],
+      outcomes, deliveries, refusals, clients, takenBack: [...charged.delays.keys()], reported,
       senderCharges: charged.senderCharges, senderBuckets: charged.senderBuckets,
     },
   };

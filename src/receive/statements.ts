@@ -6,7 +6,7 @@
  * 2. `readForDecisions`: lock the addressed clients and read what the decisions
  *    need; `lockSenders` re-reads senders' buckets under a lock when asked;
  * 3. `writeDecisions`: everything decided, the senders' conditional charges,
- *    and the NOTIFY that wakes long-polls.
+ *    the reports to send, and the NOTIFY that wakes long-polls.
  */
 import { sql, type RawBuilder } from "kysely";
 import { capabilityHashHex } from "../policy/capabilities.ts";
@@ -134,7 +134,7 @@ export function lockSenders(keys: readonly string[]): { statement: RawBuilder<{ 
  * Statement 3: everything decided, and the senders' conditional charges; fails
  * with sender_bucket_race (migrations/007) unless each of those charges was made.
  */
-export function writeDecisions(plan: Plan, refused: readonly RefusedInput[], now: number, channel: string): RawBuilder<{ charged: number }> {
+export function writeDecisions(plan: Plan, refused: readonly RefusedInput[], now: number, channel: string, queueReports: boolean): RawBuilder<{ charged: number }> {
   const { deliveries: d, refusals: r, senderCharges: charges } = plan;
   const exact = [...plan.senderBuckets];
   const woken = [...new Set(d.client)].join("\n");
@@ -174,6 +174,11 @@ export function writeDecisions(plan: Plan, refused: readonly RefusedInput[], now
         ${refused.map((e) => e.sample)}::text[]
       )
       ON CONFLICT (stream_seq) DO NOTHING
+    )`);
+  if (queueReports && plan.reported.iss.length > 0) parts.push(sql`queued AS (
+      -- The reports, sent by their own loop once this commits (migrations/010).
+      INSERT INTO report_queue (iss, jti) SELECT * FROM unnest(${textArray(plan.reported.iss)}::text[], ${textArray(plan.reported.jti)}::text[])
+      ON CONFLICT (iss, jti) DO NOTHING
     )`);
   if (exact.length > 0) parts.push(sql`decided AS (
       -- Senders locked by this transaction: their buckets as decided.

@@ -11,10 +11,16 @@ export interface AcceptedInput {
   readonly publishedAt?: number;
 }
 
+/**
+ * Why an event is refused: a protocol reason (§7), or `unprocessable`, an event
+ * this relay failed to commit for a reason of its own (recorded locally, never reported).
+ */
+export type RefusalReason = EventReason | "unprocessable";
+
 export interface RefusedInput {
   readonly streamSeq: number;
   readonly subject: string;
-  readonly reason: EventReason;
+  readonly reason: RefusalReason;
   readonly detail: string;
   readonly claimed?: { readonly iss: string; readonly jti: string } | undefined;
   readonly sample: string;
@@ -33,6 +39,17 @@ export interface CommitOptions {
   readonly rateLimits?: RateLimits | undefined;
   /** Told when the batch runs a second time after a race on a sender's bucket. */
   readonly onSenderRace?: () => void;
+  /** Queue a report for each stored event and duplicate (a worker that signs reports). */
+  readonly queueReports?: boolean;
+  readonly faults?: CommitFaults;
+}
+
+/**
+ * Tests and chaos only (config `faults`): a commit holding an event with one of
+ * these ids fails as a bug would, not as an outage: the same way every time.
+ */
+export interface CommitFaults {
+  readonly commitFailsFor: ReadonlySet<string>;
 }
 
 export const eventKey = (a: AcceptedInput): string => `${a.event.claims.iss}\u0000${a.event.claims.jti}`;

@@ -84,6 +84,7 @@ export interface Database {
   server_rules: ServerRulesTable;
   server_policy: ServerPolicyTable;
   reports: ReportsTable;
+  report_queue: ReportQueueTable;
   rate_buckets: RateBucketsTable;
   rate_overrides: RateOverridesTable;
 }
@@ -125,6 +126,14 @@ export interface ReportsTable {
   refused: ColumnType<{ cid: string; reason: string }[], string, string>;
   token: string;
   received_at: Timestamp;
+}
+
+export interface ReportQueueTable {
+  iss: string;
+  jti: string;
+  queued_at: Timestamp;
+  attempts: ColumnType<number, number | undefined, number>;
+  due_at: Timestamp;
 }
 
 export interface RateBucketsTable {

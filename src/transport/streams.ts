@@ -23,7 +23,18 @@ export interface InboxSettings {
   readonly maxMessagesPerSender: number;
   readonly duplicateWindowSeconds: number;
   readonly maxMessageBytes: number;
+  /** All senders' events together, in bytes: past it, publishes are refused (discard new). */
+  readonly maxBytes: number;
 }
+
+/**
+ * A destination's reports to one sender at most (one subject per destination),
+ * and all of them together, in bytes: a destination flooding reports fills only
+ * its own share of the sender's report stream. Reports are consumed as they
+ * arrive; these are a week of an outage of the sender's report consumer.
+ */
+const REPORTS_PER_DESTINATION = 100_000;
+const REPORT_STREAM_BYTES = 1024 * 1024 * 1024;
 
 export interface ConsumerSettings {
   readonly consumer: string;
@@ -122,6 +133,7 @@ export function inboxSpec(homeserver: string, s: InboxSettings, c: ConsumerSetti
       discard_new_per_subject: true,
       // The JWS plus NATS headers; larger never passes verification anyway.
       max_msg_size: s.maxMessageBytes + 4096,
+      max_bytes: s.maxBytes,
     },
     consumers: [pullConsumer(c.consumer, c.ackWaitSeconds, c.maxAckPending)],
   };
@@ -135,6 +147,10 @@ export function reportSpec(homeserver: string, replicas: number): StreamSpec {
       // Reports are proof for the sender; a week covers any outage of ours.
       max_age: nanos(7 * 24 * 3600 * 1000),
       max_msg_size: 256 * 1024,
+      max_msgs_per_subject: REPORTS_PER_DESTINATION,
+      discard: DiscardPolicy.New,
+      discard_new_per_subject: true,
+      max_bytes: REPORT_STREAM_BYTES,
     },
     consumers: [pullConsumer(REPORT_CONSUMER, 30, 1000)],
   };

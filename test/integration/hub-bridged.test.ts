@@ -123,6 +123,66 @@ describe("fan-out across the bridge", () => {
   });
 });
 
+describe("a bridged homeserver's own server", () => {
+  it("lets only its relay in, with the homeserver's own key", async () => {
+    const { connect } = await import("@nats-io/transport-node");
+    await expect(connect({ servers: hub.leaf("alpha").url, reconnect: false })).rejects.toThrow(/Authorization Violation/i);
+  });
+
+  it("forwards from its outbox only what its homeserver signed for that destination: a forged event there is dropped", async () => {
+    const { connect, nkeyAuthenticator } = await import("@nats-io/transport-node");
+    const { jetstream } = await import("@nats-io/jetstream");
+    const { signEvent } = await import("../../src/protocol/sign.ts");
+    const { importSigningKey } = await import("../../src/protocol/keys.ts");
+    // Someone holding alpha's NATS credential, but not its signing key: beta's key under alpha's kid.
+    const nc = await connect({ servers: hub.leaf("alpha").url, authenticator: nkeyAuthenticator(new TextEncoder().encode(hub.keys.homeservers.get("alpha")!.seed!)) });
+    try {
+      const now = Math.floor(Date.now() / 1000);
+      const forged = await signEvent({
+        iss: "alpha", aud: "beta", jti: "forged-outbox", iat: now - 3600, exp: now + 10, grp: GROUP_ALPHA,
+        rcpt: [{ cid: "bob", cap: caps.get("bob")! }], body: Buffer.from("send me your password").toString("base64url"),
+      }, importSigningKey({ ...beta.jwk, kid: alpha.key.kid }));
+      await jetstream(nc).publish("fedrelay.v1.outbox.beta.alpha", forged);
+      const honest = await fanout(alphaHs, "after-forgery");
+      expect(honest.status).toBe(200);
+      await eventually(async () => (await storedFrom(betaHs, "alpha", "after-forgery")).length === 1, 30_000, "the honest event at beta");
+      expect(await storedFrom(betaHs, "alpha", "forged-")).toEqual([]);
+      const refused = await betaHs.relay.db.kysely.selectFrom("refused_events").select("claimed_jti").where("claimed_jti", "=", "forged-outbox").execute();
+      expect(refused).toEqual([]);
+    } finally {
+      await nc.close();
+    }
+  });
+});
+
+describe("another homeserver's server", () => {
+  it("taking alpha's server name on its own leafnode does not disturb alpha's link", async () => {
+    const { readFile } = await import("node:fs/promises");
+    const { connect, nkeyAuthenticator } = await import("@nats-io/transport-node");
+    const { jetstreamManager } = await import("@nats-io/jetstream");
+    const { freePort, startLocalNats } = await import("../../src/local-nats.ts");
+    // Beta's operator starts a second server of its own, named as alpha's is (nats-config's names are predictable).
+    const conf = JSON.parse((await readFile(`${hub.dir}/homeservers/beta/nats-server.conf`, "utf8")).replace(/^#.*$/gm, "")) as Record<string, unknown> & { jetstream: Record<string, unknown> };
+    conf.server_name = "alpha-leaf";
+    conf.listen = `127.0.0.1:${await freePort()}`;
+    conf.jetstream.store_dir = `${hub.dir}/impostor-js`;
+    const impostor = await startLocalNats({ config: JSON.stringify(conf) });
+    const nc = await connect({ servers: hub.leaf("alpha").url, authenticator: nkeyAuthenticator(new TextEncoder().encode(hub.keys.homeservers.get("alpha")!.seed!)), inboxPrefix: "_INBOX_alpha" });
+    try {
+      const jsm = await jetstreamManager(nc, { apiPrefix: "HUBJS.API", checkAPI: false });
+      const failures: string[] = [];
+      for (const until = Date.now() + 3000; Date.now() < until;) {
+        await jsm.streams.info("FEDRELAY_IN_alpha").catch((err: Error) => failures.push(err.message));
+        await new Promise((r) => setTimeout(r, 25));
+      }
+      expect(failures).toEqual([]);
+    } finally {
+      await nc.close();
+      await impostor.stop();
+    }
+  });
+});
+
 describe("outages longer than an event's lifetime lose nothing", () => {
   it("a destination judges expiry by when the hub stored the event: beta, back after two days (its clock), accepts what waited for it", async () => {
     hub.link("beta").cut();
@@ -135,7 +195,8 @@ describe("outages longer than an event's lifetime lose nothing", () => {
       hub.link("beta").restore();
     }
     try {
-      await eventually(async () => (await storedFrom(betaHs, "alpha", "late-")).length === 5, 30_000, "the five events at beta");
+      // Events a pull had in flight when the link went down come again after ack_wait (10 s on this hub).
+      await eventually(async () => (await storedFrom(betaHs, "alpha", "late-")).length === 5, 60_000, "the five events at beta");
       const refused = await betaHs.relay.db.kysely.selectFrom("refused_events").select("reason").execute();
       expect(refused).toEqual([]);
     } finally {

@@ -55,8 +55,6 @@ beforeAll(() => {
 
 /** `action` on the intruder's connection is refused by the server, naming `subject`, for publish or subscription. */
 async function expectRefused(kind: "Publish" | "Subscription", subject: string, action: () => Promise<unknown> | unknown): Promise<void> {
-  // The server maps a JetStream domain's API ($JS.hub.API.…) to its own ($JS.API.…) before it checks.
-  subject = subject.replace(/^\$JS\.hub\.API\./, "$JS.API.");
   const before = seen.length;
   const outcome = await Promise.resolve().then(action).then(() => "done", (err: Error) => err.message);
   await intruder.flush().catch(() => undefined);
@@ -100,7 +98,7 @@ describe("on the shared hub, each homeserver may do its own part and nothing els
     for (const subject of [
       "$JS.API.STREAM.NAMES", "$JS.API.STREAM.LIST", "$JS.API.INFO",
       "$JS.API.STREAM.INFO.FEDRELAY_IN_alpha", "$JS.API.STREAM.MSG.GET.FEDRELAY_IN_alpha", "$JS.API.DIRECT.GET.FEDRELAY_IN_alpha",
-      "$JS.API.STREAM.INFO.FEDRELAY_REPORTS_alpha", "$JS.hub.API.STREAM.MSG.GET.FEDRELAY_IN_alpha",
+      "$JS.API.STREAM.INFO.FEDRELAY_REPORTS_alpha", "HUBJS.API.STREAM.INFO.FEDRELAY_IN_alpha", "HUBJS.API.STREAM.NAMES",
     ]) {
       await expectRefused("Publish", subject, () => intruder.request(subject, JSON.stringify({ seq: 1 }), { timeout: 500 }));
     }
@@ -117,7 +115,7 @@ describe("on the shared hub, each homeserver may do its own part and nothing els
   });
 
   it("beta cannot pull from alpha's consumers, nor ack, nak or term what they deliver", async () => {
-    for (const subject of ["$JS.API.CONSUMER.MSG.NEXT.FEDRELAY_IN_alpha.receiver", "$JS.API.CONSUMER.MSG.NEXT.FEDRELAY_REPORTS_alpha.reports"]) {
+    for (const subject of ["$JS.API.CONSUMER.MSG.NEXT.FEDRELAY_IN_alpha.receiver", "HUBJS.API.CONSUMER.MSG.NEXT.FEDRELAY_IN_alpha.receiver", "$JS.API.CONSUMER.MSG.NEXT.FEDRELAY_REPORTS_alpha.reports"]) {
       await expectRefused("Publish", subject, () => intruder.request(subject, JSON.stringify({ batch: 1, expires: 500_000_000 }), { timeout: 500 }));
     }
     const ack = "$JS.ACK.FEDRELAY_IN_alpha.receiver.1.1.1.1796300000000000000.0";
@@ -140,6 +138,33 @@ describe("on the shared hub, each homeserver may do its own part and nothing els
     }
   });
 
+  it("a reply subject beta names is answered in beta's own account: no JetStream answer runs as an API call on alpha's streams", async () => {
+    const { jetstreamManager } = await import("@nats-io/jetstream");
+    const admin = await hub.connectAdmin();
+    try {
+      const jsm = await jetstreamManager(admin, { checkAPI: false });
+      const before = { streams: (await jsm.streams.names().next()).sort(), consumers: (await jsm.consumers.list("FEDRELAY_IN_alpha").next()).map((c) => c.name) };
+      // A pull from its own consumer (allowed) whose answers (messages, a headers-only "404 No Messages")
+      // go to alpha's JetStream API; and publishes whose acknowledgements ({"seq": N}) go there too.
+      for (const target of [
+        "$JS.API.CONSUMER.DELETE.FEDRELAY_IN_alpha.receiver", "$JS.API.STREAM.PURGE.FEDRELAY_IN_alpha",
+        "$JS.API.STREAM.DELETE.FEDRELAY_IN_alpha", "$JS.API.STREAM.DELETE.FEDRELAY_REPORTS_alpha", "fedrelay.v1.inbox.gamma.alpha",
+      ]) {
+        intruder.publish("HUBJS.API.CONSUMER.MSG.NEXT.FEDRELAY_IN_beta.receiver", JSON.stringify({ batch: 100, no_wait: true }), { reply: target });
+      }
+      intruder.publish("fedrelay.v1.inbox.alpha.beta", "junk", { reply: "$JS.API.STREAM.MSG.DELETE.FEDRELAY_IN_alpha" });
+      intruder.publish("fedrelay.v1.inbox.alpha.beta", "junk", { reply: "$JS.API.STREAM.PURGE.FEDRELAY_IN_alpha" });
+      await intruder.flush();
+      await new Promise((r) => setTimeout(r, 1000));
+      expect({ streams: (await jsm.streams.names().next()).sort(), consumers: (await jsm.consumers.list("FEDRELAY_IN_alpha").next()).map((c) => c.name) }).toEqual(before);
+      // Nothing arrived in gamma's inbox under alpha's name.
+      const gammaInbox = await jsm.streams.info("FEDRELAY_IN_gamma", { subjects_filter: ">" }).catch(() => undefined);
+      expect(gammaInbox?.state.subjects?.["fedrelay.v1.inbox.gamma.alpha"] ?? 0).toBe(0);
+    } finally {
+      await admin.close();
+    }
+  });
+
   it("nothing beta tried reached alpha, and both relays still run", async () => {
     const bob = await addClient(betaHs, "bob2");
     const cap = await grantCapability(betaHs, "bob2", MEMBER_GROUP_ALPHA);
@@ -149,8 +174,30 @@ describe("on the shared hub, each homeserver may do its own part and nothing els
     });
     expect(res.json.reports).toEqual([expect.objectContaining({ accepted: ["bob2"] })]);
     expect(((await http(`${betaHs.relay.url}/v1/messages`, { token: bob })).json.messages as unknown[]).length).toBe(1);
-    const refused = await alphaHs.relay.db.kysely.selectFrom("refused_events").selectAll().execute();
-    expect(refused).toEqual([]);
+    // What alpha refused is beta's own junk, on beta's own subject: attributed to beta, never to another.
+    const refused = await alphaHs.relay.db.kysely.selectFrom("refused_events").select(["subject", "reason"]).execute();
+    expect(refused.filter((r) => r.subject !== "fedrelay.v1.inbox.alpha.beta")).toEqual([]);
+  });
+
+  it("junk reports signed by beta (a reason no protocol has, a NUL in it) are refused and dropped; alpha's reports keep flowing", async () => {
+    const { jetstream } = await import("@nats-io/jetstream");
+    const { signToken } = await import("../../src/protocol/sign.ts");
+    const { REPORT_TYP } = await import("../../src/protocol/claims.ts");
+    const js = jetstream(intruder);
+    const now = Math.floor(Date.now() / 1000);
+    for (let i = 0; i < 20; i++) {
+      const junk = await signToken({ iss: "beta", aud: "alpha", jti: `junk-${i}`, iat: now, ref: `nothing-${i}`, accepted: [], refused: [{ cid: "x", reason: `bad\u0000${i}` }] }, REPORT_TYP, beta.key);
+      await js.publish("fedrelay.v1.report.alpha.beta", junk);
+    }
+    await addClient(betaHs, "bob3");
+    const cap = await grantCapability(betaHs, "bob3", MEMBER_GROUP_ALPHA);
+    const res = await http(`${alphaHs.relay.url}/v1/fanout?wait=10`, {
+      method: "POST", token: SERVICE_TOKEN,
+      body: { group: MEMBER_GROUP_ALPHA, body: Buffer.from("after the junk").toString("base64url"), recipients: [{ server: "beta", client: "bob3", capability: cap }] },
+    });
+    expect(res.json.reports).toEqual([expect.objectContaining({ server: "beta", accepted: ["bob3"] })]);
+    const stored = await alphaHs.relay.db.kysely.selectFrom("reports").select("ref").where("ref", "like", "nothing-%").execute();
+    expect(stored).toEqual([]);
   });
 
   it("an unauthenticated client, or one with an unknown key, cannot even connect", async () => {

@@ -15,30 +15,24 @@ interface HubConfig {
   jetstream: unknown;
   cluster?: unknown;
   leafnodes: unknown;
-  accounts: { FEDRELAY: { users: { nkey: string; permissions?: unknown }[] } };
+  accounts: Record<string, { users: { nkey: string; permissions?: unknown }[]; exports?: unknown[]; imports?: unknown[] }> & { HUB: { exports: unknown[] } };
 }
 
 const ONE_NODE = { nodes: [{ name: "hub-1", host: "hub.example.net" }] };
 const THREE_NODES = { nodes: ["a", "b", "c"].map((n) => ({ name: `hub-${n}`, host: `hub-${n}.example.net` })) };
 
 describe("hubPermissions: a homeserver's part of the hub, and nothing else", () => {
-  it("publishes only as itself, reads and pulls only its own streams and consumers, receives only on its own prefix", () => {
-    expect(hubPermissions("beta.example.org", "hub")).toEqual({
+  it("publishes only as itself, reads and pulls only its own streams and consumers (under HUBJS.API), receives only on its own prefix", () => {
+    expect(hubPermissions("beta.example.org")).toEqual({
       publish: [
         "fedrelay.v1.inbox.*.beta_example_org",
         "fedrelay.v1.report.*.beta_example_org",
-        "$JS.API.STREAM.INFO.FEDRELAY_IN_beta_example_org",
-        "$JS.API.CONSUMER.INFO.FEDRELAY_IN_beta_example_org.receiver",
-        "$JS.API.CONSUMER.MSG.NEXT.FEDRELAY_IN_beta_example_org.receiver",
-        "$JS.API.STREAM.INFO.FEDRELAY_REPORTS_beta_example_org",
-        "$JS.API.CONSUMER.INFO.FEDRELAY_REPORTS_beta_example_org.reports",
-        "$JS.API.CONSUMER.MSG.NEXT.FEDRELAY_REPORTS_beta_example_org.reports",
-        "$JS.hub.API.STREAM.INFO.FEDRELAY_IN_beta_example_org",
-        "$JS.hub.API.CONSUMER.INFO.FEDRELAY_IN_beta_example_org.receiver",
-        "$JS.hub.API.CONSUMER.MSG.NEXT.FEDRELAY_IN_beta_example_org.receiver",
-        "$JS.hub.API.STREAM.INFO.FEDRELAY_REPORTS_beta_example_org",
-        "$JS.hub.API.CONSUMER.INFO.FEDRELAY_REPORTS_beta_example_org.reports",
-        "$JS.hub.API.CONSUMER.MSG.NEXT.FEDRELAY_REPORTS_beta_example_org.reports",
+        "HUBJS.API.STREAM.INFO.FEDRELAY_IN_beta_example_org",
+        "HUBJS.API.CONSUMER.INFO.FEDRELAY_IN_beta_example_org.receiver",
+        "HUBJS.API.CONSUMER.MSG.NEXT.FEDRELAY_IN_beta_example_org.receiver",
+        "HUBJS.API.STREAM.INFO.FEDRELAY_REPORTS_beta_example_org",
+        "HUBJS.API.CONSUMER.INFO.FEDRELAY_REPORTS_beta_example_org.reports",
+        "HUBJS.API.CONSUMER.MSG.NEXT.FEDRELAY_REPORTS_beta_example_org.reports",
         "$JS.ACK.FEDRELAY_IN_beta_example_org.receiver.>",
         "$JS.ACK.FEDRELAY_REPORTS_beta_example_org.reports.>",
       ],
@@ -47,8 +41,8 @@ describe("hubPermissions: a homeserver's part of the hub, and nothing else", () 
   });
 
   it("never grants a wildcard in a stream or consumer position, nor any admin call", () => {
-    for (const subject of hubPermissions("a-b.example", "hub").publish) {
-      if (!subject.startsWith("$JS.")) continue;
+    for (const subject of hubPermissions("a-b.example").publish) {
+      if (subject.startsWith("fedrelay.")) continue;
       expect(subject).not.toMatch(/\.(CREATE|UPDATE|DELETE|PURGE|NAMES|LIST|MSG\.GET|DIRECT)\b/);
       expect(subject.replace(/\.>$/, "")).not.toMatch(/[*>]/);
     }
@@ -58,30 +52,43 @@ describe("hubPermissions: a homeserver's part of the hub, and nothing else", () 
 describe("hubNodeConfig", () => {
   const keys = (fed: Federation) => federationKeys(fed, { homeservers: new Map() });
 
-  it("a single node fsyncs every write and has no cluster; every homeserver is a user with its permissions, the admin one without", () => {
+  it("a single node fsyncs every write and has no cluster; streams live in HUB, each homeserver in an account of its own importing only its part", () => {
     const fed = federation({ hub: ONE_NODE, homeservers: { alpha: { topology: "shared" }, beta: { topology: "bridged" } } });
     const k = keys(fed);
     const config = hubNodeConfig(fed, "hub-1", k) as unknown as HubConfig;
     expect(config.jetstream).toEqual({ store_dir: "/var/lib/fedrelay-hub", domain: "hub", sync_interval: "always" });
     expect(config.cluster).toBeUndefined();
     expect(config.leafnodes).toEqual({ listen: "0.0.0.0:7422" });
-    const users = config.accounts.FEDRELAY.users;
-    expect(users).toEqual([
-      { nkey: k.admin.publicKey },
-      { nkey: k.homeservers.get("alpha")!.publicKey, permissions: hubPermissions("alpha", "hub") },
-      { nkey: k.homeservers.get("beta")!.publicKey, permissions: hubPermissions("beta", "hub") },
-    ]);
+    expect(Object.keys(config.accounts).sort()).toEqual(["HUB", "alpha", "beta"]);
+    expect(config.accounts.HUB).toMatchObject({ jetstream: "enabled", users: [{ nkey: k.admin.publicKey }] });
+    expect(config.accounts.HUB.exports).toEqual(expect.arrayContaining([
+      { service: "fedrelay.v1.inbox.*.*", account_token_position: 5 },
+      { service: "$JS.API.CONSUMER.MSG.NEXT.FEDRELAY_IN_alpha.receiver", accounts: ["alpha"], response_type: "stream" },
+      { service: "$JS.ACK.FEDRELAY_IN_beta.receiver.>", accounts: ["beta"] },
+    ]));
+    // A homeserver's account runs no JetStream of its own: a reply sent to a $JS.API subject there runs nothing.
+    expect(config.accounts.alpha).not.toHaveProperty("jetstream");
+    expect(config.accounts.alpha).toEqual({
+      users: [{ nkey: k.homeservers.get("alpha")!.publicKey, permissions: hubPermissions("alpha") }],
+      imports: expect.arrayContaining([
+        { service: { account: "HUB", subject: "fedrelay.v1.inbox.*.alpha" } },
+        { service: { account: "HUB", subject: "$JS.API.CONSUMER.MSG.NEXT.FEDRELAY_IN_alpha.receiver" }, to: "HUBJS.API.CONSUMER.MSG.NEXT.FEDRELAY_IN_alpha.receiver" },
+      ]),
+    });
+    const imported = JSON.stringify(config.accounts.alpha);
+    expect(imported).not.toContain("FEDRELAY_IN_beta");
     expect(config).not.toHaveProperty("no_auth_user");
   });
 
   it("three nodes form a cluster routed to each other, each with a store of its own, and streams get 3 replicas", () => {
-    const fed = federation({ hub: THREE_NODES, homeservers: { alpha: { topology: "shared" } } });
+    const fed = federation({ hub: { ...THREE_NODES, maxStoreBytes: 64 * 1024 ** 3 }, homeservers: { alpha: { topology: "shared" } } });
     const config = hubNodeConfig(fed, "hub-b", keys(fed)) as unknown as HubConfig;
     expect(config.cluster).toEqual({
       name: "fedrelay-hub", listen: "0.0.0.0:6222",
       routes: ["nats-route://hub-a.example.net:6222", "nats-route://hub-b.example.net:6222", "nats-route://hub-c.example.net:6222"],
     });
-    expect(config.jetstream).toEqual({ store_dir: "/var/lib/fedrelay-hub/hub-b", domain: "hub" });
+    expect(config.jetstream).toEqual({ store_dir: "/var/lib/fedrelay-hub/hub-b", domain: "hub", max_file_store: 64 * 1024 ** 3 });
+    expect(config.accounts.HUB).toMatchObject({ jetstream: { max_file: 64 * 1024 ** 3, max_mem: 0 } });
     expect(relaySettings(fed, "alpha", "/seed")).toMatchObject({ inbox: { replicas: 3 } });
   });
 });
@@ -107,7 +114,11 @@ describe("natsConfigFiles", () => {
     expect(gammaLeaf).toContain('"nkey": $FEDRELAY_NKEY_SEED');
     expect(gammaLeaf).not.toMatch(/SU[A-Z2-7]{56}/);
     // NATS config is JSON after its comment lines (but for that reference).
-    expect(JSON.parse(gammaLeaf.replace(/^#.*$/gm, "").replace("$FEDRELAY_NKEY_SEED", '"seed"'))).toMatchObject({ jetstream: { domain: "gamma" }, leafnodes: { remotes: [{ urls: ["nats-leaf://hub.example.net:7422"] }] } });
+    expect(JSON.parse(gammaLeaf.replace(/^#.*$/gm, "").replace("$FEDRELAY_NKEY_SEED", '"seed"'))).toMatchObject({
+      jetstream: { domain: "gamma" }, leafnodes: { remotes: [{ urls: ["nats-leaf://hub.example.net:7422"] }] },
+      // Its one client is its relay, with the homeserver's own key.
+      authorization: { users: [{ nkey: kept.getPublicKey() }] },
+    });
   });
 
   it("keeps the seeds of an earlier run", () => {
