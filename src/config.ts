@@ -236,6 +236,25 @@ export const configSchema = z.strictObject({
       resignWithinSeconds: z.number().int().min(1).default(300),
     })
     .default({ eventLifetimeSeconds: 24 * 3600, publishTimeoutMs: 5000, outbox: false, resignWithinSeconds: 300 }),
+  /**
+   * Delivery reports (DESIGN §8) are queued by the commit and published by a loop of their own
+   * in each worker; these bound what one peer's report stream can cost us.
+   */
+  reports: z.strictObject({
+      // A report publish takes ~1 ms: 256 at once keep up with any inbox, and a peer that never
+      // answers holds at most its share of them until fanout.publishTimeoutMs.
+      maxInFlight: z.number().int().min(1).max(10_000).default(256),
+      // One peer's share: a stalled peer holds 16 publishes (and their memory), never the rest.
+      maxInFlightPerPeer: z.number().int().min(1).max(10_000).default(16),
+      // Matches the per-destination cap of a sender's report stream (src/transport/streams.ts):
+      // more could never be stored there. Past it, a peer's oldest queued reports are dropped.
+      maxQueuedPerPeer: z.number().int().min(1).default(100_000),
+      // A report stream keeps its reports a week; an older report would be of no use.
+      maxAgeSeconds: z.number().int().min(60).default(7 * 24 * 3600),
+      // A failing peer is tried again after 1, 2, 4 … seconds, at most this long.
+      maxBackoffSeconds: z.number().int().min(1).max(3600).default(300),
+    })
+    .default({ maxInFlight: 256, maxInFlightPerPeer: 16, maxQueuedPerPeer: 100_000, maxAgeSeconds: 7 * 24 * 3600, maxBackoffSeconds: 300 }),
   log: z.strictObject({ level: z.enum(["fatal", "error", "warn", "info", "debug", "trace", "silent"]).default("info") })
     .default({ level: "info" }),
 });

@@ -3,9 +3,9 @@ import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from "prom
 
 export interface RelayMetrics {
   readonly registry: Registry;
-  readonly eventsReceived: Counter;
-  readonly eventsAccepted: Counter;
-  readonly eventsRefused: Counter<"reason">;
+  readonly eventsReceived: Counter<"peer">;
+  readonly eventsAccepted: Counter<"peer">;
+  readonly eventsRefused: Counter<"peer" | "reason">;
   readonly deliveriesCommitted: Counter;
   readonly recipientsRefused: Counter<"reason">;
   readonly batchCommitSeconds: Histogram;
@@ -14,9 +14,12 @@ export interface RelayMetrics {
   readonly senderBucketRaces: Counter;
   readonly eventsPublished: Counter<"destination">;
   readonly publishFailures: Counter<"destination">;
-  readonly reportsSent: Counter;
-  readonly eventsDelayed: Counter;
-  readonly reportFailures: Counter;
+  readonly reportsSent: Counter<"peer">;
+  readonly eventsDelayed: Counter<"peer">;
+  readonly reportFailures: Counter<"peer">;
+  readonly reportQueueDepth: Gauge<"peer">;
+  readonly peerBacklog: Gauge<"peer">;
+  readonly peerCommitLagSeconds: Histogram<"peer">;
   readonly httpRefused: Counter<"access" | "code">;
   readonly httpWaiting: Gauge;
   readonly httpWaitsRefused: Counter<"limit">;
@@ -31,9 +34,11 @@ export function createMetrics(registry = new Registry(), options: { defaultMetri
   const registers = [registry];
   return {
     registry,
-    eventsReceived: new Counter({ name: "fedrelay_events_received_total", help: "Inbox messages taken from JetStream", registers }),
-    eventsAccepted: new Counter({ name: "fedrelay_events_accepted_total", help: "Events verified and stored (duplicates excluded)", registers }),
-    eventsRefused: new Counter({ name: "fedrelay_events_refused_total", help: "Events refused, by DESIGN §7 reason (duplicate included)", labelNames: ["reason"], registers }),
+    eventsReceived: new Counter({ name: "fedrelay_events_received_total", help: "Inbox messages taken from JetStream, by sending peer (its subject's)", labelNames: ["peer"], registers }),
+    eventsAccepted: new Counter({ name: "fedrelay_events_accepted_total", help: "Events verified and stored (duplicates excluded), by sending peer", labelNames: ["peer"], registers }),
+    eventsRefused: new Counter({
+      name: "fedrelay_events_refused_total", help: "Events refused, by sending peer (its subject's) and DESIGN §7 reason (duplicate included)", labelNames: ["peer", "reason"], registers,
+    }),
     deliveriesCommitted: new Counter({ name: "fedrelay_deliveries_committed_total", help: "Deliveries stored for local clients", registers }),
     recipientsRefused: new Counter({ name: "fedrelay_recipients_refused_total", help: "Recipients refused within accepted events, by reason", labelNames: ["reason"], registers }),
     batchCommitSeconds: new Histogram({
@@ -56,9 +61,24 @@ export function createMetrics(registry = new Registry(), options: { defaultMetri
     }),
     eventsPublished: new Counter({ name: "fedrelay_events_published_total", help: "Fan-out events acknowledged by JetStream", labelNames: ["destination"], registers }),
     publishFailures: new Counter({ name: "fedrelay_publish_failures_total", help: "Fan-out publishes that failed", labelNames: ["destination"], registers }),
-    eventsDelayed: new Counter({ name: "fedrelay_events_delayed_total", help: "Events sent back for later because their sender was over its rate limit", registers }),
-    reportsSent: new Counter({ name: "fedrelay_reports_sent_total", help: "Delivery reports published to senders", registers }),
-    reportFailures: new Counter({ name: "fedrelay_report_failures_total", help: "Delivery reports that could not be published", registers }),
+    eventsDelayed: new Counter({
+      name: "fedrelay_events_delayed_total", help: "Events sent back for later because their sender was over its rate limit, by sending peer", labelNames: ["peer"], registers,
+    }),
+    reportsSent: new Counter({ name: "fedrelay_reports_sent_total", help: "Delivery reports published to senders, by peer", labelNames: ["peer"], registers }),
+    reportFailures: new Counter({
+      name: "fedrelay_report_failures_total", help: "Delivery report publishes that failed (retried with backoff), by peer", labelNames: ["peer"], registers,
+    }),
+    reportQueueDepth: new Gauge({ name: "fedrelay_report_queue_depth", help: "Delivery reports queued to send, by peer (measured every 15 s)", labelNames: ["peer"], registers }),
+    peerBacklog: new Gauge({
+      name: "fedrelay_peer_backlog_events", help: "Events in the inbox not yet committed, by sending peer (measured every few seconds)", labelNames: ["peer"], registers,
+    }),
+    peerCommitLagSeconds: new Histogram({
+      name: "fedrelay_peer_commit_lag_seconds",
+      help: "From the inbox storing a peer's event to its batch committing (the oldest of the peer's events in each batch), by sending peer",
+      labelNames: ["peer"],
+      buckets: [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300],
+      registers,
+    }),
     httpRefused: new Counter({
       name: "fedrelay_http_refused_total",
       help: "API requests refused before their route ran, by the route's access (client, backend, operator) and the error code (unauthorized, too_many_requests)",
@@ -82,4 +102,14 @@ export function createMetrics(registry = new Registry(), options: { defaultMetri
     outboxFailures: new Counter({ name: "fedrelay_outbox_failures_total", help: "Outboxed events not yet accepted by their destination's inbox (retried with backoff)", labelNames: ["destination"], registers }),
     outboxResigned: new Counter({ name: "fedrelay_outbox_resigned_total", help: "Outboxed events signed again (same jti) because their lifetime was running out", registers }),
   };
+}
+
+/**
+ * The `peer` label of per-peer metrics: a configured peer by name, anyone else
+ * (an unknown or forged sender) as "other", so a hostile peer cannot grow the
+ * label set.
+ */
+export function peerLabeller(known: Iterable<string>): (peer: string | undefined) => string {
+  const names = new Set(known);
+  return (peer) => (peer !== undefined && names.has(peer) ? peer : "other");
 }

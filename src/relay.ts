@@ -13,7 +13,7 @@ import { createServiceAuth } from "./http/auth.ts";
 import { FailureThrottle, WaitSlots } from "./http/limits.ts";
 import { createHttpServers, type HealthReport, type HttpServers } from "./http/server.ts";
 import { createKeyRegistry } from "./keys/registry.ts";
-import { createMetrics, type RelayMetrics } from "./metrics.ts";
+import { createMetrics, peerLabeller, type RelayMetrics } from "./metrics.ts";
 import { importSigningKey, type PublicJwk, type SigningKey } from "./protocol/keys.ts";
 import { inboxStreamName, outboxStreamName, reportStreamName } from "./protocol/subjects.ts";
 import { createReceiver } from "./receive/batch.ts";
@@ -26,7 +26,8 @@ import { watchStreams, type StreamWatch, type WatchTarget } from "./transport/st
 import { inboxSpec, OUTBOX_CONSUMER, outboxSpec, REPORT_CONSUMER, reportSpec } from "./transport/streams.ts";
 import { createForwarder } from "./outbox.ts";
 import { isSenderAllowed } from "./policy/server-rules.ts";
-import { createReportRecorder, createReportSender } from "./reports.ts";
+import { createReportRecorder } from "./reports.ts";
+import { startReportPublisher, type ReportPublisher } from "./report-publisher.ts";
 import { watchServerPolicy, type PolicyWatcher } from "./store/server-policy.ts";
 
 export interface RelayRoles {
@@ -76,10 +77,12 @@ export function createRelay(config: RelayConfig, roles: RelayRoles, deps: RelayD
     ...(config.keys.retired as unknown as PublicJwk[]),
   ];
   const db = createDb(config.postgres);
+  const peerLabel = peerLabeller([config.homeserver, ...Object.keys(config.peers)]);
 
   let nc: NatsConnection | undefined;
   let loop: BatchLoop | undefined;
   let reportLoop: BatchLoop | undefined;
+  let reportPublisher: ReportPublisher | undefined;
   let outboxLoop: BatchLoop | undefined;
   let streams: StreamWatch | undefined;
   let policy: PolicyWatcher | undefined;
@@ -145,15 +148,18 @@ export function createRelay(config: RelayConfig, roles: RelayRoles, deps: RelayD
 
     if (roles.worker) {
       if (!signingKey) log.warn("no signing key: this worker stores events but sends no delivery reports");
+      reportPublisher = signingKey && startReportPublisher({
+        self: config.homeserver, db, js, signingKey, log, metrics, now, publishTimeoutMs: config.fanout.publishTimeoutMs, limits: config.reports, peerLabel,
+      });
+      const publisher = reportPublisher;
       const receiver = createReceiver({
         self: config.homeserver, db, keys, limits: config.limits, metrics, log, now, retryDelayMs: config.worker.retryDelayMs,
         maxVerifyAheadBytes: config.worker.maxBatchBytes / 2,
         isSenderAllowed: (iss) => isSenderAllowed(iss, serverPolicy.current()),
         rateLimits: () => serverPolicy.rates(),
         ...(config.faults.commitFailsFor.length > 0 ? { faults: { commitFailsFor: new Set(config.faults.commitFailsFor) } } : {}),
-        ...(signingKey ? {
-          reports: createReportSender({ self: config.homeserver, js, signingKey, log, metrics, now, publishTimeoutMs: config.fanout.publishTimeoutMs }),
-        } : {}),
+        peerLabel,
+        ...(publisher ? { reports: { queued: () => publisher.wake() } } : {}),
       });
       const consumer = await js.consumers.get(inboxStreamName(config.homeserver), config.worker.consumer);
       const pullByBytes = pullsByBytes(nc.info?.version);
@@ -227,6 +233,7 @@ export function createRelay(config: RelayConfig, roles: RelayRoles, deps: RelayD
       };
       // The worker drains first, while /readyz still answers (503: closing is set).
       await step(() => loop?.stop());
+      await step(() => reportPublisher?.stop());
       await step(() => reportLoop?.stop());
       await step(() => outboxLoop?.stop());
       streams?.close();

@@ -1,52 +1,23 @@
 /**
- * Delivery reports (DESIGN §8), both ways: the destination signs and publishes
- * one per event that passed verification; the sender verifies and records
- * those it receives, and wakes a fan-out request waiting for them.
+ * Delivery reports (DESIGN §8), both ways: the destination reports what it
+ * stored (src/report-publisher.ts publishes them); the sender verifies and
+ * records those it receives, and wakes a fan-out request waiting for them.
  */
-import type { JetStreamClient, JsMsg } from "@nats-io/jetstream";
+import type { JsMsg } from "@nats-io/jetstream";
 import { sql } from "kysely";
 import type { Logger } from "pino";
 import type { RecipientReason } from "./errors.ts";
-import type { RelayMetrics } from "./metrics.ts";
 import { storedClaims } from "./protocol/claims.ts";
-import type { SigningKey } from "./protocol/keys.ts";
-import { reportClaims, verifyReport } from "./protocol/report.ts";
-import { signReport } from "./protocol/sign.ts";
-import { reportSubject, senderOfSubject } from "./protocol/subjects.ts";
+import { verifyReport } from "./protocol/report.ts";
+import { senderOfSubject } from "./protocol/subjects.ts";
 import type { KeyResolver } from "./protocol/verify.ts";
 import type { Db } from "./store/db.ts";
-import { publishEvent } from "./transport/publisher.ts";
 
 export interface ReportItem {
   readonly sender: string;
   readonly ref: string;
   readonly accepted: readonly string[];
   readonly refused: readonly { cid: string; reason: RecipientReason }[];
-}
-
-export interface ReportSender {
-  send(items: readonly ReportItem[]): Promise<void>;
-}
-
-export function createReportSender(deps: {
-  self: string; js: JetStreamClient; signingKey: SigningKey; log: Logger; metrics: RelayMetrics; now: () => number; publishTimeoutMs: number;
-}): ReportSender {
-  return {
-    async send(items) {
-      await Promise.all(items.map(async (item) => {
-        const claims = reportClaims({ destination: deps.self, sender: item.sender, ref: item.ref, accepted: item.accepted, refused: item.refused, now: deps.now() });
-        const token = await signReport(claims, deps.signingKey);
-        try {
-          await publishEvent(deps.js, reportSubject(item.sender, deps.self), Buffer.from(token, "latin1"), deps.publishTimeoutMs);
-          deps.metrics.reportsSent.inc();
-        } catch (err) {
-          // The sender may not run a report stream (or be down); its events are stored regardless.
-          deps.metrics.reportFailures.inc();
-          deps.log.warn({ sender: item.sender, ref: item.ref, err: (err as Error).message }, "report not delivered");
-        }
-      }));
-    },
-  };
 }
 
 /**
@@ -62,11 +33,21 @@ export async function storedDecisions(db: Db, events: readonly { iss: string; jt
     sql<{ iss: string; jti: string; client_id: string; reason: RecipientReason }>`
       SELECT iss, jti, client_id, reason FROM recipient_refusals WHERE (iss, jti) IN ${keys}`.execute(db.kysely),
   ]);
+  const refusedBy = new Map<string, Map<string, RecipientReason>>();
+  for (const r of refusals.rows) {
+    const key = `${r.iss}\n${r.jti}`;
+    if (!refusedBy.has(key)) refusedBy.set(key, new Map());
+    refusedBy.get(key)!.set(r.client_id, r.reason);
+  }
   return originals.rows.map((e) => {
-    const { rcpt } = storedClaims(e.token);
-    const refused = refusals.rows.filter((r) => r.iss === e.iss && r.jti === e.jti).map((r) => ({ cid: r.client_id, reason: r.reason }));
-    const refusedIds = new Set(refused.map((r) => r.cid));
-    return { sender: e.iss, ref: e.jti, accepted: rcpt.map((r) => r.cid).filter((c) => !refusedIds.has(c)), refused };
+    const reasons = refusedBy.get(`${e.iss}\n${e.jti}`) ?? new Map<string, RecipientReason>();
+    // In the event's recipient order, as the commit decided them.
+    const cids = storedClaims(e.token).rcpt.map((r) => r.cid);
+    return {
+      sender: e.iss, ref: e.jti,
+      accepted: cids.filter((c) => !reasons.has(c)),
+      refused: cids.filter((c) => reasons.has(c)).map((cid) => ({ cid, reason: reasons.get(cid)! })),
+    };
   });
 }
 

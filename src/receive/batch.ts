@@ -8,9 +8,9 @@ import { dispositionOf } from "../errors.ts";
 import type { RateLimits } from "../policy/rate-limit.ts";
 import type { RelayMetrics } from "../metrics.ts";
 import type { EventLimits } from "../protocol/claims.ts";
+import { senderOfInboxSubject } from "../protocol/subjects.ts";
 import { verifyEvent, type KeyResolver, type Verdict, type VerifiedEvent } from "../protocol/verify.ts";
 import type { Db } from "../store/db.ts";
-import { storedDecisions, type ReportItem, type ReportSender } from "../reports.ts";
 import { commitBatch } from "./commit.ts";
 import { isTransient } from "./failures.ts";
 import type { AcceptedInput, CommitFaults, EventOutcome, RefusedInput } from "./types.ts";
@@ -27,8 +27,13 @@ export interface ReceiverDeps {
   readonly isSenderAllowed?: (iss: string) => boolean;
   /** How long JetStream waits before redelivering a batch that failed for a transient reason. */
   readonly retryDelayMs: number;
-  /** Publishes delivery reports (DESIGN §8) after the commit. */
-  readonly reports?: ReportSender;
+  /**
+   * Delivery reports (DESIGN §8): the commit queues them and this is told once
+   * it has (src/report-publisher.ts). Absent: no reports are queued.
+   */
+  readonly reports?: { readonly queued: () => void };
+  /** The `peer` label of per-peer metrics (src/metrics.ts, peerLabeller); default: every peer "other". */
+  readonly peerLabel?: (peer: string | undefined) => string;
   /** At most this many bytes of messages are verified ahead of their batch (default: no limit). */
   readonly maxVerifyAheadBytes?: number;
   /** The limits in force now (config plus run-time overrides); absent: no rate limiting. */
@@ -92,6 +97,9 @@ export interface Receiver {
 export function createReceiver(deps: ReceiverDeps): Receiver {
   const allowAll = (): boolean => true;
   const { metrics } = deps;
+  const peerLabel = deps.peerLabel ?? ((): string => "other");
+  /** A message's sender, as its subject names it: who NATS let publish it. */
+  const peerOf = (m: JsMsg): string => peerLabel(senderOfInboxSubject(m.subject));
 
   function verify(m: JsMsg): Promise<Verdict> {
     return verifyEvent(m.data, m.subject, {
@@ -136,24 +144,6 @@ export function createReceiver(deps: ReceiverDeps): Receiver {
     if (scheduled) setImmediate(verifySlice);
   };
 
-  /** After the acks: a report that fails is logged, never a reason to redeliver a stored event. */
-  async function sendReports(reports: ReportSender, outcomes: readonly EventOutcome[], bySeq: ReadonlyMap<number, AcceptedInput>): Promise<void> {
-    try {
-      const items: ReportItem[] = [];
-      const duplicates: { iss: string; jti: string }[] = [];
-      for (const o of outcomes) {
-        if (o.status === "delayed") continue;
-        const { iss, jti } = bySeq.get(o.streamSeq)!.event.claims;
-        if (o.status === "stored") items.push({ sender: iss, ref: jti, ...o.decision });
-        else duplicates.push({ iss, jti });
-      }
-      items.push(...(await storedDecisions(deps.db, duplicates)));
-      await reports.send(items);
-    } catch (err) {
-      deps.log.warn({ err }, "reports not sent");
-    }
-  }
-
   return {
     verifyAhead(m) {
       waiting.push(m);
@@ -169,8 +159,9 @@ export function createReceiver(deps: ReceiverDeps): Receiver {
       const refused: RefusedInput[] = [];
       const refusedMsgs: JsMsg[] = [];
       const acceptedMsgs = new Map<number, JsMsg>();
-      const acceptedBySeq = new Map<number, AcceptedInput>();
-      metrics.eventsReceived.inc(batch.length);
+      const received = new Map<string, number>();
+      for (const m of batch) received.set(peerOf(m), (received.get(peerOf(m)) ?? 0) + 1);
+      for (const [peer, n] of received) metrics.eventsReceived.inc({ peer }, n);
       try {
         let unverified = 0;
         for (const m of batch) {
@@ -181,7 +172,6 @@ export function createReceiver(deps: ReceiverDeps): Receiver {
           if (verdict.ok) {
             const input = new AcceptedMessage(m, verdict.event);
             accepted.push(input);
-            acceptedBySeq.set(m.seq, input);
             acceptedMsgs.set(m.seq, m);
           } else {
             refused.push({ streamSeq: m.seq, subject: m.subject, reason: verdict.reason, detail: verdict.detail, claimed: verdict.claimed, sample: sampleOf(m.data) });
@@ -191,7 +181,6 @@ export function createReceiver(deps: ReceiverDeps): Receiver {
         // Wall-clock time, not the injectable clock: this is for operators watching the workers keep up.
         metrics.batchAgeSeconds.observe(Math.max(0, Date.now() / 1000 - batch[0]!.info.timestampNanos / 1e9));
         const outcomes = await settle(accepted, refused, now);
-        if (deps.reports) await sendReports(deps.reports, outcomes, acceptedBySeq);
         return { outcomes, refused };
       } catch (err) {
         // Transient (Postgres down, a timeout): nothing was committed, so nothing
@@ -215,7 +204,8 @@ export function createReceiver(deps: ReceiverDeps): Receiver {
         const stop = metrics.batchCommitSeconds.startTimer();
         try {
           outcomes = await commitBatch(deps.db, acc, ref, {
-            now: at, rateLimits: deps.rateLimits?.(), onSenderRace: () => metrics.senderBucketRaces.inc(), ...(deps.faults ? { faults: deps.faults } : {}),
+            now: at, rateLimits: deps.rateLimits?.(), onSenderRace: () => metrics.senderBucketRaces.inc(),
+            queueReports: deps.reports !== undefined, ...(deps.faults ? { faults: deps.faults } : {}),
           });
         } catch (err) {
           if (isTransient(err)) throw err;
@@ -233,37 +223,40 @@ export function createReceiver(deps: ReceiverDeps): Receiver {
         }
 
         // Committed: now, and only now, the acks. Counters move once a commit, not once an event.
-        let stored = 0;
-        let duplicates = 0;
-        let delivered = 0;
+        deps.reports?.queued();
+        const counts = new PeerCounts();
+        // The oldest of each peer's events in this part: how far behind its events are committed.
+        const oldest = new Map<string, JsMsg>();
         for (const o of outcomes) {
           const m = acceptedMsgs.get(o.streamSeq)!;
+          const peer = peerOf(m);
+          if (!oldest.has(peer)) oldest.set(peer, m);
           if (o.status === "delayed") {
             // Over its sender's limit: back to JetStream until the bucket has refilled.
             // Only this message waits; the rest of the batch is committed.
             m.nak(Math.min(Math.max(100, Math.ceil(o.waitSeconds * 1000)), MAX_DELAY_MS));
-            metrics.eventsDelayed.inc();
+            counts.add("delayed", peer);
             continue;
           }
           m.ack();
           if (o.status === "duplicate") {
-            duplicates += 1;
+            counts.add("duplicate", peer);
           } else {
-            stored += 1;
-            delivered += o.decision.accepted.length;
+            counts.add("stored", peer);
+            counts.delivered += o.decision.accepted.length;
             for (const r of o.decision.refused) metrics.recipientsRefused.inc({ reason: r.reason });
           }
         }
-        if (duplicates > 0) metrics.eventsRefused.inc({ reason: "duplicate" }, duplicates);
-        if (stored > 0) metrics.eventsAccepted.inc(stored);
-        if (delivered > 0) metrics.deliveriesCommitted.inc(delivered);
         for (const r of ref) {
           const m = refusedMsgs[refused.indexOf(r)]!;
           if (r.reason !== "unprocessable" && dispositionOf(r.reason) === "term") m.term(r.reason);
           else m.ack();
-          metrics.eventsRefused.inc({ reason: r.reason });
+          counts.add(r.reason, peerOf(m));
           deps.log.info({ seq: r.streamSeq, subject: r.subject, reason: r.reason, detail: r.detail, claimed: r.claimed }, "event refused");
         }
+        counts.report(metrics);
+        const committedAt = Date.now() / 1000;
+        for (const [peer, m] of oldest) metrics.peerCommitLagSeconds.observe({ peer }, Math.max(0, committedAt - m.info.timestampNanos / 1e9));
         return outcomes;
       }
 
@@ -279,8 +272,30 @@ export function createReceiver(deps: ReceiverDeps): Receiver {
           deps.log.error({ err: recordErr, seq: m.seq }, "could not record the unprocessable event; terminating it anyway");
         }
         m.term("unprocessable");
-        metrics.eventsRefused.inc({ reason: "unprocessable" });
+        metrics.eventsRefused.inc({ peer: peerOf(m), reason: "unprocessable" });
       }
     },
   };
+}
+
+/** A committed part's counts by peer, moved into the metrics once. */
+class PeerCounts {
+  delivered = 0;
+  readonly #counts = new Map<string, number>();
+
+  add(outcome: string, peer: string): void {
+    const key = `${outcome}\n${peer}`;
+    this.#counts.set(key, (this.#counts.get(key) ?? 0) + 1);
+  }
+
+  report(metrics: RelayMetrics): void {
+    for (const [key, n] of this.#counts) {
+      const [outcome, peer] = key.split("\n") as [string, string];
+      if (outcome === "stored") metrics.eventsAccepted.inc({ peer }, n);
+      else if (outcome === "delayed") metrics.eventsDelayed.inc({ peer }, n);
+      // duplicate and the refusal reasons
+      else metrics.eventsRefused.inc({ peer, reason: outcome }, n);
+    }
+    if (this.delivered > 0) metrics.deliveriesCommitted.inc(this.delivered);
+  }
 }

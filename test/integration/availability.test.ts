@@ -24,6 +24,7 @@ import {
   eventually, homeserverConfig, identity, natsClient, SERVICE_TOKEN, signed, startHomeserver,
   type Identity, type NatsClient,
 } from "../helpers/federation.ts";
+import { scrapeMetric } from "../helpers/metrics.ts";
 import { startWorkerProcess, writeConfigFile, type WorkerProcess } from "../helpers/processes.ts";
 import { startTcpProxy, type TcpProxy } from "../helpers/tcp-proxy.ts";
 
@@ -180,11 +181,7 @@ async function healthz(url: string): Promise<number> {
   return (await fetch(`${url}/healthz`)).status;
 }
 
-async function metric(url: string, name: string): Promise<number> {
-  const text = await (await fetch(`${url}/metrics`, { headers: OPERATOR })).text();
-  const line = text.split("\n").find((l) => l.startsWith(`${name} `));
-  return line ? Number(line.split(" ")[1]) : 0;
-}
+const metric = (url: string, name: string): Promise<number> => scrapeMetric(url, name, {}, OPERATOR);
 
 function exitOf(w: WorkerProcess): Promise<{ code: number | null; signal: NodeJS.Signals | null }> {
   const c = w.child;

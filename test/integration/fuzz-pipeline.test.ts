@@ -23,6 +23,7 @@ import {
   addClient, eventClaims, eventually, grantCapability, http, identity, natsClient, SERVICE_TOKEN, signed, startHomeserver,
   type Identity, type NatsClient, type TestHomeserver,
 } from "../helpers/federation.ts";
+import { metricValue } from "../helpers/metrics.ts";
 
 const CASES = 500;
 
@@ -211,10 +212,9 @@ const OPERATOR = { authorization: `Bearer ${SERVICE_TOKEN}` };
 
 async function scrapeMetrics(): Promise<Metrics> {
   const text = await (await fetch(`${betaHs.relay.url}/metrics`, { headers: OPERATOR })).text();
-  const value = (re: RegExp): number => Number(re.exec(text)?.[1] ?? 0);
   return {
-    duplicates: value(/^fedrelay_events_refused_total\{reason="duplicate"\} (\d+)$/m),
-    batchFailures: value(/^fedrelay_batch_failures_total (\d+)$/m),
+    duplicates: metricValue(text, "fedrelay_events_refused_total", { reason: "duplicate" }),
+    batchFailures: metricValue(text, "fedrelay_batch_failures_total"),
   };
 }
 

@@ -10,6 +10,7 @@ import {
   addClient, eventually, grantCapability, http, identity, SERVICE_TOKEN, startHomeserver,
   type Identity, type TestHomeserver,
 } from "../helpers/federation.ts";
+import { metricValue } from "../helpers/metrics.ts";
 
 let nats: LocalNats;
 let alpha: Identity, beta: Identity, gamma: Identity;
@@ -555,7 +556,7 @@ describe("keys and operations", () => {
     const res = await call(`${betaHs.relay.url}/metrics`, { headers: { authorization: `Bearer ${SERVICE_TOKEN}` } });
     expect(res.status).toBe(200);
     expect(res.contentType).toMatch(/^text\/plain/);
-    const value = (name: string): number => Number(new RegExp(`^${name} (\\S+)$`, "m").exec(res.body)?.[1]);
+    const value = (name: string): number => metricValue(res.body, name);
     expect(value("fedrelay_events_received_total")).toBeGreaterThanOrEqual(1);
     expect(value("fedrelay_deliveries_committed_total")).toBeGreaterThanOrEqual(1);
     expect(res.body).toMatch(/^process_cpu_user_seconds_total \S+$/m);

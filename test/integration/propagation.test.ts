@@ -6,6 +6,7 @@ import {
   addClient, eventually, http, identity, natsClient, SERVICE_TOKEN, signed, startHomeserver,
   type Identity, type NatsClient, type TestHomeserver,
 } from "../helpers/federation.ts";
+import { scrapeMetric } from "../helpers/metrics.ts";
 import { startWorkerProcess, writeConfigFile, type WorkerProcess } from "../helpers/processes.ts";
 
 let nats: LocalNats;
@@ -34,13 +35,7 @@ afterAll(async () => {
   await nats?.stop();
 });
 
-async function metric(url: string, name: string, labels = ""): Promise<number> {
-  const text = await (await fetch(`${url}/metrics`)).text();
-  const line = text.split("\n").find((l) => l.startsWith(`${name}${labels} `));
-  return line ? Number(line.split(" ")[1]) : 0;
-}
-
-const perWorker = (name: string, labels = "") => Promise.all(workers.map((w) => metric(w.url, name, labels)));
+const perWorker = (name: string, labels: Record<string, string> = {}) => Promise.all(workers.map((w) => scrapeMetric(w.url, name, labels)));
 
 async function publishMany(n: number, rcpt: { cid: string; cap: string }[]): Promise<void> {
   for (let i = 0; i < n; i += 50) {
@@ -76,7 +71,7 @@ describe("changes reach every worker process within one second, with no restart"
     await publishMany(200, [{ cid: "bob", cap }]);
     await eventually(async () => (await count("recipient_refusals", "capability_revoked")) === 200, 20_000, "200 refusals");
     expect(await count("deliveries")).toBe(200);
-    const refused = await perWorker("fedrelay_recipients_refused_total", '{reason="capability_revoked"}');
+    const refused = await perWorker("fedrelay_recipients_refused_total", { reason: "capability_revoked" });
     expect(refused.reduce((a, b) => a + b, 0)).toBe(200);
     for (const n of refused) expect(n).toBeGreaterThan(0);
   });
@@ -90,7 +85,7 @@ describe("changes reach every worker process within one second, with no restart"
     const issued = await http(`${api.relay.url}/v1/capabilities`, { method: "POST", token, body: { group: "g@alpha" } });
     await publishMany(100, [{ cid: "carol", cap: issued.json.capability as string }]);
     await eventually(async () => (await count("refused_events", "sender_denied")) === 100, 20_000, "100 sender_denied");
-    const denied = await perWorker("fedrelay_events_refused_total", '{reason="sender_denied"}');
+    const denied = await perWorker("fedrelay_events_refused_total", { reason: "sender_denied" });
     expect(denied.reduce((a, b) => a + b, 0)).toBe(100);
     for (const n of denied) expect(n).toBeGreaterThan(0);
     const messages = await http(`${api.relay.url}/v1/messages`, { token });

@@ -23,6 +23,7 @@ import {
   addClient, eventually, grantCapability, homeserverConfig, http, identity, natsClient, SERVICE_TOKEN, signed, startHomeserver,
   type Identity, type NatsClient, type TestHomeserver,
 } from "../helpers/federation.ts";
+import { metricValue, scrapeMetric } from "../helpers/metrics.ts";
 import { startWorkerProcess, writeConfigFile, type WorkerProcess } from "../helpers/processes.ts";
 
 type Rcpt = EventClaims["rcpt"];
@@ -58,17 +59,10 @@ async function publishAll(destination: string, rcpts: readonly Rcpt[], extra: Pa
   return jtis;
 }
 
-/** A sample's value in Prometheus text (0 when absent). */
-function sample(text: string, name: string, labels = ""): number {
-  const line = text.split("\n").find((l) => l.startsWith(`${name}${labels} `));
-  return line ? Number(line.split(" ")[1]) : 0;
-}
+const workerMetric = scrapeMetric;
 
-const workerMetric = async (url: string, name: string, labels = ""): Promise<number> =>
-  sample(await (await fetch(`${url}/metrics`)).text(), name, labels);
-
-const relayMetric = async (relay: Relay, name: string, labels = ""): Promise<number> =>
-  sample(await relay.metrics.registry.metrics(), name, labels);
+const relayMetric = async (relay: Relay, name: string, labels: Record<string, string> = {}): Promise<number> =>
+  metricValue(await relay.metrics.registry.metrics(), name, labels);
 
 async function countRows(db: Db, table: "events" | "deliveries" | "recipient_refusals" | "refused_events", where: { client_id?: string; reason?: string } = {}): Promise<number> {
   let q = db.kysely.selectFrom(table).select((eb) => eb.fn.countAll<string>().as("n"));
@@ -110,7 +104,7 @@ describe("three worker processes share one client's bucket exactly (clock frozen
   const caps: Record<string, string> = {};
 
   const refusedByWorkers = async (): Promise<number[]> =>
-    Promise.all(workers.map((w) => workerMetric(w.url, "fedrelay_recipients_refused_total", '{reason="rate_limited"}')));
+    Promise.all(workers.map((w) => workerMetric(w.url, "fedrelay_recipients_refused_total", { reason: "rate_limited" })));
   const sum = (xs: readonly number[]): number => xs.reduce((a, b) => a + b, 0);
 
   beforeAll(async () => {
@@ -264,7 +258,7 @@ describe("a sender over its server-level limit (clock injected in-process)", () 
         SELECT client_id FROM deliveries GROUP BY client_id HAVING max(seq) <> count(*) OR min(seq) <> 1`.execute(db.kysely);
       expect(gaps.rows).toEqual([]);
       await eventually(async () => (await relayMetric(gamma, "fedrelay_events_accepted_total")) === 1010, 10_000, "1,010 accepted in the metrics");
-      expect(await relayMetric(gamma, "fedrelay_events_refused_total", '{reason="duplicate"}')).toBe(0);
+      expect(await relayMetric(gamma, "fedrelay_events_refused_total", { reason: "duplicate" })).toBe(0);
       expect(await relayMetric(gamma, "fedrelay_deliveries_committed_total")).toBe(1010);
     } finally {
       await relay?.close();
@@ -337,7 +331,7 @@ describe("a sender over its server-level limit (clock injected in-process)", () 
     expect(await bucketRow(db, "s:alpha")).toEqual({ tokens: 0, updated_at: t0 + k });
     // Stored as refused, so reported to the sender like any decision.
     await eventually(async () => (await relayMetric(delta, "fedrelay_reports_sent_total")) === 50, 10_000, "a report for every event");
-    expect(await relayMetric(delta, "fedrelay_recipients_refused_total", '{reason="rate_limited"}')).toBe(2 * refusedEvents);
+    expect(await relayMetric(delta, "fedrelay_recipients_refused_total", { reason: "rate_limited" })).toBe(2 * refusedEvents);
     expect(await relayMetric(delta, "fedrelay_events_accepted_total")).toBe(50);
   });
 });

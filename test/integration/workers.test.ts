@@ -11,6 +11,7 @@ import { publishEvent } from "../../src/transport/publisher.ts";
 import { ensureInbox } from "../../src/transport/streams.ts";
 import { testSchema, type TestSchema } from "../helpers/db.ts";
 import { eventually, homeserverConfig, identity, natsClient, signed, type NatsClient } from "../helpers/federation.ts";
+import { scrapeMetric } from "../helpers/metrics.ts";
 import { startWorkerProcess, writeConfigFile, type WorkerProcess } from "../helpers/processes.ts";
 
 const EVENTS = 2000;
@@ -34,11 +35,6 @@ afterAll(async () => {
   await nats?.stop();
 });
 
-async function metric(url: string, name: string): Promise<number> {
-  const text = await (await fetch(`${url}/metrics`)).text();
-  const line = text.split("\n").find((l) => l.startsWith(`${name} `));
-  return line ? Number(line.split(" ")[1]) : 0;
-}
 
 describe("several worker processes share one consumer", () => {
   it(`two worker processes commit every one of ${EVENTS} events exactly once`, async () => {
@@ -80,7 +76,7 @@ describe("several worker processes share one consumer", () => {
         SELECT client_id FROM deliveries GROUP BY client_id HAVING max(seq) <> count(*) OR min(seq) <> 1`.execute(db.kysely);
       expect(gaps.rows).toEqual([]);
 
-      const accepted = await Promise.all(workers.map((w) => metric(w.url, "fedrelay_events_accepted_total")));
+      const accepted = await Promise.all(workers.map((w) => scrapeMetric(w.url, "fedrelay_events_accepted_total")));
       expect(accepted.reduce((a, b) => a + b, 0)).toBe(EVENTS);
       for (const n of accepted) expect(n).toBeGreaterThan(0);
     } finally {
