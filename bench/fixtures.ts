@@ -6,6 +6,7 @@ import type { JetStreamManager } from "@nats-io/jetstream";
 import type pg from "pg";
 import type { RelayConfig } from "../src/config.ts";
 import { capabilityHash } from "../src/policy/capabilities.ts";
+import { subjectToken } from "../src/protocol/names.ts";
 import { inboxStreamName } from "../src/protocol/subjects.ts";
 import { createDb, quoteIdent } from "../src/store/db.ts";
 import { migrate } from "../src/store/migrate.ts";
@@ -31,7 +32,8 @@ export async function freshDestination(admin: pg.Pool, jsm: JetStreamManager, co
   } finally {
     await db.close();
   }
-  await ensureInbox(jsm, config.homeserver, { ...config.inbox, maxMessageBytes: config.limits.maxMessageBytes }, config.worker);
+  await ensureInbox(jsm, config.homeserver, { ...config.inbox, maxMessageBytes: config.limits.maxMessageBytes }, config.worker,
+    [config.homeserver, ...Object.keys(config.peers)].map(subjectToken));
 }
 
 const ROOT = fileURLToPath(new URL("..", import.meta.url));

@@ -24,6 +24,7 @@ import { generateSigningJwk, importSigningKey } from "../src/protocol/keys.ts";
 import { signEvent } from "../src/protocol/sign.ts";
 import { inboxStreamName, inboxSubject } from "../src/protocol/subjects.ts";
 import { messageId } from "../src/transport/publisher.ts";
+import { inboxConsumerName } from "../src/transport/streams.ts";
 import { cpuSeconds, freshDestination, postgresCpuMeter, startProcess, type BenchProcess } from "./fixtures.ts";
 
 const { values: args } = parseArgs({
@@ -258,7 +259,7 @@ async function runRelay(config: RelayConfig, events: Workload, workers: number):
   const path = `/tmp/fedrelay-bench-${process.pid}.json`;
   writeFileSync(path, JSON.stringify({ ...config, keys: { retired: [] } }));
   const procs = await Promise.all(Array.from({ length: workers }, () => startWorker([...profile("relay"), "src/main.ts", "worker", "--config", path], / on http/)));
-  return measure(inboxStreamName("bench"), "receiver", events, procs, true);
+  return measure(inboxStreamName("bench"), inboxConsumerName("receiver", "alpha"), events, procs, true);
 }
 
 async function runBaseline(events: Workload, workers: number, verifier: "node" | "sodium" = "node"): Promise<Run> {
@@ -360,7 +361,7 @@ try {
   if (acknowledged < total) await new Promise<void>((resolve) => (allAcknowledged = resolve));
   acks.unsubscribe();
   if (publishError) throw new Error(`a latency event was not stored: ${publishError}`);
-  await drain(inboxStreamName("bench"), "receiver", 0, total, procs, async () => undefined);
+  await drain(inboxStreamName("bench"), inboxConsumerName("receiver", "alpha"), 0, total, procs, async () => undefined);
   const split = cpu(total - warmup);
   const busy = machineBusy();
   const generatorMs = process.cpuUsage(loadGenerator);

@@ -26,6 +26,7 @@ import { generateSigningJwk, importSigningKey } from "../src/protocol/keys.ts";
 import { signEvent } from "../src/protocol/sign.ts";
 import { inboxStreamName, inboxSubject } from "../src/protocol/subjects.ts";
 import { messageId } from "../src/transport/publisher.ts";
+import { inboxConsumerName } from "../src/transport/streams.ts";
 import { freshDestination, startProcess, type BenchProcess } from "./fixtures.ts";
 
 const { values: args } = parseArgs({
@@ -121,7 +122,7 @@ function rssMb(pid: number): number {
 }
 
 async function backlog(): Promise<number> {
-  const info = await jsm.consumers.info(inboxStreamName("soak"), config.worker.consumer);
+  const info = await jsm.consumers.info(inboxStreamName("soak"), inboxConsumerName(config.worker.consumer, "alpha"));
   return info.num_pending + info.num_ack_pending;
 }
 

@@ -215,11 +215,15 @@ export const configSchema = z.strictObject({
       maxAckPending: z.number().int().min(1).default(5000),
       // Back-off before a batch that failed for a transient reason (Postgres down) is redelivered.
       retryDelayMs: z.number().int().min(0).default(2000),
+      // Senders not configured are served while their events wait (src/transport/inbox-senders.ts);
+      // each costs a pull a second per worker. Their events are refused (unknown sender), so a
+      // hundred at a time drain any number of them without a flood of pulls.
+      maxUnlistedSenders: z.number().int().min(0).max(10_000).default(100),
       // SIGTERM lets batches in hand commit; past this, exit anyway (their messages are
       // redelivered). Under systemd's default 90 s and Kubernetes' 30 s grace period.
       shutdownTimeoutSeconds: z.number().int().min(1).max(600).default(20),
     })
-    .default({ consumer: "receiver", batchSize: 200, maxBatchBytes: 768 * 1024, fetchExpiresMs: 1000, ackWaitSeconds: 30, maxAckPending: 5000, retryDelayMs: 2000, shutdownTimeoutSeconds: 20 }),
+    .default({ consumer: "receiver", batchSize: 200, maxBatchBytes: 768 * 1024, fetchExpiresMs: 1000, ackWaitSeconds: 30, maxAckPending: 5000, retryDelayMs: 2000, maxUnlistedSenders: 100, shutdownTimeoutSeconds: 20 }),
   fanout: z.strictObject({
       // A day covers a destination's outage; the protocol allows up to 7.
       eventLifetimeSeconds: z.number().int().min(60).max(DEFAULT_EVENT_LIMITS.maxLifetimeSeconds).default(24 * 3600),

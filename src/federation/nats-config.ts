@@ -24,10 +24,10 @@
  */
 import { subjectToken } from "../protocol/names.ts";
 import { inboxStreamName, inboxSubject, reportStreamName, reportSubject } from "../protocol/subjects.ts";
-import { REPORT_CONSUMER } from "../transport/streams.ts";
+import { inboxConsumerName, REPORT_CONSUMER } from "../transport/streams.ts";
 import type { Federation } from "./federation.ts";
 
-/** The consumer every homeserver's workers share on a hub (the relay's worker.consumer must say the same). */
+/** The base of the inbox consumers' names on a hub, one per sender (the relay's worker.consumer must say the same). */
 export const HUB_INBOX_CONSUMER = "receiver";
 /** The account that holds every stream of a hub. */
 export const HUB_ACCOUNT = "HUB";
@@ -68,28 +68,40 @@ export function accountOf(homeserver: string): string {
   return subjectToken(homeserver);
 }
 
-/** A homeserver's own streams and consumers on the hub. */
-function ownConsumers(homeserver: string): [stream: string, consumer: string][] {
-  return [[inboxStreamName(homeserver), HUB_INBOX_CONSUMER], [reportStreamName(homeserver), REPORT_CONSUMER]];
+/**
+ * A homeserver's own streams and consumers on the hub: its inbox's consumers,
+ * one per member sending to it (itself included), and its report consumer.
+ * Each by name: a grant never holds a wildcard in a stream or consumer position.
+ */
+function ownConsumers(homeserver: string, members: readonly string[]): [stream: string, consumer: string][] {
+  return [
+    ...members.map((m): [string, string] => [inboxStreamName(homeserver), inboxConsumerName(HUB_INBOX_CONSUMER, subjectToken(m))]),
+    [reportStreamName(homeserver), REPORT_CONSUMER],
+  ];
 }
 
 /** The JetStream API calls a homeserver makes on its own streams, as HUB knows them ($JS.API.…). */
-function ownApiSubjects(homeserver: string): string[] {
-  return ownConsumers(homeserver).flatMap(([stream, consumer]) => [
-    `$JS.API.STREAM.INFO.${stream}`, `$JS.API.CONSUMER.INFO.${stream}.${consumer}`, `$JS.API.CONSUMER.MSG.NEXT.${stream}.${consumer}`,
-  ]);
+function ownApiSubjects(homeserver: string, members: readonly string[]): string[] {
+  const streams = [inboxStreamName(homeserver), reportStreamName(homeserver)];
+  return [
+    // Stream info also answers the backlog by sender (fedrelay_peer_backlog_events).
+    ...streams.map((stream) => `$JS.API.STREAM.INFO.${stream}`),
+    ...ownConsumers(homeserver, members).flatMap(([stream, consumer]) => [
+      `$JS.API.CONSUMER.INFO.${stream}.${consumer}`, `$JS.API.CONSUMER.MSG.NEXT.${stream}.${consumer}`,
+    ]),
+  ];
 }
 
 /** What a homeserver's user may do in its account: its own part and nothing else. */
-export function hubPermissions(homeserver: string): { publish: string[]; subscribe: string[] } {
+export function hubPermissions(homeserver: string, members: readonly string[]): { publish: string[]; subscribe: string[] } {
   return {
     publish: [
       // Events and reports as itself, to anyone: the last token is the sender (DESIGN §4).
       inboxSubject("*", homeserver),
       reportSubject("*", homeserver),
-      ...ownApiSubjects(homeserver).map((s) => s.replace("$JS.API.", `${HUB_API_PREFIX}.`)),
+      ...ownApiSubjects(homeserver, members).map((s) => s.replace("$JS.API.", `${HUB_API_PREFIX}.`)),
       // Acknowledgements (ack, nak, term) of what its own consumers delivered.
-      ...ownConsumers(homeserver).map(([stream, consumer]) => `$JS.ACK.${stream}.${consumer}.>`),
+      ...ownConsumers(homeserver, members).map(([stream, consumer]) => `$JS.ACK.${stream}.${consumer}.>`),
     ],
     subscribe: [`${inboxPrefixOf(homeserver)}.>`],
   };
@@ -105,22 +117,22 @@ function hubExports(homeservers: readonly string[]): object[] {
     { service: "fedrelay.v1.inbox.*.*", account_token_position: 5 },
     { service: "fedrelay.v1.report.*.*", account_token_position: 5 },
     ...homeservers.flatMap((h) => [
-      ...ownApiSubjects(h).map((subject) => ({ service: subject, accounts: [accountOf(h)], ...(subject.includes(".MSG.NEXT.") ? { response_type: "stream" } : {}) })),
-      ...ownConsumers(h).map(([stream, consumer]) => ({ service: `$JS.ACK.${stream}.${consumer}.>`, accounts: [accountOf(h)] })),
+      ...ownApiSubjects(h, homeservers).map((subject) => ({ service: subject, accounts: [accountOf(h)], ...(subject.includes(".MSG.NEXT.") ? { response_type: "stream" } : {}) })),
+      ...ownConsumers(h, homeservers).map(([stream, consumer]) => ({ service: `$JS.ACK.${stream}.${consumer}.>`, accounts: [accountOf(h)] })),
     ]),
   ];
 }
 
 /** A homeserver's account: its user, and its imports from HUB (the JetStream API under HUB_API_PREFIX). */
-function homeserverAccount(homeserver: string, key: Nkey): object {
+function homeserverAccount(homeserver: string, members: readonly string[], key: Nkey): object {
   const imported = (subject: string, to?: string) => ({ service: { account: HUB_ACCOUNT, subject }, ...(to === undefined ? {} : { to }) });
   return {
-    users: [{ nkey: key.publicKey, permissions: hubPermissions(homeserver) }],
+    users: [{ nkey: key.publicKey, permissions: hubPermissions(homeserver, members) }],
     imports: [
       imported(inboxSubject("*", homeserver)),
       imported(reportSubject("*", homeserver)),
-      ...ownApiSubjects(homeserver).map((s) => imported(s, s.replace("$JS.API.", `${HUB_API_PREFIX}.`))),
-      ...ownConsumers(homeserver).map(([stream, consumer]) => imported(`$JS.ACK.${stream}.${consumer}.>`)),
+      ...ownApiSubjects(homeserver, members).map((s) => imported(s, s.replace("$JS.API.", `${HUB_API_PREFIX}.`))),
+      ...ownConsumers(homeserver, members).map(([stream, consumer]) => imported(`$JS.ACK.${stream}.${consumer}.>`)),
     ],
   };
 }
@@ -148,7 +160,7 @@ export function hubNodeConfig(fed: Federation, nodeName: string, keys: Federatio
   for (const name of names) {
     const key = keys.homeservers.get(name);
     if (!key) throw new TypeError(`no key for ${name}`);
-    accounts[accountOf(name)] = homeserverAccount(name, key);
+    accounts[accountOf(name)] = homeserverAccount(name, names, key);
   }
   const clustered = fed.hub.nodes.length > 1;
   return {

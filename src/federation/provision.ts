@@ -5,6 +5,7 @@
  * the only way they come to exist or are repaired there.
  */
 import type { JetStreamManager } from "@nats-io/jetstream";
+import { subjectToken } from "../protocol/names.ts";
 import { ensureSpec, inboxSpec, reportSpec, type StreamSpec } from "../transport/streams.ts";
 import type { Federation } from "./federation.ts";
 import { HUB_INBOX_CONSUMER, replicasOf } from "./nats-config.ts";
@@ -13,11 +14,13 @@ import { HUB_INBOX_CONSUMER, replicasOf } from "./nats-config.ts";
 export function hubSpecs(fed: Federation): { homeserver: string; specs: StreamSpec[] }[] {
   const s = fed.streams;
   const replicas = replicasOf(fed);
-  return Object.keys(fed.homeservers).sort().map((homeserver) => ({
+  const members = Object.keys(fed.homeservers).sort();
+  return members.map((homeserver) => ({
     homeserver,
     specs: [
+      // A consumer for each member's events (its own included): only members can publish here.
       inboxSpec(homeserver, { replicas, maxMessagesPerSender: s.maxMessagesPerSender, duplicateWindowSeconds: s.duplicateWindowSeconds, maxMessageBytes: s.maxMessageBytes, maxBytes: s.maxInboxBytes },
-        { consumer: HUB_INBOX_CONSUMER, ackWaitSeconds: s.ackWaitSeconds, maxAckPending: s.maxAckPending }),
+        { consumer: HUB_INBOX_CONSUMER, ackWaitSeconds: s.ackWaitSeconds, maxAckPending: s.maxAckPending }, members.map(subjectToken)),
       reportSpec(homeserver, replicas),
     ],
   }));

@@ -100,71 +100,137 @@ function isServedPull(err: unknown, delivered: number): boolean {
 /** Headers, subject and reply of a delivered message, on top of its data (a pull's max_bytes counts them). */
 const MESSAGE_OVERHEAD = 1024;
 
-export async function startBatchLoop(
-  consumer: Consumer,
-  options: BatchLoopOptions,
-  handle: (batch: JsMsg[]) => Promise<void>,
-): Promise<BatchLoop> {
+export interface FairBatchLoop extends BatchLoop {
+  /** Starts pulling from `consumer`, served in turn with the others; a key already there is kept. */
+  add(key: string, consumer: Consumer): void;
+  /** Stops pulling from it and gives back what it had buffered; its batches in hand finish. */
+  remove(key: string): Promise<void>;
+  /** The keys served now. */
+  keys(): string[];
+}
+
+/** One consumer's pulls and buffer. */
+interface Source {
+  readonly key: string;
+  readonly consumer: Consumer;
+  readonly queue: JsMsg[];
+  bytes: number;
+  /** Its last pull brought something: it counts among those sharing the buffer. */
+  busy: boolean;
+  stopping: boolean;
+  pull?: ConsumerMessages;
+  resume?: () => void;
+  receiving?: Promise<void>;
+}
+
+/**
+ * One worker's loop over several consumers (an inbox's senders, issue 15): each
+ * consumer is pulled on its own, and each batch takes from their buffers in
+ * turn, one message each round, so a consumer with a backlog fills only its
+ * share of a batch and another's events wait for at most the batches in hand.
+ * The two batches a worker may buffer are shared by the consumers that have
+ * messages, each holding at least one message of the largest size.
+ */
+export function startFairBatchLoop(options: BatchLoopOptions, handle: (batch: JsMsg[]) => Promise<void>): FairBatchLoop {
   const maxBatchBytes = options.maxBatchBytes ?? Infinity;
-  // Two batches: one being processed, the next already here.
   const room = { messages: options.batchSize * 2, bytes: maxBatchBytes * 2 };
-  const queue: JsMsg[] = [];
-  let queuedBytes = 0;
+  const sources = new Map<string, Source>();
+  let order: Source[] = [];
+  let turn = 0;
+  let queued = 0;
   let stopping = false;
   let failure: unknown;
-  let pull: ConsumerMessages | undefined;
   let notify: (() => void) | undefined;
-  let resume: (() => void) | undefined;
   const signal = (): void => { notify?.(); notify = undefined; };
-  const wake = (): void => { resume?.(); resume = undefined; };
-  const pause = (ms?: number): Promise<void> => new Promise<void>((r) => {
-    resume = r;
-    if (ms !== undefined) setTimeout(wake, ms).unref();
+  const wake = (s: Source): void => { s.resume?.(); s.resume = undefined; };
+  const pause = (s: Source, ms?: number): Promise<void> => new Promise<void>((r) => {
+    s.resume = r;
+    if (ms !== undefined) setTimeout(() => wake(s), ms).unref();
   });
 
-  const receiving = (async () => {
+  /** A source's share of the buffer: the whole of it when it alone has messages. */
+  const shareOf = (s: Source): { messages: number; bytes: number } => {
+    let sharing = 0;
+    for (const o of order) if (o === s || o.busy || o.queue.length > 0) sharing += 1;
+    return { messages: Math.max(1, Math.floor(room.messages / sharing)), bytes: room.bytes / sharing };
+  };
+
+  async function receive(s: Source): Promise<void> {
     try {
-      while (!stopping) {
-        const messages = room.messages - queue.length;
-        const bytes = room.bytes - queuedBytes;
+      while (!stopping && !s.stopping) {
+        const share = shareOf(s);
+        const messages = share.messages - s.queue.length;
+        const bytes = share.bytes - s.bytes;
         if (messages <= 0 || bytes <= 0) {
-          await pause();
+          await pause(s);
           continue;
         }
         let delivered = 0;
         try {
           // By bytes, nats.js asks for at most 100 messages a pull; under load they follow one another.
-          pull = await consumer.fetch(Number.isFinite(bytes) && options.pullByBytes !== false
+          s.pull = await s.consumer.fetch(Number.isFinite(bytes) && options.pullByBytes !== false
             ? { max_bytes: Math.max(bytes, (options.maxMessageBytes ?? 0) + MESSAGE_OVERHEAD), expires: options.expiresMs }
             : { max_messages: messages, expires: options.expiresMs });
-          if (stopping) break;
-          for await (const m of pull) {
+          if (stopping || s.stopping) break;
+          for await (const m of s.pull) {
             delivered += 1;
-            queue.push(m);
-            queuedBytes += m.data.byteLength;
+            s.queue.push(m);
+            s.bytes += m.data.byteLength;
+            queued += 1;
             options.onBuffered?.(m);
             signal();
           }
         } catch (err) {
-          if (stopping) break;
+          if (stopping || s.stopping) break;
           if (isServedPull(err, delivered)) continue;
           options.onPullError?.(err);
-          await pause(options.retryMs ?? 1000);
+          await pause(s, options.retryMs ?? 1000);
+        } finally {
+          s.busy = delivered > 0;
         }
       }
     } finally {
-      await pull?.close();
+      await s.pull?.close();
       signal();
     }
-  })();
+  }
+
+  /** The next batch: one message from each source in turn, the first source changing each batch. */
+  function takeBatch(): JsMsg[] {
+    const batch: JsMsg[] = [];
+    let bytes = 0;
+    const start = turn++ % order.length;
+    const taken = new Set<Source>();
+    fill: while (batch.length < options.batchSize) {
+      let progressed = false;
+      for (let i = 0; i < order.length; i++) {
+        const s = order[(start + i) % order.length]!;
+        const m = s.queue[0];
+        if (m === undefined) continue;
+        if (batch.length > 0 && bytes + m.data.byteLength > maxBatchBytes) break fill;
+        s.queue.shift();
+        s.bytes -= m.data.byteLength;
+        queued -= 1;
+        bytes += m.data.byteLength;
+        batch.push(m);
+        taken.add(s);
+        progressed = true;
+        if (batch.length >= options.batchSize) break fill;
+      }
+      if (!progressed) break;
+    }
+    for (const s of taken) wake(s);
+    // A source that shrank its share makes room for the others' pulls.
+    for (const s of order) if (!taken.has(s)) wake(s);
+    return batch;
+  }
 
   const inFlight = options.inFlight ?? 2;
   const overlapAfter = options.overlapAfter ?? 1;
   const running = new Set<Promise<void>>();
   const processing = (async () => {
     while (!stopping) {
-      if (queue.length === 0) {
-        // Pulling ends only when stopping, which ends this loop too.
+      if (queued === 0) {
         await new Promise<void>((r) => (notify = r));
         continue;
       }
@@ -172,18 +238,17 @@ export async function startBatchLoop(
         await Promise.race(running);
         continue;
       }
-      if (running.size > 0 && queue.length < overlapAfter) {
+      if (running.size > 0 && queued < overlapAfter) {
         // Until a batch finishes or more arrive.
         await Promise.race([...running, new Promise<void>((r) => (notify = r))]);
         continue;
       }
       await new Promise<void>((r) => setImmediate(r));
-      const batch = queue.splice(0, batchLength(queue, options.batchSize, maxBatchBytes));
-      for (const m of batch) queuedBytes -= m.data.byteLength;
-      wake();
+      if (queued === 0) continue;
+      const batch = takeBatch();
       // A handler must settle each message itself; one that throws ends the loop (and `done` rejects).
       const job: Promise<void> = handle(batch)
-        .catch((err: unknown) => { failure ??= err; stopping = true; signal(); wake(); void pull?.close(); })
+        .catch((err: unknown) => { failure ??= err; stopAll(); })
         .finally(() => running.delete(job));
       running.add(job);
     }
@@ -191,22 +256,64 @@ export async function startBatchLoop(
     await Promise.allSettled(running);
   })();
 
+  /** Delivered to us but never processed: given back now rather than after ack_wait. */
+  const giveBack = (s: Source): void => {
+    queued -= s.queue.length;
+    s.bytes = 0;
+    for (const m of s.queue.splice(0)) m.nak();
+  };
+
+  function stopAll(): void {
+    stopping = true;
+    signal();
+    for (const s of order) {
+      wake(s);
+      void s.pull?.close();
+    }
+  }
+
   const done = (async () => {
     await processing;
-    await receiving;
-    // Delivered to us but never processed: give it back now rather than after ack_wait.
-    for (const m of queue.splice(0)) m.nak();
+    await Promise.all(order.map((s) => s.receiving));
+    for (const s of order) giveBack(s);
     if (failure !== undefined) throw failure;
   })();
 
   return {
     done,
+    add(key, consumer) {
+      if (stopping || sources.has(key)) return;
+      const s: Source = { key, consumer, queue: [], bytes: 0, busy: false, stopping: false };
+      sources.set(key, s);
+      order = [...sources.values()];
+      s.receiving = receive(s);
+    },
+    async remove(key) {
+      const s = sources.get(key);
+      if (!s) return;
+      s.stopping = true;
+      wake(s);
+      await s.pull?.close();
+      await s.receiving;
+      sources.delete(key);
+      order = [...sources.values()];
+      giveBack(s);
+    },
+    keys: () => [...sources.keys()],
     async stop() {
-      stopping = true;
-      signal();
-      wake();
-      await pull?.close();
+      stopAll();
       await done;
     },
   };
+}
+
+/** One consumer's loop (a report stream, an outbox): the fair loop with a single source. */
+export async function startBatchLoop(
+  consumer: Consumer,
+  options: BatchLoopOptions,
+  handle: (batch: JsMsg[]) => Promise<void>,
+): Promise<BatchLoop> {
+  const loop = startFairBatchLoop(options, handle);
+  loop.add("", consumer);
+  return loop;
 }

@@ -11,7 +11,8 @@ import { ensureSpec, StreamsUnreachable, type StreamSpec } from "./streams.ts";
 
 export interface WatchTarget {
   readonly jsm: JetStreamManager;
-  readonly spec: StreamSpec;
+  /** What it must be; a function when that changes at run time (an inbox's senders). */
+  readonly spec: StreamSpec | (() => StreamSpec);
   /** Whether this process may create and change it (nats.manageStreams; the outbox always). */
   readonly manage: boolean;
 }
@@ -36,20 +37,21 @@ export function watchStreams(targets: readonly WatchTarget[], deps: { intervalMs
     const found: string[] = [];
     const missing: string[] = [];
     for (const t of targets) {
+      const spec = typeof t.spec === "function" ? t.spec() : t.spec;
       let result;
       try {
-        result = await ensureSpec(t.jsm, t.spec, t.manage);
+        result = await ensureSpec(t.jsm, spec, t.manage);
       } catch (err) {
         // No answer (NATS or the way to the hub is down): /readyz says so under nats; keep what we knew.
         if (err instanceof StreamsUnreachable) {
           deps.log.debug({ err: err.message }, "streams not checked: NATS did not answer");
           return { missing: [], unreachable: err.message };
         }
-        result = { ok: false as const, problem: `${t.spec.stream.name}: ${(err as Error).message}`, missing: false, repaired: [] as string[] };
+        result = { ok: false as const, problem: `${spec.stream.name}: ${(err as Error).message}`, missing: false, repaired: [] as string[] };
       }
       for (const what of result.repaired) {
-        deps.metrics.streamRepairs.inc({ stream: t.spec.stream.name });
-        deps.log.warn({ stream: t.spec.stream.name, what }, "stream repaired");
+        deps.metrics.streamRepairs.inc({ stream: spec.stream.name });
+        deps.log.warn({ stream: spec.stream.name, what }, "stream repaired");
       }
       if (!result.ok) {
         found.push(result.problem);

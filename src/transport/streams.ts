@@ -14,6 +14,8 @@ import {
   type ConsumerConfig, type JetStreamManager, type StreamConfig,
 } from "@nats-io/jetstream";
 import { nanos } from "@nats-io/transport-node";
+import { createHash } from "node:crypto";
+import { homeserverFromToken } from "../protocol/names.ts";
 import {
   inboxStreamName, inboxWildcard, outboxStreamName, outboxWildcard, reportStreamName, reportWildcard,
 } from "../protocol/subjects.ts";
@@ -60,17 +62,25 @@ export type StreamSpecConfig = Pick<StreamConfig,
 };
 
 export type ConsumerSpecConfig = Pick<ConsumerConfig,
-  "durable_name" | "ack_policy" | "deliver_policy" | "ack_wait" | "max_ack_pending" | "max_deliver" | "replay_policy"
+  | "durable_name" | "ack_policy" | "deliver_policy" | "ack_wait" | "max_ack_pending" | "max_deliver" | "replay_policy" | "inactive_threshold"
+  | "max_waiting" | "max_expires"
 > & {
-  /** A pull consumer of the whole stream: no push delivery elsewhere, no filter hiding events. */
+  /** A pull consumer: no push delivery elsewhere. */
   readonly deliver_subject?: undefined;
-  readonly filter_subject?: undefined;
+  /** The whole stream (absent), or one sender's subject of an inbox. */
+  readonly filter_subject?: string | undefined;
   readonly filter_subjects?: undefined;
 };
 
 export interface StreamSpec {
   readonly stream: StreamSpecConfig;
   readonly consumers: readonly ConsumerSpecConfig[];
+  /**
+   * No other consumer may exist on the stream but those listed and those this
+   * accepts: in a work-queue stream any other consumer takes messages away from
+   * ours. Enforced where the stream is managed.
+   */
+  readonly exclusive?: (consumer: { readonly name: string; readonly filter?: string | undefined }) => boolean;
 }
 
 function baseStream(name: string, subject: string, replicas: number): StreamSpecConfig {
@@ -103,6 +113,9 @@ function baseStream(name: string, subject: string, replicas: number): StreamSpec
   };
 }
 
+/** Pulls waiting on one consumer at once: a pull per worker process, with room to spare. */
+const MAX_WAITING_PULLS = 64;
+
 function pullConsumer(name: string, ackWaitSeconds: number, maxAckPending: number): ConsumerSpecConfig {
   return {
     durable_name: name,
@@ -114,14 +127,49 @@ function pullConsumer(name: string, ackWaitSeconds: number, maxAckPending: numbe
     // permanent ones are terminated explicitly with their reason.
     max_deliver: -1,
     replay_policy: ReplayPolicy.Instant,
+    // A worker keeps one pull waiting per consumer; a holder of the pull right (on a hub, the
+    // homeserver itself) could otherwise park 512 pulls for an hour, each with a heartbeat
+    // every millisecond (measured by an outside review: ~200,000 messages/s from one burst).
+    max_waiting: MAX_WAITING_PULLS,
+    max_expires: nanos(60_000),
     deliver_subject: undefined,
     filter_subject: undefined,
     filter_subjects: undefined,
+    inactive_threshold: undefined,
   };
 }
 
-/** The destination's inbox and the workers' shared durable pull consumer. */
-export function inboxSpec(homeserver: string, s: InboxSettings, c: ConsumerSettings): StreamSpec {
+/**
+ * The inbox consumer of one sender (not wire), by the sender's subject token:
+ * `<base>_<token>`, or, for a token that is no homeserver name (or too long
+ * for a consumer name), `<base>_H<hash>`: upper case, which no homeserver
+ * token holds, so the two forms never meet.
+ */
+export function inboxConsumerName(base: string, senderToken: string): string {
+  const plain = `${base}_${senderToken}`;
+  if (homeserverFromToken(senderToken) !== undefined && plain.length <= 200) return plain;
+  return `${base}_H${createHash("sha256").update(senderToken).digest("hex").slice(0, 40)}`;
+}
+
+/** The inbox subject of a sender's token, as the stream stores it. */
+export function inboxSubjectOfToken(destination: string, senderToken: string): string {
+  return `${inboxWildcard(destination).slice(0, -1)}${senderToken}`;
+}
+
+/**
+ * The destination's inbox, and one durable pull consumer for each sender,
+ * filtered to its subject, which the workers serve in turn (issue 15): one
+ * sender's backlog waits behind itself, never in front of another sender's
+ * events. `senders` are subject tokens (src/protocol/names.ts, subjectToken).
+ */
+export function inboxSpec(
+  homeserver: string, s: InboxSettings, c: ConsumerSettings, senders: readonly string[], unlisted: readonly string[] = [],
+): StreamSpec {
+  const consumerOf = (token: string): ConsumerSpecConfig => ({
+    ...pullConsumer(inboxConsumerName(c.consumer, token), c.ackWaitSeconds, c.maxAckPending),
+    filter_subject: inboxSubjectOfToken(homeserver, token),
+  });
+  const prefix = inboxSubjectOfToken(homeserver, "");
   return {
     stream: {
       ...baseStream(inboxStreamName(homeserver), inboxWildcard(homeserver), s.replicas),
@@ -135,9 +183,21 @@ export function inboxSpec(homeserver: string, s: InboxSettings, c: ConsumerSetti
       max_msg_size: s.maxMessageBytes + 4096,
       max_bytes: s.maxBytes,
     },
-    consumers: [pullConsumer(c.consumer, c.ackWaitSeconds, c.maxAckPending)],
+    consumers: [
+      ...[...new Set(senders)].sort().map(consumerOf),
+      // A sender not configured is served while its events wait; the server removes its
+      // consumer once no worker has pulled from it for this long.
+      ...[...new Set(unlisted)].filter((t) => !senders.includes(t)).sort().map((token) => ({ ...consumerOf(token), inactive_threshold: nanos(UNLISTED_IDLE_MS) })),
+    ],
+    // Another worker may serve a sender this one does not know of yet: a consumer that is
+    // exactly what inboxSpec makes for some sender stays; anything else goes.
+    exclusive: ({ name, filter }) =>
+      filter !== undefined && filter.startsWith(prefix) && name === inboxConsumerName(c.consumer, filter.slice(prefix.length)),
   };
 }
+
+/** How long an unlisted sender's consumer outlives the last pull from it. */
+const UNLISTED_IDLE_MS = 5 * 60_000;
 
 /** The sender's stream for reports about its events, and the consumer that records them. */
 export function reportSpec(homeserver: string, replicas: number): StreamSpec {
@@ -256,6 +316,19 @@ export async function ensureSpec(jsm: JetStreamManager, spec: StreamSpec, manage
       }
     }
   }
+  if (spec.exclusive && manage) {
+    // First: an unfiltered consumer (an older relay's) forbids the filtered ones on a work queue.
+    const wanted = new Set(spec.consumers.map((c) => c.durable_name));
+    try {
+      for await (const other of jsm.consumers.list(name)) {
+        if (wanted.has(other.name) || spec.exclusive({ name: other.name, filter: other.config.filter_subject })) continue;
+        await jsm.consumers.delete(name, other.name);
+        repaired.push(`deleted consumer ${name}/${other.name} (not ours: it would take our messages)`);
+      }
+    } catch (err) {
+      if (!unreachable(err)) return fail(`consumers of ${name} could not be listed or removed: ${describe(err)}`);
+    }
+  }
   for (const consumer of spec.consumers) {
     const durable = consumer.durable_name!;
     let have: ConsumerConfig | undefined;
@@ -293,8 +366,8 @@ export async function ensureOrThrow(jsm: JetStreamManager, spec: StreamSpec): Pr
   if (!check.ok) throw new Error(check.problem);
 }
 
-export function ensureInbox(jsm: JetStreamManager, homeserver: string, inbox: InboxSettings, consumer: ConsumerSettings): Promise<void> {
-  return ensureOrThrow(jsm, inboxSpec(homeserver, inbox, consumer));
+export function ensureInbox(jsm: JetStreamManager, homeserver: string, inbox: InboxSettings, consumer: ConsumerSettings, senders: readonly string[]): Promise<void> {
+  return ensureOrThrow(jsm, inboxSpec(homeserver, inbox, consumer, senders));
 }
 
 export function ensureReportStream(jsm: JetStreamManager, homeserver: string, replicas: number): Promise<void> {

@@ -406,7 +406,7 @@ describe("delivery reports (DESIGN §8)", () => {
       const first = await send(alpha, [{ cid: ok!.id, cap: ok!.caps[CLIMBING]! }], CLIMBING);
       await decided("alpha", first.claims.jti);
       // Its report sent first: a duplicate arriving while it is still queued shares it (one report).
-      await eventually(() => capture.tokens.some((t) => decodeJwt(t).ref === first.claims.jti), 15_000, "the first report");
+      await eventually(async () => capture.tokens.some((t) => decodeJwt(t).ref === first.claims.jti), 15_000, "the first report");
       // The owner reuses the event id with one more member (say, a retried fan-out after a join).
       const changed = await signEvent({ ...first.claims, iat: first.claims.iat - 1, rcpt: [...first.claims.rcpt, { cid: late!.id, cap: late!.caps[CLIMBING]! }] }, alpha.key);
       await publish(betaHs, alpha, changed);

@@ -95,7 +95,7 @@ async function prepareBeta(f: Fixture, label: string, worker: Record<string, unk
   const db = createDb({ url: schema.url, schema: schema.schema, poolSize: 2 });
   later(() => db.close());
   await migrate(db.pool, schema.schema);
-  await ensureInbox(f.jsm, "beta", { ...config.inbox, maxMessageBytes: config.limits.maxMessageBytes }, config.worker);
+  await ensureInbox(f.jsm, "beta", { ...config.inbox, maxMessageBytes: config.limits.maxMessageBytes }, config.worker, ["beta", "alpha"]);
   const rcpt = await grantAll(db);
   const configPath = await writeConfigFile({ ...config, keys: { retired: [] } });
   return { config, db, rcpt, configPath };

@@ -122,9 +122,12 @@ describe("fedrelay nats-provision", () => {
     const first = await provision();
     expect(first.code).toBe(0);
     expect(first.stdout.split("\n").filter(Boolean)).toEqual([
-      "alpha: created stream FEDRELAY_IN_alpha", "alpha: created consumer FEDRELAY_IN_alpha/receiver",
+      // One inbox consumer per member sending to it, itself included.
+      "alpha: created stream FEDRELAY_IN_alpha",
+      "alpha: created consumer FEDRELAY_IN_alpha/receiver_alpha", "alpha: created consumer FEDRELAY_IN_alpha/receiver_beta",
       "alpha: created stream FEDRELAY_REPORTS_alpha", "alpha: created consumer FEDRELAY_REPORTS_alpha/reports",
-      "beta: created stream FEDRELAY_IN_beta", "beta: created consumer FEDRELAY_IN_beta/receiver",
+      "beta: created stream FEDRELAY_IN_beta",
+      "beta: created consumer FEDRELAY_IN_beta/receiver_alpha", "beta: created consumer FEDRELAY_IN_beta/receiver_beta",
       "beta: created stream FEDRELAY_REPORTS_beta", "beta: created consumer FEDRELAY_REPORTS_beta/reports",
       "2 of 2 homeservers as they should be",
     ]);

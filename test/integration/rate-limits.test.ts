@@ -17,7 +17,7 @@ import { issueCapability } from "../../src/store/capabilities.ts";
 import { registerClient } from "../../src/store/clients.ts";
 import type { Db } from "../../src/store/db.ts";
 import { publishEvent } from "../../src/transport/publisher.ts";
-import { ensureReportStream } from "../../src/transport/streams.ts";
+import { ensureReportStream, inboxConsumerName } from "../../src/transport/streams.ts";
 import { testSchema, type TestSchema } from "../helpers/db.ts";
 import {
   addClient, eventually, grantCapability, homeserverConfig, http, identity, natsClient, SERVICE_TOKEN, signed, startHomeserver,
@@ -291,7 +291,7 @@ describe("a sender over its server-level limit (clock injected in-process)", () 
     const backlog = await publishAll("delta", backlogRcpts);
     const publishedBy = Date.now() / 1000;
     await eventually(async () => {
-      const consumer = await (await jetstreamManager(client.nc)).consumers.info(inboxStreamName("delta"), "receiver");
+      const consumer = await (await jetstreamManager(client.nc)).consumers.info(inboxStreamName("delta"), inboxConsumerName("receiver", "alpha"));
       return consumer.num_pending === 0 && (await relayMetric(delta, "fedrelay_events_delayed_total")) >= 40;
     }, 15_000, "the backlog delivered to the worker and delayed");
     expect(await countRows(db, "events")).toBe(10);

@@ -61,7 +61,7 @@ describe("a peer whose report stream never answers (a tarpit)", () => {
     await ensureReportStream(jsm, "alpha", 1);
     // gamma listens on its report subject and never acknowledges: each publish waits out its timeout.
     const arrivals: number[] = [];
-    const tarpit = client.nc.subscribe(reportSubject("gamma", "beta"), { callback: () => arrivals.push(Date.now()) });
+    const tarpit = client.nc.subscribe(reportSubject("gamma", "beta"), { callback: () => void arrivals.push(Date.now()) });
 
     await send(gamma, 40, "tarpit");
     await send(alpha, 40, "honest");

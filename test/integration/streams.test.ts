@@ -12,7 +12,7 @@ import { startLocalNats, type LocalNats } from "../../src/local-nats.ts";
 import { inboxStreamName, inboxSubject } from "../../src/protocol/subjects.ts";
 import { createRelay } from "../../src/relay.ts";
 import { publishEvent } from "../../src/transport/publisher.ts";
-import { inboxSpec } from "../../src/transport/streams.ts";
+import { inboxConsumerName, inboxSpec } from "../../src/transport/streams.ts";
 import { testSchema } from "../helpers/db.ts";
 import { eventually, homeserverConfig, identity, SERVICE_TOKEN, signed, type Identity } from "../helpers/federation.ts";
 
@@ -77,7 +77,7 @@ describe("a relay that manages its streams puts them back", () => {
       const c = (await jsm.streams.info(name)).config;
       return c.max_age === 0 && c.republish === undefined && c.max_msgs_per_subject === before.max_msgs_per_subject;
     }, 10_000, "the inbox restored");
-    await jsm.consumers.delete(name, beta.config.worker.consumer);
+    await jsm.consumers.delete(name, inboxConsumerName(beta.config.worker.consumer, "alpha"));
     await send("beta-repair", 5);
     await eventually(async () => (await countEvents(beta.relay)) === 5, 15_000, "events stored after the consumer was deleted");
     const repairs = (await beta.relay.metrics.streamRepairs.get()).values.find((v) => v.labels.stream === name)?.value ?? 0;
@@ -87,7 +87,7 @@ describe("a relay that manages its streams puts them back", () => {
 
   it("starts on an inbox someone changed, and restores it", async () => {
     const settings = homeserverConfig(await identity("beta-tampered"), testSchema("unused"), { natsUrl: nats.url, peers: [] });
-    const spec = inboxSpec("beta-tampered", { ...settings.inbox, maxMessageBytes: settings.limits.maxMessageBytes }, settings.worker);
+    const spec = inboxSpec("beta-tampered", { ...settings.inbox, maxMessageBytes: settings.limits.maxMessageBytes }, settings.worker, ["beta-tampered"]);
     await jsm.streams.add({ ...spec.stream, max_age: nanos(3_600_000) });
     await jsm.consumers.add(spec.stream.name, spec.consumers[0]!);
     const beta = await startBeta("streams_tampered_start", {}, "beta-tampered");
@@ -122,10 +122,10 @@ describe("a relay that may not manage its streams says what is wrong", () => {
   it("refuses to start, in one line naming it, when its consumer is missing and it may not create it", async () => {
     const beta = await startBeta("streams_missing", {}, "beta-missing");
     await beta.relay.close();
-    await jsm.consumers.delete(inboxStreamName("beta-missing"), beta.config.worker.consumer);
+    await jsm.consumers.delete(inboxStreamName("beta-missing"), inboxConsumerName(beta.config.worker.consumer, "alpha"));
     const config = { ...beta.config, nats: { ...beta.config.nats, manageStreams: false } };
     const relay = createRelay(config, { api: false, worker: true }, { log: silent });
     cleanup.push(() => relay.close());
-    await expect(relay.start()).rejects.toThrow(/consumer FEDRELAY_IN_beta-missing\/receiver is missing.*nats-provision/);
+    await expect(relay.start()).rejects.toThrow(/consumer FEDRELAY_IN_beta-missing\/receiver_alpha is missing.*nats-provision/);
   });
 });

@@ -20,7 +20,7 @@ import { createReceiver } from "../../src/receive/batch.ts";
 import { createDb, type Db } from "../../src/store/db.ts";
 import { migrate } from "../../src/store/migrate.ts";
 import { startBatchLoop } from "../../src/transport/consumer.ts";
-import { ensureInbox } from "../../src/transport/streams.ts";
+import { ensureInbox, inboxConsumerName } from "../../src/transport/streams.ts";
 import { testSchema, type TestSchema } from "../helpers/db.ts";
 import { eventually, identity, signed, type Identity } from "../helpers/federation.ts";
 
@@ -53,7 +53,7 @@ afterAll(async () => {
  */
 async function scenario(self: string, n: number, aheadLimit: ((sizes: readonly number[]) => number) | undefined, whileHeld: (verifications: () => number) => Promise<void>) {
   const config = loadConfig({ overrides: { homeserver: self } });
-  await ensureInbox(await jetstreamManager(nc), self, { ...config.inbox, maxMessageBytes: config.limits.maxMessageBytes }, config.worker);
+  await ensureInbox(await jetstreamManager(nc), self, { ...config.inbox, maxMessageBytes: config.limits.maxMessageBytes }, config.worker, ["alpha"]);
   const js = jetstream(nc);
   const sizes: number[] = [];
   for (let i = 0; i < n; i++) {
@@ -78,7 +78,7 @@ async function scenario(self: string, n: number, aheadLimit: ((sizes: readonly n
   const verifiedAtStart: number[] = [];
   const stored = new Set<number>();
   const refused = new Set<number>();
-  const consumer = await js.consumers.get(inboxStreamName(self), config.worker.consumer);
+  const consumer = await js.consumers.get(inboxStreamName(self), inboxConsumerName(config.worker.consumer, "alpha"));
   // One batch at a time: while the first is held, the others wait buffered (20 of them).
   const loop = await startBatchLoop(consumer, { batchSize: 10, inFlight: 1, expiresMs: 1000, onBuffered: (m) => receiver.verifyAhead(m) }, async (batch: JsMsg[]) => {
     verifiedAtStart.push(verifications);

@@ -42,7 +42,7 @@ describe("several worker processes share one consumer", () => {
     const config = homeserverConfig(beta, schema, { natsUrl: nats.url, peers: [alpha], overrides: { log: { level: "warn" } } });
     db = createDb(config.postgres);
     await migrate(db.pool, config.postgres.schema);
-    await ensureInbox(await jetstreamManager(client.nc), "beta", { ...config.inbox, maxMessageBytes: config.limits.maxMessageBytes }, config.worker);
+    await ensureInbox(await jetstreamManager(client.nc), "beta", { ...config.inbox, maxMessageBytes: config.limits.maxMessageBytes }, config.worker, ["beta", "alpha"]);
     const caps: string[] = [];
     for (let c = 0; c < CLIENTS; c++) {
       await registerClient(db, `client-${c}`);

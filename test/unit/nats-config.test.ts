@@ -23,17 +23,21 @@ const THREE_NODES = { nodes: ["a", "b", "c"].map((n) => ({ name: `hub-${n}`, hos
 
 describe("hubPermissions: a homeserver's part of the hub, and nothing else", () => {
   it("publishes only as itself, reads and pulls only its own streams and consumers (under HUBJS.API), receives only on its own prefix", () => {
-    expect(hubPermissions("beta.example.org")).toEqual({
+    expect(hubPermissions("beta.example.org", ["alpha.example.org", "beta.example.org"])).toEqual({
       publish: [
         "fedrelay.v1.inbox.*.beta_example_org",
         "fedrelay.v1.report.*.beta_example_org",
         "HUBJS.API.STREAM.INFO.FEDRELAY_IN_beta_example_org",
-        "HUBJS.API.CONSUMER.INFO.FEDRELAY_IN_beta_example_org.receiver",
-        "HUBJS.API.CONSUMER.MSG.NEXT.FEDRELAY_IN_beta_example_org.receiver",
         "HUBJS.API.STREAM.INFO.FEDRELAY_REPORTS_beta_example_org",
+        // One inbox consumer per member sending to it, itself included (issue 15: senders served in turn).
+        "HUBJS.API.CONSUMER.INFO.FEDRELAY_IN_beta_example_org.receiver_alpha_example_org",
+        "HUBJS.API.CONSUMER.MSG.NEXT.FEDRELAY_IN_beta_example_org.receiver_alpha_example_org",
+        "HUBJS.API.CONSUMER.INFO.FEDRELAY_IN_beta_example_org.receiver_beta_example_org",
+        "HUBJS.API.CONSUMER.MSG.NEXT.FEDRELAY_IN_beta_example_org.receiver_beta_example_org",
         "HUBJS.API.CONSUMER.INFO.FEDRELAY_REPORTS_beta_example_org.reports",
         "HUBJS.API.CONSUMER.MSG.NEXT.FEDRELAY_REPORTS_beta_example_org.reports",
-        "$JS.ACK.FEDRELAY_IN_beta_example_org.receiver.>",
+        "$JS.ACK.FEDRELAY_IN_beta_example_org.receiver_alpha_example_org.>",
+        "$JS.ACK.FEDRELAY_IN_beta_example_org.receiver_beta_example_org.>",
         "$JS.ACK.FEDRELAY_REPORTS_beta_example_org.reports.>",
       ],
       subscribe: ["_INBOX_beta_example_org.>"],
@@ -41,7 +45,7 @@ describe("hubPermissions: a homeserver's part of the hub, and nothing else", () 
   });
 
   it("never grants a wildcard in a stream or consumer position, nor any admin call", () => {
-    for (const subject of hubPermissions("a-b.example").publish) {
+    for (const subject of hubPermissions("a-b.example", ["a-b.example", "c.example"]).publish) {
       if (subject.startsWith("fedrelay.")) continue;
       expect(subject).not.toMatch(/\.(CREATE|UPDATE|DELETE|PURGE|NAMES|LIST|MSG\.GET|DIRECT)\b/);
       expect(subject.replace(/\.>$/, "")).not.toMatch(/[*>]/);
@@ -63,16 +67,16 @@ describe("hubNodeConfig", () => {
     expect(config.accounts.HUB).toMatchObject({ jetstream: "enabled", users: [{ nkey: k.admin.publicKey }] });
     expect(config.accounts.HUB.exports).toEqual(expect.arrayContaining([
       { service: "fedrelay.v1.inbox.*.*", account_token_position: 5 },
-      { service: "$JS.API.CONSUMER.MSG.NEXT.FEDRELAY_IN_alpha.receiver", accounts: ["alpha"], response_type: "stream" },
-      { service: "$JS.ACK.FEDRELAY_IN_beta.receiver.>", accounts: ["beta"] },
+      { service: "$JS.API.CONSUMER.MSG.NEXT.FEDRELAY_IN_alpha.receiver_beta", accounts: ["alpha"], response_type: "stream" },
+      { service: "$JS.ACK.FEDRELAY_IN_beta.receiver_alpha.>", accounts: ["beta"] },
     ]));
     // A homeserver's account runs no JetStream of its own: a reply sent to a $JS.API subject there runs nothing.
     expect(config.accounts.alpha).not.toHaveProperty("jetstream");
     expect(config.accounts.alpha).toEqual({
-      users: [{ nkey: k.homeservers.get("alpha")!.publicKey, permissions: hubPermissions("alpha") }],
+      users: [{ nkey: k.homeservers.get("alpha")!.publicKey, permissions: hubPermissions("alpha", ["alpha", "beta"]) }],
       imports: expect.arrayContaining([
         { service: { account: "HUB", subject: "fedrelay.v1.inbox.*.alpha" } },
-        { service: { account: "HUB", subject: "$JS.API.CONSUMER.MSG.NEXT.FEDRELAY_IN_alpha.receiver" }, to: "HUBJS.API.CONSUMER.MSG.NEXT.FEDRELAY_IN_alpha.receiver" },
+        { service: { account: "HUB", subject: "$JS.API.CONSUMER.MSG.NEXT.FEDRELAY_IN_alpha.receiver_beta" }, to: "HUBJS.API.CONSUMER.MSG.NEXT.FEDRELAY_IN_alpha.receiver_beta" },
       ]),
     });
     const imported = JSON.stringify(config.accounts.alpha);
@@ -137,8 +141,13 @@ describe("what the hub provisions is what each relay checks against", () => {
     });
     for (const { homeserver, specs } of hubSpecs(fed)) {
       const config = loadConfig({ overrides: relaySettings(fed, homeserver, "/seed") as Record<string, unknown> });
-      const relayInbox = inboxSpec(homeserver, { ...config.inbox, maxMessageBytes: config.limits.maxMessageBytes }, config.worker);
-      expect(relayInbox).toEqual(specs[0]);
+      // The relay serves its configured peers and itself: here, every member.
+      const relayInbox = inboxSpec(homeserver, { ...config.inbox, maxMessageBytes: config.limits.maxMessageBytes }, config.worker, ["alpha_example", "beta_example"]);
+      expect({ ...relayInbox, exclusive: undefined }).toEqual({ ...specs[0], exclusive: undefined });
+      expect(relayInbox.consumers.map((c) => [c.durable_name, c.filter_subject])).toEqual([
+        ["receiver_alpha_example", `fedrelay.v1.inbox.${homeserver.replace(".", "_")}.alpha_example`],
+        ["receiver_beta_example", `fedrelay.v1.inbox.${homeserver.replace(".", "_")}.beta_example`],
+      ]);
       expect(reportSpec(homeserver, config.inbox.replicas)).toEqual(specs[1]);
       expect(drift(specs[0]!.stream, relayInbox.stream)).toEqual([]);
     }
