@@ -8,14 +8,16 @@ import { isRelayError, RelayError } from "./errors.ts";
 import { generateSigningJwk } from "./protocol/keys.ts";
 import { createRelay, type RelayRoles } from "./relay.ts";
 import { createClientTokens } from "./client-tokens.ts";
-import { isClientId, isHomeserverName, parseGroupId } from "./protocol/names.ts";
-import { clientExists, registerClient } from "./store/clients.ts";
+import { isClientId } from "./protocol/names.ts";
+import { issueCapabilityFor, listCapabilitiesOf, revokeCapabilityFor } from "./operations/capabilities.ts";
+import type { Operation } from "./operations/operation.ts";
+import { putRateLimit, removeRateLimit, showRateLimits } from "./operations/rate-limits.ts";
+import { putServerRule, removeServerRule, setPolicyMode, showPolicy } from "./operations/server-policy.ts";
+import { registerClient } from "./store/clients.ts";
 import { listTokenKeys, revokeTokenKey, rotateTokenKeys } from "./store/client-token-keys.ts";
 import { createDb, type Db } from "./store/db.ts";
-import { issueCapability, listCapabilities, revokeCapability } from "./store/capabilities.ts";
-import { deleteRateOverride, deleteRule, loadRateOverrides, loadRuntimePolicy, mergeRateLimits, putRateOverride, putRule, setMode } from "./store/server-policy.ts";
-import { MAX_RECIPIENTS } from "./protocol/claims.ts";
-import { isServerPattern, mergePolicies } from "./policy/server-rules.ts";
+import { mergeRateLimits } from "./store/server-policy.ts";
+import { mergePolicies } from "./policy/server-rules.ts";
 import { migrate } from "./store/migrate.ts";
 import { parseFederation } from "./federation/federation.ts";
 import { federationKeys } from "./federation/keys.ts";
@@ -124,6 +126,75 @@ async function runRelay(roles: RelayRoles, values: Record<string, unknown>, io: 
   return 0;
 }
 
+/** An operator command whose input is checked: what is left is to run it and print the outcome. */
+type CheckedCommand = (db: Db, config: RelayConfig, io: CliIo) => Promise<void>;
+
+/** The command is checked before this is called: a typo must not touch the database. */
+function runOperation(values: Record<string, unknown>, io: CliIo, command: CheckedCommand): Promise<number> {
+  return withDb(values, io, async (db, config) => {
+    await command(db, config, io);
+    return 0;
+  });
+}
+
+function printing<T>(operation: Operation<T>, line: (result: T) => string): CheckedCommand {
+  return async (db, _config, io) => io.stdout(line(await operation(db)));
+}
+
+const json = (value: unknown): string => JSON.stringify(value, null, 2);
+
+function policyCommand([action, pattern]: string[]): CheckedCommand {
+  switch (action) {
+    case "list":
+      return async (db, config, io) => io.stdout(json(await showPolicy((runtime) => ({
+        ...mergePolicies(config.policy, runtime),
+        configured: { mode: config.policy.mode, allow: config.policy.allow, deny: config.policy.deny },
+      }))(db)));
+    case "allow":
+    case "deny":
+      return printing(putServerRule(pattern, action), (rule) => `${rule.action} ${rule.pattern}`);
+    case "remove":
+      return printing(removeServerRule(pattern), () => `removed ${pattern}`);
+    case "mode":
+      return printing(setPolicyMode(pattern), ({ mode }) => `mode ${mode}`);
+    default:
+      throw new RelayError("bad_request", `policy takes list, allow, deny, remove or mode, got ${JSON.stringify(action ?? "")}`);
+  }
+}
+
+function rateLimitCommand([action, scope, name, rate, burst]: string[]): CheckedCommand {
+  switch (action) {
+    case "list":
+      return async (db, config, io) => io.stdout(json(await showRateLimits((runtime) => mergeRateLimits(config.rateLimits, runtime))(db)));
+    case "set":
+      return printing(putRateLimit(scope, name, { rate: Number(rate), burst: Number(burst) }), (limit) => `${scope} ${name}: ${limit.rate}/s, burst ${limit.burst}`);
+    case "remove":
+      return printing(removeRateLimit(scope, name), () => `removed ${scope} ${name}`);
+    default:
+      throw new RelayError("bad_request", `ratelimit takes list, set or remove, got ${JSON.stringify(action ?? "")}`);
+  }
+}
+
+function capabilityCommand([action, arg, group]: string[]): CheckedCommand {
+  switch (action) {
+    case "issue": {
+      const issue = issueCapabilityFor(arg, group);
+      return async (db, _config, io) => {
+        const cap = await issue(db);
+        io.stderr(`fedrelay: capability ${cap.id} for ${cap.client} in ${cap.group}; the secret (shown once):`);
+        io.stdout(cap.capability);
+      };
+    }
+    case "list":
+      return printing(listCapabilitiesOf(arg), ({ capabilities }) => json(capabilities));
+    case "revoke":
+      // An operator may revoke any client's.
+      return printing(revokeCapabilityFor(arg), () => `revoked ${arg}`);
+    default:
+      throw new RelayError("bad_request", `capability takes issue, list or revoke, got ${JSON.stringify(action ?? "")}`);
+  }
+}
+
 export const COMMANDS: Readonly<Record<string, Command>> = {
   keygen: {
     summary: "write a new Ed25519 signing key (private JWK) for a homeserver",
@@ -202,7 +273,7 @@ ${CONFIG_HELP}`,
       return withDb(values, io, async (db) => {
         switch (action) {
           case "list":
-            io.stdout(JSON.stringify(await listTokenKeys(db), null, 2));
+            io.stdout(json(await listTokenKeys(db)));
             return 0;
           case "rotate": {
             const { id: fresh, retired } = await rotateTokenKeys(db);
@@ -221,104 +292,19 @@ ${CONFIG_HELP}`,
     summary: "show or change the server-level policy (applies to every process within a second)",
     usage: `fedrelay policy list | allow PATTERN | deny PATTERN | remove PATTERN | mode open|allowlist [--config FILE]\n  PATTERN is a homeserver name or *.suffix\n${CONFIG_HELP}`,
     options: configOption,
-    async run({ values, positionals }, io) {
-      const [action, arg] = positionals;
-      // Usage errors before any connection: a typo must not touch the database.
-      if (!["list", "allow", "deny", "remove", "mode"].includes(action ?? "")) {
-        throw new RelayError("bad_request", `policy takes list, allow, deny, remove or mode, got ${JSON.stringify(action ?? "")}`);
-      }
-      if (["allow", "deny", "remove"].includes(action!) && !isServerPattern(arg)) {
-        throw new RelayError("bad_request", `policy ${action} needs a homeserver name or *.suffix, got ${JSON.stringify(arg ?? "")}`);
-      }
-      if (action === "mode" && arg !== "open" && arg !== "allowlist") throw new RelayError("bad_request", "policy mode takes open or allowlist");
-      return withDb(values, io, async (db, config) => {
-        switch (action) {
-          case "list": {
-            const runtime = await loadRuntimePolicy(db);
-            const merged = mergePolicies(config.policy, runtime);
-            io.stdout(JSON.stringify({ ...merged, configured: { mode: config.policy.mode, allow: config.policy.allow, deny: config.policy.deny }, runtime }, null, 2));
-            return 0;
-          }
-          case "allow":
-          case "deny":
-            await putRule(db, arg!, action);
-            io.stdout(`${action} ${arg}`);
-            return 0;
-          case "remove":
-            if (!(await deleteRule(db, arg!))) throw new RelayError("not_found", `no run-time rule ${arg}`);
-            io.stdout(`removed ${arg}`);
-            return 0;
-          default:
-            await setMode(db, arg as "open" | "allowlist");
-            io.stdout(`mode ${arg}`);
-            return 0;
-        }
-      });
-    },
+    run: ({ values, positionals }, io) => runOperation(values, io, policyCommand(positionals)),
   },
   ratelimit: {
     summary: "show or override delivery rate limits for a homeserver or a client (applies within a second)",
     usage: `fedrelay ratelimit list | set server|client NAME RATE BURST | remove server|client NAME [--config FILE]\n  RATE is deliveries per second, BURST the bucket size\n${CONFIG_HELP}`,
     options: configOption,
-    async run({ values, positionals }, io) {
-      const [action, scope, name, rateText, burstText] = positionals;
-      const rate = Number(rateText);
-      const burst = Number(burstText);
-      if (!["list", "set", "remove"].includes(action ?? "")) throw new RelayError("bad_request", `ratelimit takes list, set or remove, got ${JSON.stringify(action ?? "")}`);
-      if (action !== "list") {
-        if (scope !== "server" && scope !== "client") throw new RelayError("bad_request", "ratelimit set/remove takes server or client");
-        if (scope === "server" ? !isHomeserverName(name) : !isClientId(name)) throw new RelayError("bad_request", `${JSON.stringify(name ?? "")} is not a ${scope === "server" ? "homeserver name" : "client id"}`);
-      }
-      if (action === "set" && (!(rate >= 0) || !(burst >= (scope === "server" ? MAX_RECIPIENTS : 1)))) {
-        throw new RelayError("bad_request", `ratelimit set needs RATE >= 0 and BURST >= ${scope === "server" ? MAX_RECIPIENTS : 1}`);
-      }
-      return withDb(values, io, async (db, config) => {
-        if (action === "list") {
-          const overrides = await loadRateOverrides(db);
-          io.stdout(JSON.stringify({ ...mergeRateLimits(config.rateLimits, overrides), runtime: overrides }, null, 2));
-        } else if (action === "set") {
-          await putRateOverride(db, scope as "server" | "client", name!, { rate, burst });
-          io.stdout(`${scope} ${name}: ${rate}/s, burst ${burst}`);
-        } else {
-          if (!(await deleteRateOverride(db, scope as "server" | "client", name!))) throw new RelayError("not_found", `no run-time limit for ${name}`);
-          io.stdout(`removed ${scope} ${name}`);
-        }
-        return 0;
-      });
-    },
+    run: ({ values, positionals }, io) => runOperation(values, io, rateLimitCommand(positionals)),
   },
   capability: {
     summary: "issue, list or revoke a client's delivery capabilities",
     usage: `fedrelay capability issue CLIENT GROUP | list CLIENT | revoke ID [--config FILE]\n${CONFIG_HELP}`,
     options: configOption,
-    async run({ values, positionals }, io) {
-      const [action, a, b] = positionals;
-      const group = parseGroupId(b);
-      if (action === "issue" && (!isClientId(a) || !group)) throw new RelayError("bad_request", "capability issue needs CLIENT and GROUP (<local>@<owner>)");
-      if (action === "list" && !isClientId(a)) throw new RelayError("bad_request", "capability list needs CLIENT");
-      if (action === "revoke" && !a) throw new RelayError("bad_request", "capability revoke needs ID");
-      if (!["issue", "list", "revoke"].includes(action ?? "")) {
-        throw new RelayError("bad_request", `capability takes issue, list or revoke, got ${JSON.stringify(action ?? "")}`);
-      }
-      return withDb(values, io, async (db) => {
-        switch (action) {
-          case "issue": {
-            if (!(await clientExists(db, a!))) throw new RelayError("not_found", `no client ${a}`);
-            const cap = await issueCapability(db, a!, b!, group!.owner);
-            io.stderr(`fedrelay: capability ${cap.id} for ${a} in ${b}; the secret (shown once):`);
-            io.stdout(cap.capability);
-            return 0;
-          }
-          case "list":
-            io.stdout(JSON.stringify(await listCapabilities(db, a!), null, 2));
-            return 0;
-          default:
-            if (!(await revokeCapability(db, a!))) throw new RelayError("not_found", `no capability ${a}`);
-            io.stdout(`revoked ${a}`);
-            return 0;
-        }
-      });
-    },
+    run: ({ values, positionals }, io) => runOperation(values, io, capabilityCommand(positionals)),
   },
   "nats-config": {
     summary: "write a NATS hub's configuration and each homeserver's credentials from a federation file",

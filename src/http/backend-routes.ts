@@ -3,20 +3,21 @@ import type { FastifyInstance } from "fastify";
 import { z } from "zod";
 import { RelayError } from "../errors.ts";
 import { fanoutRequestSchema } from "../fanout.ts";
-import { isServerPattern } from "../policy/server-rules.ts";
-import { MAX_RECIPIENTS } from "../protocol/claims.ts";
-import { isClientId, isHomeserverName, parseGroupId } from "../protocol/names.ts";
+import { issueCapabilityFor, listCapabilitiesOf, revokeCapabilityFor } from "../operations/capabilities.ts";
+import type { Operation } from "../operations/operation.ts";
+import { putRateLimit, removeRateLimit, showRateLimits } from "../operations/rate-limits.ts";
+import { putServerRule, removeServerRule, setPolicyMode, showPolicy } from "../operations/server-policy.ts";
+import { isClientId } from "../protocol/names.ts";
 import { reportsFor, type StoredReport } from "../reports.ts";
-import { clientExists, registerClient, removeClient, revokeClientTokens } from "../store/clients.ts";
-import { issueCapability, listCapabilities, revokeCapability } from "../store/capabilities.ts";
-import { deleteRateOverride, deleteRule, loadRateOverrides, loadRuntimePolicy, putRateOverride, putRule, setMode } from "../store/server-policy.ts";
+import { registerClient, removeClient, revokeClientTokens } from "../store/clients.ts";
 import { capabilityRequest } from "./client-routes.ts";
 import { longPoll, parse, type ApiDeps } from "./common.ts";
 
 const fanoutQuery = z.strictObject({ wait: z.string().regex(/^\d{1,3}$/, "must be whole seconds").transform(Number).optional() });
-const ruleBody = z.strictObject({ action: z.enum(["allow", "deny"]) });
-const modeBody = z.strictObject({ mode: z.enum(["open", "allowlist"]) });
-const limitBody = z.strictObject({ rate: z.number().min(0), burst: z.number().min(1) });
+// Shapes only: the values are checked by the operations (src/operations/), as for the CLI.
+const ruleBody = z.strictObject({ action: z.string() });
+const modeBody = z.strictObject({ mode: z.string() });
+const limitBody = z.strictObject({ rate: z.number(), burst: z.number() });
 
 function clientParam(raw: string): string {
   const id = raw; // fastify has already decoded the path parameter once
@@ -24,10 +25,11 @@ function clientParam(raw: string): string {
   return id;
 }
 
-async function existingClient(api: ApiDeps, raw: string): Promise<string> {
-  const id = clientParam(raw);
-  if (!(await clientExists(api.db, id))) throw new RelayError("not_found", `no client ${id}`);
-  return id;
+/** Runs a change to the policy or the limits, then reloads them: this process applies it at once, every other within a second. */
+async function change<T>(api: ApiDeps, operation: Operation<T>): Promise<T> {
+  const result = await operation(api.db);
+  await api.policy.refresh();
+  return result;
 }
 
 /** Every route here needs the service token (src/http/access.ts). */
@@ -85,64 +87,31 @@ export function registerBackendRoutes(app: FastifyInstance, api: ApiDeps): void 
 
   // The backend issues and revokes on a client's behalf, e.g. when it processes a join or a kick.
   app.post<{ Params: { id: string } }>("/v1/clients/:id/capabilities", backend, async (request, reply) => {
-    const id = await existingClient(api, request.params.id);
     const { group } = parse(capabilityRequest, request.body, "capability request");
-    return reply.status(201).send(await issueCapability(api.db, id, group, parseGroupId(group)!.owner));
+    return reply.status(201).send(await issueCapabilityFor(request.params.id, group)(api.db));
   });
-  app.get<{ Params: { id: string } }>("/v1/clients/:id/capabilities", backend, async (request) =>
-    ({ capabilities: await listCapabilities(api.db, await existingClient(api, request.params.id)) }));
+  app.get<{ Params: { id: string } }>("/v1/clients/:id/capabilities", backend, async (request) => listCapabilitiesOf(request.params.id)(api.db));
   app.delete<{ Params: { id: string; cap: string } }>("/v1/clients/:id/capabilities/:cap", backend, async (request, reply) => {
-    const id = await existingClient(api, request.params.id);
-    if (!(await revokeCapability(api.db, request.params.cap, id))) throw new RelayError("not_found", `no capability ${request.params.cap}`);
+    await revokeCapabilityFor(request.params.cap, request.params.id)(api.db);
     return reply.status(204).send();
   });
 
-  app.get("/v1/admin/policy", backend, async () => {
-    const current = api.policy.current();
-    return { ...current, runtime: await loadRuntimePolicy(api.db) };
-  });
-  app.put<{ Params: { pattern: string } }>("/v1/admin/policy/rules/:pattern", backend, async (request) => {
-    const pattern = request.params.pattern;
-    if (!isServerPattern(pattern)) throw new RelayError("bad_request", `"${pattern}" is not a homeserver name or *.suffix pattern`);
-    const { action } = parse(ruleBody, request.body, "rule");
-    await putRule(api.db, pattern, action);
-    await api.policy.refresh();
-    return { pattern, action };
-  });
+  app.get("/v1/admin/policy", backend, async () => showPolicy(() => api.policy.current())(api.db));
+  app.put<{ Params: { pattern: string } }>("/v1/admin/policy/rules/:pattern", backend, async (request) =>
+    change(api, putServerRule(request.params.pattern, parse(ruleBody, request.body, "rule").action)));
   app.delete<{ Params: { pattern: string } }>("/v1/admin/policy/rules/:pattern", backend, async (request, reply) => {
-    const pattern = request.params.pattern;
-    if (!(await deleteRule(api.db, pattern))) throw new RelayError("not_found", `no run-time rule ${pattern}`);
-    await api.policy.refresh();
+    await change(api, removeServerRule(request.params.pattern));
     return reply.status(204).send();
   });
-  app.get("/v1/admin/rate-limits", backend, async () => {
-    const rates = api.policy.rates();
-    return { ...rates, runtime: await loadRateOverrides(api.db) };
-  });
+  app.put("/v1/admin/policy/mode", backend, async (request) => change(api, setPolicyMode(parse(modeBody, request.body, "policy mode").mode)));
+
+  app.get("/v1/admin/rate-limits", backend, async () => showRateLimits(() => api.policy.rates())(api.db));
   for (const [scope, path] of [["server", "servers"], ["client", "clients"]] as const) {
-    app.put<{ Params: { subject: string } }>(`/v1/admin/rate-limits/${path}/:subject`, backend, async (request) => {
-      const subject = request.params.subject;
-      if (scope === "server" ? !isHomeserverName(subject) : !isClientId(subject)) {
-        throw new RelayError("bad_request", `"${subject}" is not a ${scope === "server" ? "homeserver name" : "client id"}`);
-      }
-      const limit = parse(limitBody, request.body, "rate limit");
-      // A sender's bucket must hold a whole event (DESIGN §5: up to 1,000 recipients).
-      if (scope === "server" && limit.burst < MAX_RECIPIENTS) throw new RelayError("bad_request", `rate limit burst: must be at least ${MAX_RECIPIENTS} for a homeserver`);
-      await putRateOverride(api.db, scope, subject, limit);
-      await api.policy.refresh();
-      return { [scope]: subject, ...limit };
-    });
+    app.put<{ Params: { subject: string } }>(`/v1/admin/rate-limits/${path}/:subject`, backend, async (request) =>
+      change(api, putRateLimit(scope, request.params.subject, parse(limitBody, request.body, "rate limit"))));
     app.delete<{ Params: { subject: string } }>(`/v1/admin/rate-limits/${path}/:subject`, backend, async (request, reply) => {
-      if (!(await deleteRateOverride(api.db, scope, request.params.subject))) throw new RelayError("not_found", `no run-time limit for ${request.params.subject}`);
-      await api.policy.refresh();
+      await change(api, removeRateLimit(scope, request.params.subject));
       return reply.status(204).send();
     });
   }
-
-  app.put("/v1/admin/policy/mode", backend, async (request) => {
-    const { mode } = parse(modeBody, request.body, "policy mode");
-    await setMode(api.db, mode);
-    await api.policy.refresh();
-    return { mode };
-  });
 }

@@ -4,7 +4,8 @@ import { z } from "zod";
 import { RelayError } from "../errors.ts";
 import { storedClaims } from "../protocol/claims.ts";
 import { isHomeserverName, parseGroupId } from "../protocol/names.ts";
-import { deleteBlock, issueCapability, listBlocks, listCapabilities, putBlock, revokeCapability, type BlockKind } from "../store/capabilities.ts";
+import { issueCapabilityFor, listCapabilitiesOf, revokeCapabilityFor } from "../operations/capabilities.ts";
+import { deleteBlock, listBlocks, putBlock, type BlockKind } from "../store/capabilities.ts";
 import { ackThrough, listMessages, type StoredMessage } from "../store/messages.ts";
 import { longPoll, parse, type ApiDeps } from "./common.ts";
 
@@ -15,9 +16,8 @@ const messagesQuery = z.strictObject({
   wait: z.string().regex(/^\d{1,3}$/, "must be whole seconds").transform(Number).optional(),
 });
 const ackBody = z.strictObject({ through: z.number().int().min(0).max(Number.MAX_SAFE_INTEGER) });
-export const capabilityRequest = z.strictObject({
-  group: z.string().refine((g) => parseGroupId(g) !== undefined, "must be <local>@<owner>"),
-});
+/** The shape only: the group is checked by the operation (src/operations/capabilities.ts). */
+export const capabilityRequest = z.strictObject({ group: z.string() });
 
 export function messageView(m: StoredMessage): Record<string, unknown> {
   const claims = storedClaims(m.token);
@@ -64,14 +64,13 @@ export function registerClientRoutes(app: FastifyInstance, api: ApiDeps): void {
 
   app.post("/v1/capabilities", client, async (request, reply) => {
     const { group } = parse(capabilityRequest, request.body, "capability request");
-    return reply.status(201).send(await issueCapability(api.db, request.clientId, group, parseGroupId(group)!.owner));
+    return reply.status(201).send(await issueCapabilityFor(request.clientId, group)(api.db));
   });
 
-  app.get("/v1/capabilities", client, async (request) => ({ capabilities: await listCapabilities(api.db, request.clientId) }));
+  app.get("/v1/capabilities", client, async (request) => listCapabilitiesOf(request.clientId)(api.db));
 
   app.delete<{ Params: { id: string } }>("/v1/capabilities/:id", client, async (request, reply) => {
-    // Another client's id answers exactly like an unknown one.
-    if (!(await revokeCapability(api.db, request.params.id, request.clientId))) throw new RelayError("not_found", `no capability ${request.params.id}`);
+    await revokeCapabilityFor(request.params.id, request.clientId)(api.db);
     return reply.status(204).send();
   });
 

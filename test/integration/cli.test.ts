@@ -380,6 +380,77 @@ describe("token-keys", () => {
   });
 });
 
+describe("operator commands: policy, ratelimit, capability", () => {
+  it("bad input exits 2 with one line naming what is wrong, before touching the database", async () => {
+    for (const [args, message] of [
+      [["policy", "allow", "Not_A_Name"], /"Not_A_Name" is not a homeserver name or \*\.suffix pattern/],
+      [["policy", "remove"], /"" is not a homeserver name/],
+      [["policy", "mode", "closed"], /policy mode must be open or allowlist, got "closed"/],
+      [["policy", "frob"], /policy takes list, allow, deny, remove or mode/],
+      [["ratelimit", "set", "server", "beta", "1", "5"], /burst: must be at least 1000 for a homeserver/],
+      [["ratelimit", "set", "galaxy", "beta", "1", "5"], /scope must be server or client/],
+      [["ratelimit", "remove", "client", "bad id"], /"bad id" is not a client id/],
+      [["capability", "issue", "bob", "no-owner"], /capability group: must be <local>@<owner>/],
+      [["capability", "revoke"], /capability revoke needs a capability id/],
+    ] as const) {
+      const run = await fedrelay(args, { FEDRELAY_POSTGRES__URL: "postgresql://nobody@127.0.0.1:1/none" });
+      expect({ args, code: run.code, stdout: run.stdout }).toEqual({ args, code: 2, stdout: "" });
+      expectOneLine(run.stderr, new RegExp(`^fedrelay ${args[0]}: .*${message.source}`));
+    }
+  });
+
+  it("policy changes print one line each, and list shows the policy in force, the configured part and the run-time part", async () => {
+    const db = schema("cli-policy");
+    const env = { ...dbEnv(db), FEDRELAY_POLICY__DENY: JSON.stringify(["spam.net"]) };
+    expect(await fedrelay(["policy", "deny", "*.example.org"], env)).toMatchObject({ code: 0, stdout: "deny *.example.org\n", stderr: "" });
+    expect(await fedrelay(["policy", "allow", "gamma"], env)).toMatchObject({ code: 0, stdout: "allow gamma\n", stderr: "" });
+    expect(await fedrelay(["policy", "mode", "allowlist"], env)).toMatchObject({ code: 0, stdout: "mode allowlist\n", stderr: "" });
+    const listed = await fedrelay(["policy", "list"], env);
+    expect(listed.code).toBe(0);
+    expect(listed.stdout).toBe(`${JSON.stringify({
+      mode: "allowlist", allow: ["gamma"], deny: ["spam.net", "*.example.org"],
+      configured: { mode: "open", allow: [], deny: ["spam.net"] },
+      runtime: { mode: "allowlist", rules: [{ pattern: "*.example.org", action: "deny" }, { pattern: "gamma", action: "allow" }] },
+    }, null, 2)}\n`);
+    expect(await fedrelay(["policy", "remove", "gamma"], env)).toMatchObject({ code: 0, stdout: "removed gamma\n" });
+    const again = await fedrelay(["policy", "remove", "gamma"], env);
+    expect(again.code).toBe(1);
+    expectOneLine(again.stderr, /^fedrelay policy: no run-time rule gamma\n$/);
+  });
+
+  it("ratelimit set, list and remove an override", async () => {
+    const db = schema("cli-ratelimit");
+    const env = dbEnv(db);
+    expect(await fedrelay(["ratelimit", "set", "client", "bot", "1", "3"], env)).toMatchObject({ code: 0, stdout: "client bot: 1/s, burst 3\n", stderr: "" });
+    const listed = await fedrelay(["ratelimit", "list"], env);
+    expect(listed.code).toBe(0);
+    expect(JSON.parse(listed.stdout)).toMatchObject({ clients: { bot: { rate: 1, burst: 3 } }, runtime: { servers: {}, clients: { bot: { rate: 1, burst: 3 } } } });
+    expect(await fedrelay(["ratelimit", "remove", "client", "bot"], env)).toMatchObject({ code: 0, stdout: "removed client bot\n" });
+    const again = await fedrelay(["ratelimit", "remove", "client", "bot"], env);
+    expect(again.code).toBe(1);
+    expectOneLine(again.stderr, /^fedrelay ratelimit: no run-time limit for bot\n$/);
+  });
+
+  it("capability issue prints the secret once, list shows it without the secret, revoke revokes it; an unknown client exits 1", async () => {
+    const db = schema("cli-capability");
+    const env = { ...dbEnv(db), FEDRELAY_HOMESERVER: "alpha" };
+    const unknown = await fedrelay(["capability", "issue", "bob", "g@alpha"], env);
+    expect(unknown.code).toBe(1);
+    expectOneLine(unknown.stderr, /^fedrelay capability: no client bob\n$/);
+    expect((await fedrelay(["client-add", "bob"], env)).code).toBe(0);
+    const issued = await fedrelay(["capability", "issue", "bob", "g@alpha"], env);
+    expect(issued.code).toBe(0);
+    const id = /^fedrelay: capability (\S+) for bob in g@alpha; the secret \(shown once\):\n$/.exec(issued.stderr)?.[1];
+    expect(id).toBeDefined();
+    expect(issued.stdout).toMatch(/^[A-Za-z0-9_-]{43}\n$/);
+    const listed = await fedrelay(["capability", "list", "bob"], env);
+    expect(JSON.parse(listed.stdout)).toEqual([{ id, client: "bob", group: "g@alpha", owner: "alpha", created_at: expect.any(String), revoked_at: null }]);
+    expect(listed.stdout).not.toContain(issued.stdout.trim());
+    expect(await fedrelay(["capability", "revoke", id!], env)).toMatchObject({ code: 0, stdout: `revoked ${id}\n` });
+    expect((JSON.parse((await fedrelay(["capability", "list", "bob"], env)).stdout) as { revoked_at: string | null }[])[0]!.revoked_at).toEqual(expect.any(String));
+  });
+});
+
 describe("serve", () => {
   let nats: LocalNats;
   let keyFile: string;
