@@ -5,11 +5,11 @@
  * catches up every message is handled exactly once; and a trickle waits for the
  * batch in flight rather than starting a second small one (overlapAfter).
  */
-import { AckPolicy, jetstream, jetstreamManager, RetentionPolicy, StorageType, type JsMsg } from "@nats-io/jetstream";
+import { AckPolicy, jetstream, jetstreamManager, RetentionPolicy, StorageType, type Consumer, type JsMsg } from "@nats-io/jetstream";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { startLocalNats, type LocalNats } from "../../src/local-nats.ts";
-import { startBatchLoop } from "../../src/transport/consumer.ts";
+import { startBatchLoop, startFairBatchLoop } from "../../src/transport/consumer.ts";
 import { eventually } from "../helpers/federation.ts";
 
 let nats: LocalNats;
@@ -116,6 +116,66 @@ describe("overlapping batches", () => {
     expect(sizes).toEqual([1, 5]);
     release();
     await eventually(async () => handled === 6, 5000, "all handled");
+    await loop.stop();
+  });
+});
+
+describe("several consumers in one loop (an inbox's senders)", () => {
+  async function twoSenders(name: string): Promise<{ heavy: Consumer; light: Consumer; publish: (to: "heavy" | "light", n: number) => Promise<void> }> {
+    const jsm = await jetstreamManager(nc);
+    await jsm.streams.add({ name, subjects: [`${name}.>`], storage: StorageType.Memory, retention: RetentionPolicy.Workqueue });
+    for (const who of ["heavy", "light"]) {
+      await jsm.consumers.add(name, { durable_name: who, ack_policy: AckPolicy.Explicit, max_ack_pending: 5000, filter_subject: `${name}.${who}` });
+    }
+    const js = jetstream(nc);
+    return {
+      heavy: await js.consumers.get(name, "heavy"),
+      light: await js.consumers.get(name, "light"),
+      publish: async (to, n) => void (await Promise.all(Array.from({ length: n }, () => js.publish(`${name}.${to}`, Buffer.from(to))))),
+    };
+  }
+
+  it("takes one message of each sender in turn, so a backlog fills only its share of a batch", async () => {
+    const { heavy, light, publish } = await twoSenders("TURNS");
+    await publish("heavy", 300);
+    await publish("light", 300);
+    const batches: string[][] = [];
+    const loop = startFairBatchLoop({ batchSize: 20, expiresMs: 1000, inFlight: 1 }, async (batch) => {
+      batches.push(batch.map((m) => m.string()));
+      for (const m of batch) m.ack();
+    });
+    loop.add("heavy", heavy);
+    loop.add("light", light);
+    await eventually(async () => batches.flat().length === 600, 10_000, "all 600 handled");
+    await loop.stop();
+    // While both have messages waiting, each full batch is half of each.
+    const mixed = batches.filter((b) => b.length === 20 && b.includes("heavy") && b.includes("light"));
+    expect(mixed.length).toBeGreaterThan(5);
+    for (const b of mixed) expect(b.filter((x) => x === "light")).toHaveLength(10);
+  });
+
+  it("serves a trickle beside a backlog at once: its batch holds only its messages and starts while the backlog's batches are in hand", async () => {
+    const { heavy, light, publish } = await twoSenders("TRICKLE");
+    await publish("heavy", 500);
+    let release!: () => void;
+    const held = new Promise<void>((r) => (release = r));
+    const batches: string[][] = [];
+    const loop = startFairBatchLoop({ batchSize: 50, expiresMs: 1000 }, async (batch) => {
+      const senders = batch.map((m) => m.string());
+      batches.push(senders);
+      // The backlog's batches are held: the trickle must not wait for them.
+      if (senders.includes("heavy")) await held;
+      for (const m of batch) m.ack();
+    });
+    loop.add("heavy", heavy);
+    loop.add("light", light);
+    await eventually(async () => batches.length >= 2, 5000, "the backlog's batches in hand");
+    await new Promise((r) => setTimeout(r, 300));
+    await publish("light", 3);
+    await eventually(async () => batches.some((b) => b.includes("light")), 5000, "the trickle's batch beside them");
+    expect(batches.find((b) => b.includes("light"))).toEqual(["light", "light", "light"]);
+    release();
+    await eventually(async () => batches.flat().length === 503, 10_000, "all handled");
     await loop.stop();
   });
 });
