@@ -27,6 +27,7 @@ import { connect, type NatsConnection } from "@nats-io/transport-node";
 import pg from "pg";
 import { loadConfig, type RelayConfig } from "../src/config.ts";
 import { startLocalHub, type LocalHub } from "../src/federation/local-hub.ts";
+import { adminManager } from "../src/federation/provision.ts";
 import { startLocalCluster, startLocalNats, type LocalNats } from "../src/local-nats.ts";
 import type { EventClaims } from "../src/protocol/claims.ts";
 import { generateSigningJwk, importSigningKey, type SigningKey } from "../src/protocol/keys.ts";
@@ -133,7 +134,8 @@ async function scenario(name: string, key: SigningKey, caps: string[], events: B
     // The publisher is alpha, with its own hub credential on e; the destination's streams are the hub's to make.
     const nc = hub ? await hub.connectAs("alpha") : await connect({ servers: urls, maxReconnectAttempts: -1 });
     const setup = hub ? await hub.connectAdmin() : nc;
-    await freshDestination(admin, await jetstreamManager(setup), config, caps);
+    // On the hub, the admin reaches the destination's JetStream under its own prefix (src/federation/provision.ts).
+    await freshDestination(admin, hub ? await adminManager(setup, "chaos") : await jetstreamManager(setup), config, caps);
     if (setup !== nc) await setup.close();
     const path = `/tmp/fedrelay-chaos-${process.pid}.json`;
     writeFileSync(path, JSON.stringify({ ...config, keys: { retired: [] } }));

@@ -1,7 +1,6 @@
 /** `fedrelay <command>`: one function per subcommand. I/O comes in through `CliIo`. */
 import { join, resolve } from "node:path";
 import { parseArgs, type ParseArgsConfig } from "node:util";
-import { jetstreamManager } from "@nats-io/jetstream";
 import { pino, type Logger } from "pino";
 import { loadConfig, type RelayConfig } from "./config.ts";
 import { isRelayError, RelayError } from "./errors.ts";
@@ -347,9 +346,8 @@ ${CONFIG_HELP}`,
       const seed = (await readOrFail(io, seedFile, "--seed-file")).trim();
       const nc = await connectNats({ ...loadConfig().nats, servers: [server], nkeySeed: seed }, "fedrelay nats-provision");
       try {
-        const jsm = await jetstreamManager(nc, { domain: fed.hub.domain, checkAPI: false });
         for (;;) {
-          const results = await provisionHub(jsm, fed);
+          const results = await provisionHub(nc, fed);
           for (const r of results) {
             for (const what of r.repaired) io.stdout(`${r.homeserver}: ${what}`);
             for (const problem of r.problems) io.stderr(`fedrelay nats-provision: ${r.homeserver}: ${problem}`);

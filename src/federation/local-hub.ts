@@ -8,7 +8,6 @@
 import { mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
-import { jetstreamManager } from "@nats-io/jetstream";
 import { connect, nkeyAuthenticator, type NatsConnection } from "@nats-io/transport-node";
 import { freePort, startLocalNats, type LocalNats } from "../local-nats.ts";
 import { federationSchema, type Federation } from "./federation.ts";
@@ -64,8 +63,10 @@ export async function startLocalHub(options: LocalHubOptions): Promise<LocalHub>
   const input = {
     hub: { nodes: [{ name: "hub-1", host: "127.0.0.1", listen: "127.0.0.1", clientPort, leafnodePort, clusterPort: 6222 }], storeDir: join(dir, "hub-js") },
     // A link cut leaves the events a pull had in flight unacknowledged until ack_wait: 10 s keeps
-    // the demo and the tests that cut links quick (a real hub keeps the relay's 30 s).
-    streams: { ackWaitSeconds: 10 },
+    // the demo and the tests that cut links quick (a real hub keeps the relay's 30 s). Their events
+    // are small: at most 64 KiB gives each sender a backlog of 30,840 in the 8 GiB inbox (a quarter
+    // of it, src/federation/federation.ts), room for npm run chaos's 20,000 behind a cut link.
+    streams: { ackWaitSeconds: 10, maxMessageBytes: 64 * 1024 },
     homeservers: {} as Record<string, unknown>,
   };
   const describe = async (name: string, topology: Topology): Promise<void> => {
@@ -105,7 +106,7 @@ export async function startLocalHub(options: LocalHubOptions): Promise<LocalHub>
     const provision = async (): Promise<void> => {
       const nc = await connectAdmin();
       try {
-        const results = await provisionHub(await jetstreamManager(nc, { checkAPI: false }), federation);
+        const results = await provisionHub(nc, federation);
         const problems = results.flatMap((r) => r.problems);
         if (problems.length > 0) throw new Error(`provisioning the hub failed: ${problems.join("; ")}`);
       } finally {

@@ -3,41 +3,82 @@
  * each bridged homeserver's own server config and each relay's `nats` settings
  * out. Pure: keys come in, files go out as text.
  *
- * Isolation is NATS's own, by account. The streams live in one account, HUB,
- * which no homeserver can log into. Each homeserver has an account of its own,
- * named by its subject token, without JetStream, that imports from HUB exactly
- * its part (docs/protocol.md §4, "NATS rights on a hub"): publishing events and
- * reports as itself, and, under the prefix `HUBJS.API`, reading its own two
- * streams and pulling and acknowledging its own two consumers. Its user's
- * permissions allow the same and nothing else, so anything beyond is a
- * permissions violation. A JetStream reply a homeserver sends somewhere else
- * (a reply subject of `$JS.API.STREAM.DELETE.…`) arrives in its own account,
- * where no JetStream runs: in one shared account JetStream would have run it.
- * Bridged homeservers' leafnodes authenticate as the same users, into the same
- * accounts.
+ * Isolation is NATS's own, by account (docs/protocol.md §4, "NATS rights on a
+ * hub"). Each homeserver T has two:
  *
- * Adding a homeserver adds its account. On nats-server 2.10.27 a new account's
- * imports from a JetStream account take effect only at the next reload after the
- * one that added it (measured: no responders after one reload, served after a
- * second; nats-io/nats-server#8560 reports the cluster case): apply a change with
- * two reloads.
+ * - `HUB_T` holds its streams and consumers, with JetStream limited to what
+ *   they may hold. Nobody logs into it. It exports its inbox and report
+ *   subjects to everyone, each importer as itself (`account_token_position`),
+ *   and the JetStream calls and acknowledgements of its own consumers to T
+ *   alone, and its whole JetStream API to the hub operator's account, ADMIN.
+ * - `T`, named by its subject token, without JetStream: its user, connection
+ *   limits, and its imports: every member's inbox and report subjects (as
+ *   itself), and its own streams' calls under the prefix `HUBJS.API`. Its
+ *   user's permissions allow the same and nothing else.
+ *
+ * Why an account of streams per homeserver, and not one for all: a reply
+ * subject that starts with `$JS.ACK.` crosses a service import unchanged
+ * (nats-server's processServiceImport), and only client connections are
+ * refused one, not leafnodes. A bridged homeserver pulling from its own
+ * consumer with the reply `$JS.ACK.<another's stream>.…` had JetStream's
+ * answer (an empty 404 is an ACK) land on that consumer when both lived in one
+ * account: an outside review deleted another homeserver's events unseen. Now
+ * such an answer lands in the puller's own HUB_T, where only its own consumers
+ * are; a publish to another's inbox with such a reply gets a PubAck there,
+ * JSON, which an ack subject ignores. Any other reply a homeserver names is
+ * rewritten by the import (`_R_.…`), so a reply of `$JS.API.STREAM.DELETE.…`
+ * runs nothing.
+ *
+ * Adding a homeserver adds its two accounts and imports from its HUB_T to every
+ * other homeserver's and to ADMIN. On nats-server 2.10.27 those already work
+ * after one reload, but the new account's own imports only after the next
+ * (measured: "no responders" after one, served after two; nats-io/nats-server#8560
+ * reports the cluster case): apply a change with two reloads (docs/operations.md,
+ * "Reload twice"; local-hub.ts does it, and hub-isolation.test.ts checks it).
  */
 import { subjectToken } from "../protocol/names.ts";
 import { inboxStreamName, inboxSubject, reportStreamName, reportSubject } from "../protocol/subjects.ts";
-import { inboxConsumerName, REPORT_CONSUMER } from "../transport/streams.ts";
+import { inboxConsumerName, REPORT_CONSUMER, reportSpec } from "../transport/streams.ts";
 import type { Federation } from "./federation.ts";
 
 /** The base of the inbox consumers' names on a hub, one per sender (the relay's worker.consumer must say the same). */
 export const HUB_INBOX_CONSUMER = "receiver";
-/** The account that holds every stream of a hub. */
-export const HUB_ACCOUNT = "HUB";
-/** Where a homeserver's account reaches HUB's JetStream API: the relay's nats.apiPrefix. */
+/** The hub operator's account: no streams of its own, every HUB_T's JetStream API under adminApiPrefixOf(T). */
+export const ADMIN_ACCOUNT = "ADMIN";
+/** Where a homeserver's account reaches its HUB_T's JetStream API: the relay's nats.apiPrefix. */
 export const HUB_API_PREFIX = "HUBJS.API";
 /**
  * Events up to 1 MiB plus NATS headers; the server's default (1 MiB) would
  * refuse the largest events the protocol allows.
  */
 export const HUB_MAX_PAYLOAD = 2 * 1024 * 1024;
+/**
+ * How long a pull's answers may come back through the MSG.NEXT import. Each
+ * pull leaves a response mapping in HUB_T until then (default two minutes: an
+ * outside review's million no-wait pulls took the hub from 17 to 792 MiB
+ * resident; measured, 800,000 in 30 s: 636 MiB and every mapping kept without
+ * it, 209 MiB and none left 5 s later with it). A relay's pull must expire
+ * before it, or what the pull is handed later is dropped on the way (measured:
+ * 7 s into a 10 s pull): relaySettings writes HUB_PULL_EXPIRES_MS.
+ */
+export const HUB_RESPONSE_THRESHOLD_MS = 5000;
+/** A relay's pull on a hub (worker.fetchExpiresMs): the relay's default, well under HUB_RESPONSE_THRESHOLD_MS. */
+export const HUB_PULL_EXPIRES_MS = 1000;
+/**
+ * Subscriptions per connection of a homeserver. A relay holds a handful (its
+ * reply subscription, a pull or two per loop); a bridged homeserver's server
+ * passes on its relay's across the leafnode (measured: 6 while its relay pulls
+ * from its three consumers and its outbox). Without a bound, one connection of
+ * an outside review's held a million (hub resident 808 MiB).
+ */
+export const SUBSCRIPTIONS_PER_CONNECTION = 1000;
+/**
+ * Leafnode connections of a bridged homeserver at once: its server's, and one
+ * more while the hub has not yet noticed that a broken link is gone (a leaf
+ * reconnects within seconds, the hub notices after its pings go unanswered).
+ * A shared homeserver runs none.
+ */
+export const BRIDGED_LEAFNODES = 2;
 
 export interface Nkey {
   readonly publicKey: string;
@@ -68,6 +109,16 @@ export function accountOf(homeserver: string): string {
   return subjectToken(homeserver);
 }
 
+/** The account that holds a homeserver's streams on the hub (upper case: no subject token is). */
+export function streamsAccountOf(homeserver: string): string {
+  return `HUB_${subjectToken(homeserver)}`;
+}
+
+/** Where the hub operator's account reaches a homeserver's JetStream API (nats-provision's apiPrefix). */
+export function adminApiPrefixOf(homeserver: string): string {
+  return `ADMIN.${subjectToken(homeserver)}.API`;
+}
+
 /**
  * A homeserver's own streams and consumers on the hub: its inbox's consumers,
  * one per member sending to it (itself included), and its report consumer.
@@ -80,7 +131,7 @@ function ownConsumers(homeserver: string, members: readonly string[]): [stream: 
   ];
 }
 
-/** The JetStream API calls a homeserver makes on its own streams, as HUB knows them ($JS.API.…). */
+/** The JetStream API calls a homeserver makes on its own streams, as its HUB_T knows them ($JS.API.…). */
 function ownApiSubjects(homeserver: string, members: readonly string[]): string[] {
   const streams = [inboxStreamName(homeserver), reportStreamName(homeserver)];
   return [
@@ -108,32 +159,65 @@ export function hubPermissions(homeserver: string, members: readonly string[]): 
 }
 
 /**
- * HUB's exports: events and reports to anyone, as the importing account's own
- * sender token (account_token_position: the last token must be the importer's
- * account name); the JetStream calls on its own streams to each homeserver alone.
+ * What a homeserver's streams may hold on the hub's disks, all replicas counted (as JetStream counts
+ * an account's use): its inbox and its report stream full, and nothing in memory.
  */
-function hubExports(homeservers: readonly string[]): object[] {
-  return [
-    { service: "fedrelay.v1.inbox.*.*", account_token_position: 5 },
-    { service: "fedrelay.v1.report.*.*", account_token_position: 5 },
-    ...homeservers.flatMap((h) => [
-      ...ownApiSubjects(h, homeservers).map((subject) => ({ service: subject, accounts: [accountOf(h)], ...(subject.includes(".MSG.NEXT.") ? { response_type: "stream" } : {}) })),
-      ...ownConsumers(h, homeservers).map(([stream, consumer]) => ({ service: `$JS.ACK.${stream}.${consumer}.>`, accounts: [accountOf(h)] })),
-    ]),
-  ];
+export function streamsStoreBytes(fed: Federation, homeserver: string): number {
+  const replicas = replicasOf(fed);
+  return replicas * (fed.streams.maxInboxBytes + reportSpec(homeserver, replicas).stream.max_bytes!);
 }
 
-/** A homeserver's account: its user, and its imports from HUB (the JetStream API under HUB_API_PREFIX). */
-function homeserverAccount(homeserver: string, members: readonly string[], key: Nkey): object {
-  const imported = (subject: string, to?: string) => ({ service: { account: HUB_ACCOUNT, subject }, ...(to === undefined ? {} : { to }) });
+/**
+ * HUB_T: a homeserver's streams. Its events and reports to anyone, as the
+ * importing account's own sender token (account_token_position: the last token
+ * must be the importer's account name); the JetStream calls on its streams and
+ * the acknowledgements of its consumers to T alone; the whole API to ADMIN.
+ */
+function streamsAccount(fed: Federation, homeserver: string, members: readonly string[]): object {
+  const token = subjectToken(homeserver);
+  const own = [accountOf(homeserver)];
+  return {
+    jetstream: { max_file: streamsStoreBytes(fed, homeserver), max_mem: 0 },
+    exports: [
+      { service: `fedrelay.v1.inbox.${token}.*`, account_token_position: 5 },
+      { service: `fedrelay.v1.report.${token}.*`, account_token_position: 5 },
+      ...ownApiSubjects(homeserver, members).map((subject) => ({
+        service: subject, accounts: own,
+        ...(subject.includes(".MSG.NEXT.") ? { response_type: "stream", response_threshold: `${HUB_RESPONSE_THRESHOLD_MS / 1000}s` } : {}),
+      })),
+      ...ownConsumers(homeserver, members).map(([stream, consumer]) => ({ service: `$JS.ACK.${stream}.${consumer}.>`, accounts: own })),
+      { service: "$JS.API.>", accounts: [ADMIN_ACCOUNT] },
+    ],
+  };
+}
+
+/** T: a homeserver's user, its limits, and its imports (its own JetStream API under HUB_API_PREFIX). */
+function homeserverAccount(fed: Federation, homeserver: string, members: readonly string[], key: Nkey): object {
+  const own = streamsAccountOf(homeserver);
+  const imported = (account: string, subject: string, to?: string) => ({ service: { account, subject }, ...(to === undefined ? {} : { to }) });
   return {
     users: [{ nkey: key.publicKey, permissions: hubPermissions(homeserver, members) }],
+    limits: {
+      max_connections: fed.homeservers[homeserver]!.maxConnections,
+      max_subscriptions: SUBSCRIPTIONS_PER_CONNECTION,
+      max_leafnodes: fed.homeservers[homeserver]!.topology === "bridged" ? BRIDGED_LEAFNODES : 0,
+    },
     imports: [
-      imported(inboxSubject("*", homeserver)),
-      imported(reportSubject("*", homeserver)),
-      ...ownApiSubjects(homeserver, members).map((s) => imported(s, s.replace("$JS.API.", `${HUB_API_PREFIX}.`))),
-      ...ownConsumers(homeserver, members).map(([stream, consumer]) => imported(`$JS.ACK.${stream}.${consumer}.>`)),
+      ...members.flatMap((destination) => [
+        imported(streamsAccountOf(destination), inboxSubject(destination, homeserver)),
+        imported(streamsAccountOf(destination), reportSubject(destination, homeserver)),
+      ]),
+      ...ownApiSubjects(homeserver, members).map((s) => imported(own, s, s.replace("$JS.API.", `${HUB_API_PREFIX}.`))),
+      ...ownConsumers(homeserver, members).map(([stream, consumer]) => imported(own, `$JS.ACK.${stream}.${consumer}.>`)),
     ],
+  };
+}
+
+/** ADMIN: the hub operator's key, and each homeserver's JetStream API under adminApiPrefixOf. */
+function adminAccount(members: readonly string[], keys: FederationKeys): object {
+  return {
+    users: [{ nkey: keys.admin.publicKey }],
+    imports: members.map((h) => ({ service: { account: streamsAccountOf(h), subject: "$JS.API.>" }, to: `${adminApiPrefixOf(h)}.>` })),
   };
 }
 
@@ -150,19 +234,15 @@ export function hubNodeConfig(fed: Federation, nodeName: string, keys: Federatio
   const node = fed.hub.nodes.find((n) => n.name === nodeName);
   if (!node) throw new TypeError(`no hub node ${nodeName}`);
   const names = Object.keys(fed.homeservers).sort();
-  const accounts: Record<string, object> = {
-    [HUB_ACCOUNT]: {
-      jetstream: fed.hub.maxStoreBytes === undefined ? "enabled" : { max_file: fed.hub.maxStoreBytes, max_mem: 0 },
-      users: [{ nkey: keys.admin.publicKey }],
-      exports: hubExports(names),
-    },
-  };
+  const accounts: Record<string, object> = { [ADMIN_ACCOUNT]: adminAccount(names, keys) };
   for (const name of names) {
     const key = keys.homeservers.get(name);
     if (!key) throw new TypeError(`no key for ${name}`);
-    accounts[accountOf(name)] = homeserverAccount(name, names, key);
+    accounts[streamsAccountOf(name)] = streamsAccount(fed, name, names);
+    accounts[accountOf(name)] = homeserverAccount(fed, name, names, key);
   }
   const clustered = fed.hub.nodes.length > 1;
+
   return {
     server_name: node.name,
     listen: `${node.listen}:${node.clientPort}`,
@@ -222,7 +302,8 @@ export function relaySettings(fed: Federation, homeserver: string, seedFile: str
     // What the hub provisioned: the relay checks its streams against these.
     inbox: { replicas: replicasOf(fed), maxMessagesPerSender: s.maxMessagesPerSender, duplicateWindowSeconds: s.duplicateWindowSeconds, maxBytes: s.maxInboxBytes },
     limits: { maxMessageBytes: s.maxMessageBytes },
-    worker: { consumer: HUB_INBOX_CONSUMER, ackWaitSeconds: s.ackWaitSeconds, maxAckPending: s.maxAckPending },
+    // A pull expires before its answers may no longer come back through the import (HUB_RESPONSE_THRESHOLD_MS).
+    worker: { consumer: HUB_INBOX_CONSUMER, ackWaitSeconds: s.ackWaitSeconds, maxAckPending: s.maxAckPending, fetchExpiresMs: HUB_PULL_EXPIRES_MS },
     ...(hs.topology === "bridged" ? { fanout: { outbox: true } } : {}),
   };
 }

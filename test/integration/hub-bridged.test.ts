@@ -3,15 +3,20 @@
  * JetStream domain, a leafnode of the hub. Fan-out crosses the bridge; while a
  * link is down, events for its homeserver wait at the hub and events it sends
  * wait in its outbox; after the link returns every event is stored once. An
- * outage longer than an event's lifetime loses nothing either.
+ * outage longer than an event's lifetime loses nothing either. And a leafnode,
+ * which a hub lets name `$JS.ACK.…` replies, cannot reach another homeserver's
+ * consumers with them.
  */
+import { jetstream, type JsMsg } from "@nats-io/jetstream";
+import type { NatsConnection } from "@nats-io/transport-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { adminManager } from "../../src/federation/provision.ts";
 import { storedClaims } from "../../src/protocol/claims.ts";
 import {
   addClient, eventually, grantCapability, http, identity, SERVICE_TOKEN, startHomeserver,
   type Identity, type TestHomeserver,
 } from "../helpers/federation.ts";
-import { startHub, type Hub } from "../helpers/hub.ts";
+import { rawLeaf, startHub, type Hub, type RawLeaf } from "../helpers/hub.ts";
 
 let hub: Hub;
 let alpha: Identity, beta: Identity;
@@ -225,5 +230,132 @@ describe("outages longer than an event's lifetime lose nothing", () => {
     // Signed again now, by the forwarder: not two days ago.
     expect(Math.abs(claims.iat - Date.now() / 1000)).toBeLessThan(60);
     expect((await alphaHs.relay.metrics.outboxResigned.get()).values[0]?.value).toBeGreaterThanOrEqual(1);
+  });
+});
+
+describe("a bridged homeserver's leafnode cannot reach another homeserver's consumers", () => {
+  // A hub of its own, with no relays: what happens to gamma's streams is NATS's doing alone.
+  let hub3: Hub;
+  let evil: RawLeaf;
+  let gammaNc: NatsConnection;
+  const pending: JsMsg[] = [];
+
+  beforeAll(async () => {
+    hub3 = await startHub({ alpha: "shared", beta: "bridged", gamma: "shared" });
+    // Alpha sends gamma five events and three reports; gamma pulls them and has not acknowledged them yet.
+    const alphaNc = await hub3.connectAs("alpha");
+    try {
+      const js = jetstream(alphaNc);
+      for (let i = 1; i <= 5; i++) await js.publish("fedrelay.v1.inbox.gamma.alpha", `event ${i}`);
+      for (let i = 1; i <= 3; i++) await js.publish("fedrelay.v1.report.gamma.alpha", `report ${i}`);
+    } finally {
+      await alphaNc.close();
+    }
+    gammaNc = await hub3.connectAs("gamma");
+    const gammaJs = jetstream(gammaNc, { apiPrefix: "HUBJS.API" });
+    for (const [stream, consumer, n] of [["FEDRELAY_IN_gamma", "receiver_alpha", 5], ["FEDRELAY_REPORTS_gamma", "reports", 3]] as const) {
+      const batch = await (await gammaJs.consumers.get(stream, consumer)).fetch({ max_messages: n, expires: 2000 });
+      for await (const m of batch) pending.push(m);
+    }
+    // Beta's operator, with beta's own seed, speaks the leafnode protocol to the hub beside its server.
+    evil = await rawLeaf(hub3.federation.hub.nodes[0]!.leafnodePort, hub3.keys.homeservers.get("beta")!.seed!);
+  });
+
+  afterAll(async () => {
+    evil?.close();
+    await gammaNc?.close();
+    await hub3?.stop();
+  });
+
+  /** Gamma's streams and consumers as the hub operator sees them. */
+  async function gammaState(): Promise<object> {
+    const admin = await hub3.connectAdmin();
+    try {
+      const jsm = await adminManager(admin, "gamma");
+      const consumer = async (stream: string, name: string) => {
+        const c = await jsm.consumers.info(stream, name);
+        return { pending: c.num_ack_pending, waiting: c.num_waiting, redelivered: c.num_redelivered, delivered: c.delivered.stream_seq };
+      };
+      const bySubject = async (stream: string) => (await jsm.streams.info(stream, { subjects_filter: ">" })).state.subjects ?? {};
+      return {
+        // Alpha's; beta's junk stays on beta's subject.
+        events: (await bySubject("FEDRELAY_IN_gamma"))["fedrelay.v1.inbox.gamma.alpha"] ?? 0,
+        reports: (await bySubject("FEDRELAY_REPORTS_gamma"))["fedrelay.v1.report.gamma.alpha"] ?? 0,
+        receiver: await consumer("FEDRELAY_IN_gamma", "receiver_alpha"),
+        reportConsumer: await consumer("FEDRELAY_REPORTS_gamma", "reports"),
+      };
+    } finally {
+      await admin.close();
+    }
+  }
+
+  it("JetStream answers to beta's own pulls, and to its publishes, with gamma's ack subjects as replies, neither ack, term, nak nor pull there", async () => {
+    expect(pending).toHaveLength(8);
+    const before = await gammaState();
+    expect(before).toEqual({
+      events: 5, reports: 3,
+      receiver: { pending: 5, waiting: 0, redelivered: 0, delivered: 5 },
+      reportConsumer: { pending: 3, waiting: 0, redelivered: 0, delivered: 3 },
+    });
+    const acks = (s: number) => [`$JS.ACK.FEDRELAY_IN_gamma.receiver_alpha.1.${s}.${s}.0.0`, `$JS.ACK.FEDRELAY_REPORTS_gamma.reports.1.${s}.${s}.0.0`];
+    const NEXT = "HUBJS.API.CONSUMER.MSG.NEXT.FEDRELAY_IN_beta.receiver_beta";
+    const REPORTS_NEXT = "HUBJS.API.CONSUMER.MSG.NEXT.FEDRELAY_REPORTS_beta.reports";
+    // Beta's own inbox and report stream hold what an ack subject would act on; each pull hands one
+    // of them to gamma's ack subject ("+NXT": park a pull there; "+TERM": remove an event unseen).
+    const bodies = ['+NXT {"batch":100,"expires":3600000000000}', "+TERM", "-NAK", "+WPI", "+ACK"];
+    for (const body of bodies) {
+      evil.publish("fedrelay.v1.inbox.beta.beta", undefined, body);
+      evil.publish("fedrelay.v1.report.beta.beta", undefined, body);
+    }
+    await evil.flush();
+    for (let s = 1; s <= bodies.length; s++) {
+      const [inbox, reports] = acks(s);
+      evil.publish(NEXT, inbox, JSON.stringify({ batch: 1, no_wait: true }));
+      evil.publish(REPORTS_NEXT, reports, JSON.stringify({ batch: 1, no_wait: true }));
+    }
+    await evil.flush();
+    // Then the pulls find nothing: each empty "404 No Messages" would be an ACK of one sequence.
+    for (let s = 1; s <= 8; s++) {
+      for (const reply of acks(s)) {
+        evil.publish(NEXT, reply, JSON.stringify({ batch: 1, no_wait: true }));
+        evil.publish(REPORTS_NEXT, reply, JSON.stringify({ batch: 1, no_wait: true }));
+      }
+    }
+    // And publishes to gamma's own streams, whose acknowledgements (PubAck JSON) go to its ack subjects.
+    for (let s = 1; s <= 8; s++) {
+      const [inbox, reports] = acks(s);
+      evil.publish("fedrelay.v1.inbox.gamma.beta", inbox!, "junk");
+      evil.publish("fedrelay.v1.report.gamma.beta", reports!, "junk");
+    }
+    await evil.flush();
+    await new Promise((r) => setTimeout(r, 500));
+    expect(await gammaState()).toEqual(before);
+    // What gamma holds is still gamma's to acknowledge.
+    for (const m of pending) await m.ackAck();
+    expect(await gammaState()).toMatchObject({ events: 0, reports: 0, receiver: { pending: 0 }, reportConsumer: { pending: 0 } });
+  });
+
+  it("any other reply beta names is rewritten on the way: a JetStream answer to its own pull runs no API call", async () => {
+    for (const reply of ["$JS.API.STREAM.DELETE.FEDRELAY_IN_beta", "$JS.API.CONSUMER.DELETE.FEDRELAY_IN_beta.receiver_alpha", "$JS.API.STREAM.PURGE.FEDRELAY_REPORTS_beta"]) {
+      evil.publish("HUBJS.API.CONSUMER.MSG.NEXT.FEDRELAY_IN_beta.receiver_alpha", reply, JSON.stringify({ batch: 1, no_wait: true }));
+      evil.publish("fedrelay.v1.inbox.beta.beta", reply, "junk");
+    }
+    await evil.flush();
+    await new Promise((r) => setTimeout(r, 300));
+    const admin = await hub3.connectAdmin();
+    try {
+      const jsm = await adminManager(admin, "beta");
+      expect((await jsm.streams.names().next()).sort()).toEqual(["FEDRELAY_IN_beta", "FEDRELAY_REPORTS_beta"]);
+      expect((await jsm.consumers.list("FEDRELAY_IN_beta").next()).map((c) => c.name).sort()).toEqual(["receiver_alpha", "receiver_beta", "receiver_gamma"]);
+    } finally {
+      await admin.close();
+    }
+  });
+
+  it("beta may hold two leafnodes at once (its server's, and one while a broken link is noticed), not a third; a shared homeserver none", async () => {
+    const port = hub3.federation.hub.nodes[0]!.leafnodePort;
+    // Its server's link and `evil` are the two.
+    await expect(rawLeaf(port, hub3.keys.homeservers.get("beta")!.seed!)).rejects.toThrow(/maximum account active connections exceeded/);
+    await expect(rawLeaf(port, hub3.keys.homeservers.get("gamma")!.seed!)).rejects.toThrow(/maximum account active connections exceeded/);
   });
 });

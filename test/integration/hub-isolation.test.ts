@@ -8,13 +8,15 @@ import { connect, nkeyAuthenticator, type NatsConnection } from "@nats-io/transp
 import { createUser } from "@nats-io/nkeys";
 import { pino } from "pino";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { SUBSCRIPTIONS_PER_CONNECTION } from "../../src/federation/nats-config.ts";
+import { adminManager } from "../../src/federation/provision.ts";
 import { createRelay } from "../../src/relay.ts";
 import { testSchema } from "../helpers/db.ts";
 import {
   addClient, eventually, grantCapability, homeserverConfig, http, identity, SERVICE_TOKEN, startHomeserver,
   type Identity, type TestHomeserver,
 } from "../helpers/federation.ts";
-import { startHub, type Hub } from "../helpers/hub.ts";
+import { rawLeaf, startHub, type Hub } from "../helpers/hub.ts";
 
 let hub: Hub;
 let alpha: Identity, beta: Identity, gamma: Identity;
@@ -138,31 +140,66 @@ describe("on the shared hub, each homeserver may do its own part and nothing els
     }
   });
 
-  it("a reply subject beta names is answered in beta's own account: no JetStream answer runs as an API call on alpha's streams", async () => {
-    const { jetstreamManager } = await import("@nats-io/jetstream");
+  it("a reply subject beta names is rewritten on the way: no JetStream answer runs as an API call, on alpha's streams or its own", async () => {
     const admin = await hub.connectAdmin();
     try {
-      const jsm = await jetstreamManager(admin, { checkAPI: false });
-      const before = { streams: (await jsm.streams.names().next()).sort(), consumers: (await jsm.consumers.list("FEDRELAY_IN_alpha").next()).map((c) => c.name) };
+      const state = async () => {
+        const out: Record<string, unknown> = {};
+        for (const h of ["alpha", "beta"]) {
+          const jsm = await adminManager(admin, h);
+          out[h] = { streams: (await jsm.streams.names().next()).sort(), consumers: (await jsm.consumers.list(`FEDRELAY_IN_${h}`).next()).map((c) => c.name).sort() };
+        }
+        return out;
+      };
+      const before = await state();
       // A pull from its own consumer (allowed) whose answers (messages, a headers-only "404 No Messages")
-      // go to alpha's JetStream API; and publishes whose acknowledgements ({"seq": N}) go there too.
+      // go to a JetStream API subject; and publishes whose acknowledgements ({"seq": N}) go there too.
       for (const target of [
-        "$JS.API.CONSUMER.DELETE.FEDRELAY_IN_alpha.receiver", "$JS.API.STREAM.PURGE.FEDRELAY_IN_alpha",
+        "$JS.API.CONSUMER.DELETE.FEDRELAY_IN_alpha.receiver_beta", "$JS.API.STREAM.PURGE.FEDRELAY_IN_alpha",
         "$JS.API.STREAM.DELETE.FEDRELAY_IN_alpha", "$JS.API.STREAM.DELETE.FEDRELAY_REPORTS_alpha", "fedrelay.v1.inbox.gamma.alpha",
+        "$JS.API.STREAM.DELETE.FEDRELAY_IN_beta", "$JS.API.CONSUMER.DELETE.FEDRELAY_IN_beta.receiver_alpha",
       ]) {
-        intruder.publish("HUBJS.API.CONSUMER.MSG.NEXT.FEDRELAY_IN_beta.receiver", JSON.stringify({ batch: 100, no_wait: true }), { reply: target });
+        intruder.publish("HUBJS.API.CONSUMER.MSG.NEXT.FEDRELAY_IN_beta.receiver_beta", JSON.stringify({ batch: 100, no_wait: true }), { reply: target });
       }
       intruder.publish("fedrelay.v1.inbox.alpha.beta", "junk", { reply: "$JS.API.STREAM.MSG.DELETE.FEDRELAY_IN_alpha" });
       intruder.publish("fedrelay.v1.inbox.alpha.beta", "junk", { reply: "$JS.API.STREAM.PURGE.FEDRELAY_IN_alpha" });
       await intruder.flush();
       await new Promise((r) => setTimeout(r, 1000));
-      expect({ streams: (await jsm.streams.names().next()).sort(), consumers: (await jsm.consumers.list("FEDRELAY_IN_alpha").next()).map((c) => c.name) }).toEqual(before);
-      // Nothing arrived in gamma's inbox under alpha's name.
-      const gammaInbox = await jsm.streams.info("FEDRELAY_IN_gamma", { subjects_filter: ">" }).catch(() => undefined);
-      expect(gammaInbox?.state.subjects?.["fedrelay.v1.inbox.gamma.alpha"] ?? 0).toBe(0);
+      expect(await state()).toEqual(before);
+      expect(before).toMatchObject({ alpha: { streams: ["FEDRELAY_IN_alpha", "FEDRELAY_REPORTS_alpha"], consumers: ["receiver_alpha", "receiver_beta"] } });
     } finally {
       await admin.close();
     }
+  });
+
+  it("beta's connections, subscriptions and leafnodes are bounded: past them the hub refuses, and alpha is not affected", async () => {
+    const seed = new TextEncoder().encode(hub.keys.homeservers.get("beta")!.seed!);
+    const { maxConnections } = hub.federation.homeservers.beta!;
+    const opened: NatsConnection[] = [];
+    const refused: string[] = [];
+    try {
+      // Its relay and the intruder hold two already.
+      for (let i = 0; i < maxConnections; i++) {
+        await connect({ servers: hub.url, reconnect: false, authenticator: nkeyAuthenticator(seed), inboxPrefix: "_INBOX_beta" })
+          .then((nc) => opened.push(nc), (err: Error) => refused.push(err.message));
+      }
+      expect({ opened: opened.length, refused: refused.length }).toEqual({ opened: maxConnections - 2, refused: 2 });
+      const alphaNc = await hub.connectAs("alpha");
+      await alphaNc.close();
+    } finally {
+      for (const nc of opened) await nc.close();
+    }
+    const nc = await connect({ servers: hub.url, reconnect: false, authenticator: nkeyAuthenticator(seed), inboxPrefix: "_INBOX_beta" });
+    const errors = violations(nc);
+    try {
+      for (let i = 0; i < SUBSCRIPTIONS_PER_CONNECTION + 10; i++) nc.subscribe(`_INBOX_beta.many.${i}`);
+      await nc.flush();
+      await eventually(async () => errors.some((m) => /maximum subscriptions exceeded/i.test(m)), 3000, "the subscription limit");
+    } finally {
+      await nc.close();
+    }
+    // A shared homeserver runs no leafnode.
+    await expect(rawLeaf(hub.federation.hub.nodes[0]!.leafnodePort, hub.keys.homeservers.get("beta")!.seed!)).rejects.toThrow(/maximum account active connections exceeded/);
   });
 
   it("nothing beta tried reached alpha, and both relays still run", async () => {

@@ -9,10 +9,10 @@ import { mkdtemp, readdir, readFile, rm, stat, writeFile } from "node:fs/promise
 import { tmpdir } from "node:os";
 import { join, relative } from "node:path";
 import { promisify } from "node:util";
-import { jetstreamManager } from "@nats-io/jetstream";
 import { createUser } from "@nats-io/nkeys";
 import { connect, nanos, nkeyAuthenticator } from "@nats-io/transport-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { adminManager } from "../../src/federation/provision.ts";
 import { freePort, natsServerBinary, startLocalNats, type LocalNats } from "../../src/local-nats.ts";
 import { REPO } from "../helpers/processes.ts";
 
@@ -91,6 +91,11 @@ describe("fedrelay nats-config", () => {
     const result = await fedrelay(["nats-config", "--federation", federation, "--out", join(dir, "nope")]);
     expect(result.code).toBe(2);
     expect(result.stderr).toMatch(/^fedrelay nats-config: federation file .*bad\.json: hub\.nodes\.0\.name: [^\n]+\n$/);
+    // A per-sender quota one sender could fill an inbox with.
+    await writeFile(federation, JSON.stringify({ hub: { nodes: [{ name: "h1", host: "x" }] }, streams: { maxMessagesPerSender: 100_000 }, homeservers: { alpha: { topology: "shared" } } }));
+    const quota = await fedrelay(["nats-config", "--federation", federation, "--out", join(dir, "nope")]);
+    expect(quota.code).toBe(2);
+    expect(quota.stderr).toMatch(/^fedrelay nats-config: federation file .*bad\.json: streams\.maxMessagesPerSender: maxMessagesPerSender 100000 × \(maxMessageBytes 1048576 \+ 4096\) = [^\n]+; at most 2040\n$/);
   });
 });
 
@@ -136,12 +141,14 @@ describe("fedrelay nats-provision", () => {
     const seed = (await readFile(join(out, "hub/admin.seed"), "utf8")).trim();
     const nc = await connect({ servers: hub.url, authenticator: nkeyAuthenticator(new TextEncoder().encode(seed)) });
     try {
-      const jsm = await jetstreamManager(nc);
-      await jsm.streams.update("FEDRELAY_IN_beta", { max_age: nanos(3_600_000) });
-      await jsm.consumers.delete("FEDRELAY_REPORTS_alpha", "reports");
+      // Each homeserver's streams are in an account of their own, which the admin reaches under a prefix each.
+      const [alpha, beta] = await Promise.all([adminManager(nc, "alpha"), adminManager(nc, "beta")]);
+      await beta.streams.update("FEDRELAY_IN_beta", { max_age: nanos(3_600_000) });
+      await alpha.consumers.delete("FEDRELAY_REPORTS_alpha", "reports");
       const third = await provision();
       expect(third.stdout).toMatch(/^alpha: created consumer FEDRELAY_REPORTS_alpha\/reports\nbeta: restored stream FEDRELAY_IN_beta \(max_age: 3600000000000 \(expected 0\)\)\n2 of 2/);
-      expect((await jsm.streams.info("FEDRELAY_IN_beta")).config.max_age).toBe(0);
+      expect((await beta.streams.info("FEDRELAY_IN_beta")).config.max_age).toBe(0);
+      expect(await alpha.streams.names().next()).toEqual(expect.not.arrayContaining(["FEDRELAY_IN_beta"]));
     } finally {
       await nc.close();
     }
