@@ -250,8 +250,8 @@ export const configSchema = z.strictObject({
       maxInFlight: z.number().int().min(1).max(10_000).default(256),
       // One peer's share: a stalled peer holds 16 publishes (and their memory), never the rest.
       maxInFlightPerPeer: z.number().int().min(1).max(10_000).default(16),
-      // Matches the per-destination cap of a sender's report stream (src/transport/streams.ts):
-      // more could never be stored there. Past it, a peer's oldest queued reports are dropped.
+      // Reports wait here while a peer's report stream is down or full (it takes 1,024 from us at
+      // once): 100,000 is a day of a busy peer at one event a second. Past it, the oldest are dropped.
       maxQueuedPerPeer: z.number().int().min(1).default(100_000),
       // A report stream keeps its reports a week; an older report would be of no use.
       maxAgeSeconds: z.number().int().min(60).default(7 * 24 * 3600),

@@ -32,11 +32,16 @@ export interface InboxSettings {
 /**
  * A destination's reports to one sender at most (one subject per destination),
  * and all of them together, in bytes: a destination flooding reports fills only
- * its own share of the sender's report stream. Reports are consumed as they
- * arrive; these are a week of an outage of the sender's report consumer.
+ * its own share of the sender's report stream. The count is what fits, at the
+ * largest report (max_msg_size, 256 KiB), in a quarter of the bytes, so it takes
+ * four destinations flooding at once to have a fifth's reports refused (the
+ * rule inboxes follow). Reports are consumed as they arrive; one refused while
+ * the sender's report consumer is down waits in the destination's report queue
+ * and is sent again (src/report-publisher.ts), for up to a week.
  */
-const REPORTS_PER_DESTINATION = 100_000;
+const REPORT_MESSAGE_BYTES = 256 * 1024;
 const REPORT_STREAM_BYTES = 1024 * 1024 * 1024;
+const REPORTS_PER_DESTINATION = REPORT_STREAM_BYTES / 4 / REPORT_MESSAGE_BYTES;
 
 export interface ConsumerSettings {
   readonly consumer: string;
@@ -206,7 +211,7 @@ export function reportSpec(homeserver: string, replicas: number): StreamSpec {
       ...baseStream(reportStreamName(homeserver), reportWildcard(homeserver), replicas),
       // Reports are proof for the sender; a week covers any outage of ours.
       max_age: nanos(7 * 24 * 3600 * 1000),
-      max_msg_size: 256 * 1024,
+      max_msg_size: REPORT_MESSAGE_BYTES,
       max_msgs_per_subject: REPORTS_PER_DESTINATION,
       discard: DiscardPolicy.New,
       discard_new_per_subject: true,
