@@ -259,6 +259,17 @@ export const configSchema = z.strictObject({
       maxBackoffSeconds: z.number().int().min(1).max(3600).default(300),
     })
     .default({ maxInFlight: 256, maxInFlightPerPeer: 16, maxQueuedPerPeer: 100_000, maxAgeSeconds: 7 * 24 * 3600, maxBackoffSeconds: 300 }),
+  /** What was refused, kept for audits and abuse disputes (src/store/retention.ts). */
+  retention: z.strictObject({
+      // Records of events nobody here received, and events refused outright. A month covers an
+      // abuse report's round trip between operators; each record is a few hundred bytes plus its
+      // refusals. Never shorter in effect than an event's lifetime: a record is its event's dedupe.
+      refusedSeconds: z.number().int().min(3600).default(30 * 24 * 3600),
+      // Each worker deletes what has passed retention this often, 10,000 rows at a time (each
+      // delete a short transaction), until none is left.
+      pruneIntervalSeconds: z.number().int().min(1).max(3600).default(60),
+    })
+    .default({ refusedSeconds: 30 * 24 * 3600, pruneIntervalSeconds: 60 }),
   log: z.strictObject({ level: z.enum(["fatal", "error", "warn", "info", "debug", "trace", "silent"]).default("info") })
     .default({ level: "info" }),
 });

@@ -20,6 +20,8 @@ export interface RelayMetrics {
   readonly reportQueueDepth: Gauge<"peer">;
   readonly peerBacklog: Gauge<"peer">;
   readonly peerCommitLagSeconds: Histogram<"peer">;
+  readonly peerStoredBytes: Counter<"peer" | "kept">;
+  readonly refusedPruned: Counter<"table">;
   readonly httpRefused: Counter<"access" | "code">;
   readonly httpWaiting: Gauge;
   readonly httpWaitsRefused: Counter<"limit">;
@@ -77,6 +79,18 @@ export function createMetrics(registry = new Registry(), options: { defaultMetri
       help: "From the inbox storing a peer's event to its batch committing (the oldest of the peer's events in each batch), by sending peer",
       labelNames: ["peer"],
       buckets: [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300],
+      registers,
+    }),
+    peerStoredBytes: new Counter({
+      name: "fedrelay_peer_stored_bytes_total",
+      help: "Bytes of events stored, by sending peer: kept=body for those delivered to someone, kept=record for those nobody received (only a record of them is kept)",
+      labelNames: ["peer", "kept"],
+      registers,
+    }),
+    refusedPruned: new Counter({
+      name: "fedrelay_refused_pruned_total",
+      help: "Past retention.refusedSeconds: records of events nobody received (table=events) and events refused outright (table=refused_events) deleted",
+      labelNames: ["table"],
       registers,
     }),
     httpRefused: new Counter({

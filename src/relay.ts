@@ -30,6 +30,7 @@ import { createForwarder } from "./outbox.ts";
 import { isSenderAllowed } from "./policy/server-rules.ts";
 import { createReportRecorder } from "./reports.ts";
 import { startReportPublisher, type ReportPublisher } from "./report-publisher.ts";
+import { pruneRefused } from "./store/retention.ts";
 import { watchServerPolicy, type PolicyWatcher } from "./store/server-policy.ts";
 
 export interface RelayRoles {
@@ -88,6 +89,7 @@ export function createRelay(config: RelayConfig, roles: RelayRoles, deps: RelayD
   let reportLoop: BatchLoop | undefined;
   let reportPublisher: ReportPublisher | undefined;
   let sendersTimer: NodeJS.Timeout | undefined;
+  let retentionTimer: NodeJS.Timeout | undefined;
   let outboxLoop: BatchLoop | undefined;
   let streams: StreamWatch | undefined;
   let policy: PolicyWatcher | undefined;
@@ -106,6 +108,23 @@ export function createRelay(config: RelayConfig, roles: RelayRoles, deps: RelayD
     const problems = streams?.problems ?? [];
     checks.streams = streams !== undefined && problems.length === 0;
     return { ok: Object.values(checks).every(Boolean) && !closing, checks, ...(problems.length > 0 ? { problems } : {}) };
+  }
+
+  /** What was refused, past retention (src/store/retention.ts): in rounds, until a round finds less than it may take. */
+  let pruning: Promise<void> | undefined;
+  function pruneAll(): Promise<void> {
+    pruning ??= pruneRounds().finally(() => { pruning = undefined; });
+    return pruning;
+  }
+  async function pruneRounds(): Promise<void> {
+    const limit = 10_000;
+    for (;;) {
+      const round = await pruneRefused(db, { retentionSeconds: config.retention.refusedSeconds, graceSeconds: config.limits.maxFutureSkewSeconds, limit });
+      metrics.refusedPruned.inc({ table: "events" }, round.records);
+      metrics.refusedPruned.inc({ table: "refused_events" }, round.refusedEvents);
+      if (round.records > 0 || round.refusedEvents > 0) log.info(round, "deleted refused records past retention");
+      if (closing || (round.records < limit && round.refusedEvents < limit)) return;
+    }
   }
 
   async function start(): Promise<void> {
@@ -190,6 +209,10 @@ export function createRelay(config: RelayConfig, roles: RelayRoles, deps: RelayD
         inboxSenderSet.refresh(() => streamWatch.check()).catch((err: unknown) => log.warn({ err }, "could not look at the inbox's senders"));
       }, config.nats.checkIntervalSeconds * 1000);
       sendersTimer.unref();
+      retentionTimer = setInterval(() => {
+        pruneAll().catch((err: unknown) => log.warn({ err }, "could not delete refused records past retention"));
+      }, config.retention.pruneIntervalSeconds * 1000);
+      retentionTimer.unref();
       const recorder = createReportRecorder({ self: config.homeserver, db, keys, log });
       const reportConsumer = await js.consumers.get(reportStreamName(config.homeserver), REPORT_CONSUMER);
       reportLoop = await startBatchLoop(reportConsumer, {
@@ -251,6 +274,8 @@ export function createRelay(config: RelayConfig, roles: RelayRoles, deps: RelayD
       };
       // The worker drains first, while /readyz still answers (503: closing is set).
       clearInterval(sendersTimer);
+      clearInterval(retentionTimer);
+      await step(() => pruning);
       await step(() => loop?.stop());
       await step(() => reportPublisher?.stop());
       await step(() => reportLoop?.stop());

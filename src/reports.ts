@@ -21,15 +21,17 @@ export interface ReportItem {
 }
 
 /**
- * A duplicate's report repeats the original decision, from what was stored:
- * the original event's recipients (its stored token, not the duplicate's
- * claims, which a retry may have changed) less the recorded refusals.
+ * Reports, built from what the commit stored (a duplicate's repeats the
+ * original decision): the original event's recipients (its stored token, not
+ * the duplicate's claims, which a retry may have changed) less the recorded
+ * refusals; or, for an event nobody received, the refusals its record keeps.
  */
 export async function storedDecisions(db: Db, events: readonly { iss: string; jti: string }[]): Promise<ReportItem[]> {
   if (events.length === 0) return [];
   const keys = sql`(SELECT * FROM unnest(${events.map((e) => e.iss)}::text[], ${events.map((e) => e.jti)}::text[]))`;
   const [originals, refusals] = await Promise.all([
-    sql<{ iss: string; jti: string; token: string }>`SELECT iss, jti, token FROM events WHERE (iss, jti) IN ${keys}`.execute(db.kysely),
+    sql<{ iss: string; jti: string; token: string | null; refused: [string, RecipientReason][] | null }>`
+      SELECT iss, jti, token, refused FROM events WHERE (iss, jti) IN ${keys}`.execute(db.kysely),
     sql<{ iss: string; jti: string; client_id: string; reason: RecipientReason }>`
       SELECT iss, jti, client_id, reason FROM recipient_refusals WHERE (iss, jti) IN ${keys}`.execute(db.kysely),
   ]);
@@ -40,6 +42,9 @@ export async function storedDecisions(db: Db, events: readonly { iss: string; jt
     refusedBy.get(key)!.set(r.client_id, r.reason);
   }
   return originals.rows.map((e) => {
+    if (e.token === null) {
+      return { sender: e.iss, ref: e.jti, accepted: [], refused: (e.refused ?? []).map(([cid, reason]) => ({ cid, reason })) };
+    }
     const reasons = refusedBy.get(`${e.iss}\n${e.jti}`) ?? new Map<string, RecipientReason>();
     // In the event's recipient order, as the commit decided them.
     const cids = storedClaims(e.token).rcpt.map((r) => r.cid);

@@ -244,6 +244,8 @@ export function createReceiver(deps: ReceiverDeps): Receiver {
           } else {
             counts.add("stored", peer);
             counts.delivered += o.decision.accepted.length;
+            // Nobody here receives it: its commit kept a record of it, not its body.
+            counts.stored(peer, o.decision.accepted.length > 0 ? "body" : "record", m.data.length);
             for (const r of o.decision.refused) metrics.recipientsRefused.inc({ reason: r.reason });
           }
         }
@@ -282,13 +284,24 @@ export function createReceiver(deps: ReceiverDeps): Receiver {
 class PeerCounts {
   delivered = 0;
   readonly #counts = new Map<string, number>();
+  readonly #bytes = new Map<string, number>();
 
   add(outcome: string, peer: string): void {
     const key = `${outcome}\n${peer}`;
     this.#counts.set(key, (this.#counts.get(key) ?? 0) + 1);
   }
 
+  /** A stored event's size, by what of it was kept. */
+  stored(peer: string, kept: "body" | "record", bytes: number): void {
+    const key = `${kept}\n${peer}`;
+    this.#bytes.set(key, (this.#bytes.get(key) ?? 0) + bytes);
+  }
+
   report(metrics: RelayMetrics): void {
+    for (const [key, n] of this.#bytes) {
+      const [kept, peer] = key.split("\n") as [string, string];
+      metrics.peerStoredBytes.inc({ peer, kept }, n);
+    }
     for (const [key, n] of this.#counts) {
       const [outcome, peer] = key.split("\n") as [string, string];
       if (outcome === "stored") metrics.eventsAccepted.inc({ peer }, n);

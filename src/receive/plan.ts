@@ -48,6 +48,11 @@ export interface Plan {
   readonly outcomes: EventOutcome[];
   readonly deliveries: { client: string[]; seq: number[]; iss: string[]; jti: string[] };
   readonly refusals: { client: string[]; reason: string[]; iss: string[]; jti: string[] };
+  /**
+   * New events none of whose recipients is accepted: kept as a record, not with their body
+   * (migrations/011), their refusals as JSON [cid, reason] pairs in recipient order, not as rows.
+   */
+  readonly records: { iss: string[]; jti: string[]; refused: string[] };
   /** Client rows to rewrite: new cursor and, when charged, new buckets. */
   readonly clients: [string, [number] | [number, StoredBuckets]][];
   /** Delayed events, inserted only to learn they were new: taken back, so their redelivery is not a duplicate. */
@@ -101,9 +106,15 @@ export function planBatch(inputs: PlanInputs, options: { lockFirst: boolean; loc
   const nextSeq = new Map([...read.clients.values()].map((c) => [c.id, c.cursor]));
   const deliveries: Plan["deliveries"] = { client: [], seq: [], iss: [], jti: [] };
   const refusals: Plan["refusals"] = { client: [], reason: [], iss: [], jti: [] };
+  const records: Plan["records"] = { iss: [], jti: [], refused: [] };
   for (const [a, decision] of decisions) {
     if (charged.delays.has(a)) continue;
     const { iss, jti } = a.event.claims;
+    if (decision.accepted.length === 0) {
+      // Nobody here receives it: its body is of no use to anyone, and a peer could fill the disk with it.
+      records.iss.push(iss); records.jti.push(jti); records.refused.push(refusalRecord(a, decision));
+      continue;
+    }
     for (const cid of decision.accepted) {
       const seq = nextSeq.get(cid)! + 1;
       nextSeq.set(cid, seq);
@@ -131,7 +142,7 @@ export function planBatch(inputs: PlanInputs, options: { lockFirst: boolean; loc
   return {
     kind: "plan",
     plan: {
-      outcomes, deliveries, refusals, clients, takenBack: [...charged.delays.keys()], reported,
+      outcomes, deliveries, refusals, records, clients, takenBack: [...charged.delays.keys()], reported,
       senderCharges: charged.senderCharges, senderBuckets: charged.senderBuckets,
     },
   };
@@ -264,6 +275,15 @@ function chargedClients(state: BucketState, before: BucketState, clients: Readon
     }
   });
   return charged;
+}
+
+/** An event's refusals as its record keeps them: [cid, reason] pairs, in the event's recipient order. */
+function refusalRecord(a: AcceptedInput, d: RecipientDecision): string {
+  const reasons = new Map(d.refused.map((r) => [r.cid, r.reason]));
+  return JSON.stringify(a.event.claims.rcpt.flatMap((r) => {
+    const reason = reasons.get(r.cid);
+    return reason === undefined ? [] : [[r.cid, reason]];
+  }));
 }
 
 function limitedDecision(d: RecipientDecision, limited: ReadonlySet<string>): RecipientDecision {

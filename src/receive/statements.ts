@@ -5,8 +5,9 @@
  *    verifying keys not yet stored);
  * 2. `readForDecisions`: lock the addressed clients and read what the decisions
  *    need; `lockSenders` re-reads senders' buckets under a lock when asked;
- * 3. `writeDecisions`: everything decided, the senders' conditional charges,
- *    the reports to send, and the NOTIFY that wakes long-polls.
+ * 3. `writeDecisions`: everything decided (events nobody receives become
+ *    records without their body), the senders' conditional charges, the
+ *    reports to send, and the NOTIFY that wakes long-polls.
  */
 import { sql, type RawBuilder } from "kysely";
 import { capabilityHashHex } from "../policy/capabilities.ts";
@@ -157,6 +158,13 @@ export function writeDecisions(plan: Plan, refused: readonly RefusedInput[], now
   if (r.client.length > 0) parts.push(sql`refusals AS (
       INSERT INTO recipient_refusals (client_id, reason, iss, jti)
       SELECT * FROM unnest(${textArray(r.client)}::text[], ${textArray(r.reason)}::text[], ${textArray(r.iss)}::text[], ${textArray(r.jti)}::text[])
+    )`);
+  if (plan.records.iss.length > 0) parts.push(sql`records AS (
+      -- Inserted by statement 1 with their body; kept as records (migrations/011). The old row's
+      -- token is what SET reads: its hash and size stay.
+      UPDATE events SET token = NULL, token_sha256 = sha256(convert_to(events.token, 'UTF8')), token_bytes = octet_length(events.token), refused = v.refused
+      FROM unnest(${textArray(plan.records.iss)}::text[], ${textArray(plan.records.jti)}::text[], ${textArray(plan.records.refused)}::jsonb[]) AS v(iss, jti, refused)
+      WHERE events.iss = v.iss AND events.jti = v.jti
     )`);
   if (plan.takenBack.length > 0) parts.push(sql`taken_back AS (
       DELETE FROM events WHERE (iss, jti) IN (SELECT * FROM unnest(

@@ -39,10 +39,15 @@ export interface EventsTable {
   grp: string;
   issued_at: Timestamp;
   expires_at: Timestamp;
-  token: string;
+  /** Null for an event none of whose recipients was accepted: its record below instead (migration 011). */
+  token: string | null;
   key_thumbprint: string;
   stream_seq: BigIntColumn | null;
   received_at: Timestamp;
+  token_sha256: Buffer | null;
+  token_bytes: number | null;
+  /** [cid, reason] pairs in the event's recipient order. */
+  refused: ColumnType<[string, string][] | null, string | null | undefined, string | null>;
 }
 
 export interface DeliveriesTable {
@@ -78,6 +83,8 @@ export interface Database {
   events: EventsTable;
   deliveries: DeliveriesTable;
   recipient_refusals: RecipientRefusalsTable;
+  /** A view: recipient_refusals and the refusals of events kept as records (migration 011). */
+  all_recipient_refusals: RecipientRefusalsTable;
   refused_events: RefusedEventsTable;
   capabilities: CapabilitiesTable;
   client_blocks: ClientBlocksTable;

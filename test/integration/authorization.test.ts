@@ -99,7 +99,7 @@ async function decided(iss: string, jti: string, hs: TestHomeserver = betaHs): P
   15_000, `event ${iss}/${jti} stored`);
   const deliveries = await db.selectFrom("deliveries").select("client_id").where("iss", "=", iss).where("jti", "=", jti)
     .orderBy("client_id").execute();
-  const refusals = await db.selectFrom("recipient_refusals").select(["client_id", "reason"]).where("iss", "=", iss).where("jti", "=", jti)
+  const refusals = await db.selectFrom("all_recipient_refusals").select(["client_id", "reason"]).where("iss", "=", iss).where("jti", "=", jti)
     .execute();
   return { accepted: deliveries.map((d) => d.client_id), refused: Object.fromEntries(refusals.map((r) => [r.client_id, r.reason])) };
 }
@@ -543,7 +543,7 @@ describe("scale: 1,000 recipients in one event", () => {
     const d = await sql<{ n: string; clients: string; max: string | null }>`
       SELECT count(*) AS n, count(DISTINCT client_id) AS clients, max(c) AS max
       FROM (SELECT client_id, count(*) OVER (PARTITION BY client_id) AS c FROM deliveries WHERE iss = 'alpha' AND jti = ${jti}) x`.execute(db);
-    const r = await db.selectFrom("recipient_refusals").select(["reason", (eb) => eb.fn.countAll<string>().as("n")])
+    const r = await db.selectFrom("all_recipient_refusals").select(["reason", (eb) => eb.fn.countAll<string>().as("n")])
       .where("iss", "=", "alpha").where("jti", "=", jti).groupBy("reason").execute();
     return {
       deliveries: Number(d.rows[0]!.n), clients: Number(d.rows[0]!.clients), maxPerClient: Number(d.rows[0]!.max ?? 0),
@@ -570,7 +570,7 @@ describe("scale: 1,000 recipients in one event", () => {
     expect(res.status).toBe(200);
     const event = res.json.id as string;
     expect(await perClient(event)).toEqual({ deliveries: 500, clients: 500, maxPerClient: 1, refusals: { no_capability: 500 } });
-    const refusedIds = await betaHs.relay.db.kysely.selectFrom("recipient_refusals").select("client_id")
+    const refusedIds = await betaHs.relay.db.kysely.selectFrom("all_recipient_refusals").select("client_id")
       .where("iss", "=", "alpha").where("jti", "=", event).orderBy("client_id").execute();
     expect(refusedIds.map((r) => r.client_id)).toEqual(ids.filter((_, i) => i % 2 === 1));
     expect(res.json.reports).toEqual([{

@@ -151,7 +151,7 @@ describe("delivery from the owner to a client of another homeserver", () => {
     const event = await signed(alpha, "beta", [{ cid: "dave", cap: await grantCapability(betaHs, "dave", "g@alpha") }, { cid: "nobody-here" }]);
     await publishTo("beta", "alpha", event.token);
     await eventually(async () => (await messagesOf(betaHs, token)).length === 1);
-    const refusals = await betaHs.relay.db.kysely.selectFrom("recipient_refusals").select(["client_id", "reason"])
+    const refusals = await betaHs.relay.db.kysely.selectFrom("all_recipient_refusals").select(["client_id", "reason"])
       .where("jti", "=", event.claims.jti).execute();
     expect(refusals).toEqual([{ client_id: "nobody-here", reason: "no_capability" }]);
   });

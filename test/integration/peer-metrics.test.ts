@@ -40,8 +40,13 @@ const publish = (from: Identity, token: string): Promise<void> =>
 
 describe("per-peer metrics after a mixed run", () => {
   it("count each configured peer's events by outcome and reason, and every other sender as other", async () => {
-    // alpha: 10 stored.
-    for (let i = 0; i < 10; i++) await publish(alpha, (await signed(alpha, "beta", [{ cid: "nobody" }], { jti: `a-${i}` })).token);
+    // alpha: 10 stored (as records: nobody here receives them).
+    let alphaBytes = 0;
+    for (let i = 0; i < 10; i++) {
+      const { token } = await signed(alpha, "beta", [{ cid: "nobody" }], { jti: `a-${i}` });
+      alphaBytes += token.length;
+      await publish(alpha, token);
+    }
     // gamma: 1 stored, the same event signed again (a duplicate), 3 with a broken signature.
     const first = await signed(gamma, "beta", [{ cid: "nobody" }], { jti: "g-1" });
     await publish(gamma, first.token);
@@ -72,12 +77,20 @@ describe("per-peer metrics after a mixed run", () => {
       },
       backlog: { alpha: value("fedrelay_peer_backlog_events", { peer: "alpha" }), gamma: value("fedrelay_peer_backlog_events", { peer: "gamma" }) },
       lagObserved: { alpha: value("fedrelay_peer_commit_lag_seconds_count", { peer: "alpha" }) > 0, gamma: value("fedrelay_peer_commit_lag_seconds_count", { peer: "gamma" }) > 0 },
+      storedBytes: {
+        alphaRecord: value("fedrelay_peer_stored_bytes_total", { peer: "alpha", kept: "record" }),
+        gammaRecord: value("fedrelay_peer_stored_bytes_total", { peer: "gamma", kept: "record" }),
+        body: value("fedrelay_peer_stored_bytes_total", { kept: "body" }),
+        other: value("fedrelay_peer_stored_bytes_total", { peer: "other" }),
+      },
     }).toEqual({
       received: { alpha: 10, gamma: 5, other: 2 },
       accepted: { alpha: 10, gamma: 1, other: 0 },
       refused: { gammaDuplicate: 1, gammaBadSignature: 3, otherUnknown: 2, alpha: 0 },
       backlog: { alpha: 0, gamma: 0 },
       lagObserved: { alpha: true, gamma: true },
+      // The events' sizes as they arrived, though only records of them were kept; the duplicate stored nothing.
+      storedBytes: { alphaRecord: alphaBytes, gammaRecord: first.token.length, body: 0, other: 0 },
     });
     // A sender nobody configured never gets a label of its own.
     expect(text).not.toMatch(/peer="delta"/);

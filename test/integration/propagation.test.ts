@@ -46,7 +46,7 @@ async function publishMany(n: number, rcpt: { cid: string; cap: string }[]): Pro
   }
 }
 
-async function count(table: "deliveries" | "recipient_refusals" | "refused_events", reason?: string): Promise<number> {
+async function count(table: "deliveries" | "all_recipient_refusals" | "refused_events", reason?: string): Promise<number> {
   let q = api.relay.db.kysely.selectFrom(table).select((eb) => eb.fn.countAll<string>().as("n"));
   if (reason) q = q.where("reason", "=", reason);
   return Number((await q.executeTakeFirstOrThrow()).n);
@@ -69,7 +69,7 @@ describe("changes reach every worker process within one second, with no restart"
     await new Promise((r) => setTimeout(r, 1000));
 
     await publishMany(200, [{ cid: "bob", cap }]);
-    await eventually(async () => (await count("recipient_refusals", "capability_revoked")) === 200, 20_000, "200 refusals");
+    await eventually(async () => (await count("all_recipient_refusals", "capability_revoked")) === 200, 20_000, "200 refusals");
     expect(await count("deliveries")).toBe(200);
     const refused = await perWorker("fedrelay_recipients_refused_total", { reason: "capability_revoked" });
     expect(refused.reduce((a, b) => a + b, 0)).toBe(200);

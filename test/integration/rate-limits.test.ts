@@ -64,7 +64,7 @@ const workerMetric = scrapeMetric;
 const relayMetric = async (relay: Relay, name: string, labels: Record<string, string> = {}): Promise<number> =>
   metricValue(await relay.metrics.registry.metrics(), name, labels);
 
-async function countRows(db: Db, table: "events" | "deliveries" | "recipient_refusals" | "refused_events", where: { client_id?: string; reason?: string } = {}): Promise<number> {
+async function countRows(db: Db, table: "events" | "deliveries" | "all_recipient_refusals" | "refused_events", where: { client_id?: string; reason?: string } = {}): Promise<number> {
   let q = db.kysely.selectFrom(table).select((eb) => eb.fn.countAll<string>().as("n"));
   if (where.client_id !== undefined) q = q.where("client_id" as never, "=", where.client_id as never);
   if (where.reason !== undefined) q = q.where("reason" as never, "=", where.reason as never);
@@ -149,10 +149,10 @@ describe("three worker processes share one client's bucket exactly (clock frozen
     const expectedFlooded = Math.min(FLOODED.burst, FLOODED.burst + FLOODED.rate * elapsed);
     expect(expectedFlooded).toBe(50);
     expect(await countRows(db, "deliveries", { client_id: "flooded" })).toBe(expectedFlooded);
-    expect(await countRows(db, "recipient_refusals", { client_id: "flooded", reason: "rate_limited" })).toBe(1000 - expectedFlooded);
-    expect(await countRows(db, "recipient_refusals", { client_id: "flooded" })).toBe(1000 - expectedFlooded);
+    expect(await countRows(db, "all_recipient_refusals", { client_id: "flooded", reason: "rate_limited" })).toBe(1000 - expectedFlooded);
+    expect(await countRows(db, "all_recipient_refusals", { client_id: "flooded" })).toBe(1000 - expectedFlooded);
     expect(await countRows(db, "deliveries", { client_id: "calm" })).toBe(200);
-    expect(await countRows(db, "recipient_refusals", { client_id: "calm" })).toBe(0);
+    expect(await countRows(db, "all_recipient_refusals", { client_id: "calm" })).toBe(0);
     expect(await countRows(db, "refused_events")).toBe(0);
     // Cursors of the flooded client are 1..50: no delivery was committed and then taken back.
     const seqs = await db.kysely.selectFrom("deliveries").select("seq").where("client_id", "=", "flooded").orderBy("seq").execute();
@@ -188,7 +188,7 @@ describe("three worker processes share one client's bucket exactly (clock frozen
 
     // A worker still on the configured default (burst 600) would have delivered all 60.
     expect(await countRows(db, "deliveries", { client_id: "bot" })).toBe(3);
-    expect(await countRows(db, "recipient_refusals", { client_id: "bot", reason: "rate_limited" })).toBe(57);
+    expect(await countRows(db, "all_recipient_refusals", { client_id: "bot", reason: "rate_limited" })).toBe(57);
     await eventually(async () => sum(await refusedByWorkers()) - before === 57, 10_000, "57 more refusals in the workers' metrics");
   });
 });
@@ -234,7 +234,7 @@ describe("a sender over its server-level limit (clock injected in-process)", () 
       await eventually(async () => (await relayMetric(gamma, "fedrelay_events_delayed_total")) >= 40, 10_000, "delayed events retried");
       expect(await countRows(db, "events")).toBe(1000);
       expect(await countRows(db, "deliveries")).toBe(1000);
-      expect(await countRows(db, "recipient_refusals")).toBe(0);
+      expect(await countRows(db, "all_recipient_refusals")).toBe(0);
       expect(await countRows(db, "refused_events")).toBe(0);
       const waiting = new Set(jtis);
       for (const j of await storedJtis(db)) waiting.delete(j);
@@ -250,7 +250,7 @@ describe("a sender over its server-level limit (clock injected in-process)", () 
       expect(await countRows(db, "deliveries")).toBe(1010);
       const distinct = await sql<{ n: string }>`SELECT count(DISTINCT (iss, jti)) AS n FROM deliveries`.execute(db.kysely);
       expect(Number(distinct.rows[0]!.n)).toBe(1010);
-      expect(await countRows(db, "recipient_refusals")).toBe(0);
+      expect(await countRows(db, "all_recipient_refusals")).toBe(0);
       expect(await countRows(db, "refused_events")).toBe(0);
       expect(await bucketRow(db, "s:alpha")).toEqual({ tokens: 0, updated_at: t0 + 1 });
       // Each client's cursors are 1..n: no delivery was stored twice or taken back.
@@ -295,7 +295,7 @@ describe("a sender over its server-level limit (clock injected in-process)", () 
       return consumer.num_pending === 0 && (await relayMetric(delta, "fedrelay_events_delayed_total")) >= 40;
     }, 15_000, "the backlog delivered to the worker and delayed");
     expect(await countRows(db, "events")).toBe(10);
-    expect(await countRows(db, "recipient_refusals")).toBe(0);
+    expect(await countRows(db, "all_recipient_refusals")).toBe(0);
 
     // Move the injected clock more than maxDelaySeconds past every backlog event's publication. In those k
     // seconds alpha's bucket refills RATE × k tokens: the first events to take them are delivered, and the
@@ -309,8 +309,8 @@ describe("a sender over its server-level limit (clock injected in-process)", () 
     await eventually(async () => (await countRows(db, "events")) === 50, 15_000, "every backlog event stored");
     expect(new Set(await storedJtis(db))).toEqual(new Set([...first, ...backlog]));
     expect(await countRows(db, "deliveries")).toBe(1000 + 2 * deliveredEvents);
-    expect(await countRows(db, "recipient_refusals", { reason: "rate_limited" })).toBe(2 * refusedEvents);
-    expect(await countRows(db, "recipient_refusals")).toBe(2 * refusedEvents);
+    expect(await countRows(db, "all_recipient_refusals", { reason: "rate_limited" })).toBe(2 * refusedEvents);
+    expect(await countRows(db, "all_recipient_refusals")).toBe(2 * refusedEvents);
     expect(await countRows(db, "refused_events")).toBe(0);
 
     // Each backlog event is all or nothing: both recipients delivered, or both refused rate_limited.

@@ -96,12 +96,39 @@ describe("planBatch", () => {
     const q = plan(planBatch({ accepted: [old], stored: [old], read: read({ c1: { cursor: 0 } }), limits: LIMITS, now: NOW }, { lockFirst: false, lockedSenders: locked }));
     expect(q.outcomes).toEqual([{ streamSeq: old.streamSeq, status: "stored", decision: { accepted: [], refused: [{ cid: "c1", reason: "rate_limited" }] } }]);
     expect(q.takenBack).toEqual([]);
+    expect(q.records.refused).toEqual(['[["c1","rate_limited"]]']);
   });
 
   it("charges nothing, and asks for no lock, when no recipient is accepted", () => {
     const e1 = event("alpha", "e1", [{ cid: "ghost" }]);
     const p = plan(planBatch({ accepted: [e1], stored: [e1], read: read({}), limits: LIMITS, now: NOW }, { lockFirst: true }));
     expect(p.senderCharges).toEqual([]);
-    expect(p.refusals.reason).toEqual(["no_capability"]);
+    expect(p.records).toEqual({ iss: ["alpha"], jti: ["e1"], refused: ['[["ghost","no_capability"]]'] });
+  });
+
+  it("keeps an event nobody receives as a record of its refusals in recipient order, with no refusal rows, and keeps the rows of one that delivers", () => {
+    // Refused for three reasons, one of them a rate limit (decided after policy): recipient order all the same.
+    const none = event("alpha", "none", [{ cid: "ghost", cap: "cap-ghost" }, ...rcpt("c1"), { cid: "c2" }]);
+    const some = event("alpha", "some", [{ cid: "ghost", cap: "cap-ghost" }, ...rcpt("c2")]);
+    const dup = event("alpha", "dup", [{ cid: "ghost" }]);
+    const inputs: PlanInputs = {
+      accepted: [none, some, dup], stored: [none, some], limits: LIMITS, now: NOW,
+      read: read({ c1: { cursor: 0, buckets: { "*": [0, NOW] } }, c2: { cursor: 4 } }),
+    };
+    const p = plan(planBatch(inputs, { lockFirst: false }));
+    expect(p.records).toEqual({ iss: ["alpha"], jti: ["none"], refused: ['[["ghost","capability_mismatch"],["c1","rate_limited"],["c2","no_capability"]]'] });
+    expect(p.refusals).toEqual({ client: ["ghost"], reason: ["capability_mismatch"], iss: ["alpha"], jti: ["some"] });
+    expect(p.deliveries).toEqual({ client: ["c2"], seq: [5], iss: ["alpha"], jti: ["some"] });
+    // Both are reported; the duplicate is neither a record nor rows again.
+    expect(p.reported.jti).toEqual(["none", "some", "dup"]);
+    expect(p.outcomes.map((o) => o.status)).toEqual(["stored", "stored", "duplicate"]);
+  });
+
+  it("keeps no record of an event it delays: it is taken back, and decided when it comes again", () => {
+    const fresh = event("alpha", "e1", rcpt("c1"), NOW - 10);
+    const p = plan(planBatch({ accepted: [fresh], stored: [fresh], read: read({ c1: { cursor: 0 } }), limits: LIMITS, now: NOW },
+      { lockFirst: false, lockedSenders: new Map([["s:alpha", { tokens: 0, updatedAt: NOW }]]) }));
+    expect(p.takenBack).toEqual([fresh]);
+    expect(p.records.jti).toEqual([]);
   });
 });
