@@ -148,10 +148,14 @@ describe("several consumers in one loop (an inbox's senders)", () => {
     loop.add("light", light);
     await eventually(async () => batches.flat().length === 600, 10_000, "all 600 handled");
     await loop.stop();
-    // While both have messages waiting, each full batch is half of each.
+    // While both have messages waiting, a full batch is about half of each: one of each in turn,
+    // except where one sender's buffer ran short for a moment (its next pull still on the way).
     const mixed = batches.filter((b) => b.length === 20 && b.includes("heavy") && b.includes("light"));
     expect(mixed.length).toBeGreaterThan(5);
-    for (const b of mixed) expect(b.filter((x) => x === "light")).toHaveLength(10);
+    const lightShare = mixed.flat().filter((x) => x === "light").length / (mixed.length * 20);
+    expect(lightShare).toBeGreaterThan(0.4);
+    expect(lightShare).toBeLessThan(0.6);
+    expect(mixed.filter((b) => b.filter((x) => x === "light").length === 10).length).toBeGreaterThan(mixed.length / 2);
   });
 
   it("serves a trickle beside a backlog at once: its batch holds only its messages and starts while the backlog's batches are in hand", async () => {
@@ -177,5 +181,36 @@ describe("several consumers in one loop (an inbox's senders)", () => {
     release();
     await eventually(async () => batches.flat().length === 503, 10_000, "all handled");
     await loop.stop();
+  });
+
+  it("keeps a backlog's batches small while another sender is active, and full-sized while it is alone", async () => {
+    const { heavy, light, publish } = await twoSenders("SHARED");
+    await publish("heavy", 6000);
+    const batches: { at: number; senders: string[] }[] = [];
+    const loop = startFairBatchLoop({ batchSize: 200, expiresMs: 1000 }, async (batch) => {
+      const senders = batch.map((m) => m.string());
+      batches.push({ at: Date.now(), senders });
+      // A commit's worth of time, so the backlog lasts while the other sender trickles.
+      if (senders.includes("heavy")) await new Promise((r) => setTimeout(r, 150));
+      for (const m of batch) m.ack();
+    });
+    loop.add("heavy", heavy);
+    loop.add("light", light);
+    await eventually(async () => batches.length >= 2, 5000, "the backlog's first batches");
+    const trickleFrom = Date.now();
+    for (let i = 0; i < 120; i++) {
+      await publish("light", 1);
+      await new Promise((r) => setTimeout(r, 20));
+    }
+    const trickleTo = Date.now();
+    await eventually(async () => batches.reduce((n, b) => n + b.senders.length, 0) === 6120, 30_000, "all handled");
+    await loop.stop();
+    const heavyBatches = (from: number, to: number) => batches.filter((b) => b.at >= from && b.at < to && b.senders.includes("heavy")).map((b) => b.senders.length);
+    // Alone: full batches.
+    expect(Math.max(...heavyBatches(0, trickleFrom))).toBe(200);
+    // Once the other sender has been seen active (its first pull, of expiresMs, served), at most 32 a batch.
+    const during = heavyBatches(trickleFrom + 1500, trickleTo);
+    expect(during.length).toBeGreaterThan(3);
+    expect(Math.max(...during)).toBeLessThanOrEqual(32);
   });
 });
