@@ -2,7 +2,7 @@
  * Composition root: createRelay(config, deps) → { start, close }. It opens
  * everything in order and closes it in reverse, keeping the first error.
  */
-import { jetstream, jetstreamManager } from "@nats-io/jetstream";
+import { jetstream, jetstreamManager, type JetStreamManager } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/transport-node";
 import type { Logger } from "pino";
 import type { RelayConfig } from "./config.ts";
@@ -16,7 +16,7 @@ import { createKeyRegistry } from "./keys/registry.ts";
 import { createMetrics, peerLabeller, type RelayMetrics } from "./metrics.ts";
 import { importSigningKey, type PublicJwk, type SigningKey } from "./protocol/keys.ts";
 import { subjectToken } from "./protocol/names.ts";
-import { outboxStreamName, reportStreamName } from "./protocol/subjects.ts";
+import { inboxStreamName, outboxStreamName, reportStreamName } from "./protocol/subjects.ts";
 import { createReceiver } from "./receive/batch.ts";
 import { createDb, type Db } from "./store/db.ts";
 import { migrate } from "./store/migrate.ts";
@@ -112,14 +112,20 @@ export function createRelay(config: RelayConfig, roles: RelayRoles, deps: RelayD
 
   /** What was refused, past retention (src/store/retention.ts): in rounds, until a round finds less than it may take. */
   let pruning: Promise<void> | undefined;
-  function pruneAll(): Promise<void> {
-    pruning ??= pruneRounds().finally(() => { pruning = undefined; });
+  function pruneAll(jsm: JetStreamManager): Promise<void> {
+    pruning ??= pruneRounds(jsm).finally(() => { pruning = undefined; });
     return pruning;
   }
-  async function pruneRounds(): Promise<void> {
+  async function pruneRounds(jsm: JetStreamManager): Promise<void> {
+    // The oldest event still waiting in the inbox: a record's event must have expired before it
+    // (src/store/retention.ts). An inbox that cannot be read now leaves the records for next time.
+    const inbox = await jsm.streams.info(inboxStreamName(config.homeserver));
+    const oldestWaiting = inbox.state.messages > 0 ? new Date(inbox.state.first_ts) : new Date();
     const limit = 10_000;
     for (;;) {
-      const round = await pruneRefused(db, { retentionSeconds: config.retention.refusedSeconds, graceSeconds: config.limits.maxFutureSkewSeconds, limit });
+      const round = await pruneRefused(db, {
+        retentionSeconds: config.retention.refusedSeconds, graceSeconds: config.limits.maxFutureSkewSeconds, limit, oldestWaiting,
+      });
       metrics.refusedPruned.inc({ table: "events" }, round.records);
       metrics.refusedPruned.inc({ table: "refused_events" }, round.refusedEvents);
       if (round.records > 0 || round.refusedEvents > 0) log.info(round, "deleted refused records past retention");
@@ -210,7 +216,7 @@ export function createRelay(config: RelayConfig, roles: RelayRoles, deps: RelayD
       }, config.nats.checkIntervalSeconds * 1000);
       sendersTimer.unref();
       retentionTimer = setInterval(() => {
-        pruneAll().catch((err: unknown) => log.warn({ err }, "could not delete refused records past retention"));
+        pruneAll(jsm).catch((err: unknown) => log.warn({ err }, "could not delete refused records past retention"));
       }, config.retention.pruneIntervalSeconds * 1000);
       retentionTimer.unref();
       const recorder = createReportRecorder({ self: config.homeserver, db, keys, log });

@@ -16,15 +16,22 @@ export interface RetentionRound {
 /**
  * Deletes up to `limit` of each kind older than `retentionSeconds`. A record is
  * also the dedupe of its event (events' primary key): it stays, whatever the
- * retention, until its event has expired (`expires_at` passed by `graceSeconds`,
- * the clocks' allowed disagreement), so a replay is still a duplicate.
+ * retention, until no copy of its event could still be accepted. A copy is
+ * judged as of when the inbox stored it (src/receive/batch.ts), so that is once
+ * the event expired (`expires_at`, with `graceSeconds` for the clocks'
+ * disagreement) before `oldestWaiting`, the oldest message still in the inbox:
+ * any copy waiting there, or yet to come, is then refused `expired`.
  */
-export async function pruneRefused(db: Db, options: { retentionSeconds: number; graceSeconds: number; limit: number }): Promise<RetentionRound> {
+export async function pruneRefused(
+  db: Db,
+  options: { retentionSeconds: number; graceSeconds: number; limit: number; oldestWaiting: Date },
+): Promise<RetentionRound> {
   const age = sql`now() - make_interval(secs => ${options.retentionSeconds})`;
   const records = await sql`
     DELETE FROM events WHERE (iss, jti) IN (
       SELECT iss, jti FROM events
-      WHERE token IS NULL AND received_at < ${age} AND expires_at < now() - make_interval(secs => ${options.graceSeconds})
+      WHERE token IS NULL AND received_at < ${age}
+        AND expires_at < least(now(), ${options.oldestWaiting.toISOString()}::timestamptz) - make_interval(secs => ${options.graceSeconds})
       ORDER BY received_at LIMIT ${options.limit} FOR UPDATE SKIP LOCKED
     )`.execute(db.kysely);
   const refused = await sql`

@@ -2,6 +2,7 @@
  * The per-peer view (issue 15): after a mixed run, each configured peer's
  * events received, accepted, refused by reason and its backlog are what was
  * sent, and every sender nobody configured counts as one label, "other".
+ * Then the same worker deletes what was refused once it is past retention.
  */
 import { jetstreamManager } from "@nats-io/jetstream";
 import { sql } from "kysely";
@@ -25,7 +26,8 @@ beforeAll(async () => {
   client = await natsClient(nats.url);
   [alpha, gamma, delta] = await Promise.all([identity("alpha"), identity("gamma"), identity("delta")]);
   beta = await startHomeserver(await identity("beta"), {
-    natsUrl: nats.url, peers: [alpha, gamma], overrides: { nats: { servers: [nats.url], checkIntervalSeconds: 1 } },
+    natsUrl: nats.url, peers: [alpha, gamma],
+    overrides: { nats: { servers: [nats.url], checkIntervalSeconds: 1 }, retention: { refusedSeconds: 3600, pruneIntervalSeconds: 1 } },
   });
 });
 
@@ -94,5 +96,25 @@ describe("per-peer metrics after a mixed run", () => {
     });
     // A sender nobody configured never gets a label of its own.
     expect(text).not.toMatch(/peer="delta"/);
+  });
+});
+
+describe("retention in a running worker", () => {
+  it("deletes the records and refused events of the run above once past retention.refusedSeconds and expired, and nothing sooner", async () => {
+    const db = beta.relay.db.kysely;
+    const count = async (table: "events" | "refused_events"): Promise<number> =>
+      Number((await sql<{ n: string }>`SELECT count(*) AS n FROM ${sql.table(table)}`.execute(db)).rows[0]!.n);
+    // 11 records (alpha's 10 and gamma's first) and 5 refused outright (3 bad signatures, 2 unknown senders).
+    expect({ records: await count("events"), refused: await count("refused_events") }).toEqual({ records: 11, refused: 5 });
+    // Past retention but not expired yet: kept (two prune rounds go by).
+    await sql`UPDATE events SET received_at = now() - interval '2 hours'`.execute(db);
+    await new Promise((r) => setTimeout(r, 2500));
+    expect(await count("events")).toBe(11);
+    await sql`UPDATE events SET expires_at = now() - interval '1 hour'`.execute(db);
+    await sql`UPDATE refused_events SET at = now() - interval '2 hours'`.execute(db);
+    await eventually(async () => (await count("events")) === 0 && (await count("refused_events")) === 0, 10_000, "records and refused events deleted");
+    const text = await beta.relay.metrics.registry.metrics();
+    expect(metricValue(text, "fedrelay_refused_pruned_total", { table: "events" })).toBe(11);
+    expect(metricValue(text, "fedrelay_refused_pruned_total", { table: "refused_events" })).toBe(5);
   });
 });
