@@ -94,12 +94,13 @@ describe("an event nobody here receives", () => {
 
     // Sent again (a redelivery, a retried publish): a duplicate, reported as first decided, stored once.
     expect(await commitBatch(db, [{ ...nobody.input, streamSeq: ++streamSeq }], [], { now: NOW, queueReports: true })).toMatchObject([{ status: "duplicate" }]);
+    expect(await db.kysely.selectFrom("report_queue").select("jti").execute()).toEqual([{ jti: "nobody" }]);
     expect(await storedDecisions(db, [{ iss: "alpha", jti: "nobody" }])).toEqual([forNobody]);
     const { rows } = await sql<{ n: string }>`SELECT count(*) AS n FROM events WHERE jti = 'nobody'`.execute(db.kysely);
     expect(rows[0]!.n).toBe("1");
   });
 
-  it("keeps its body once anyone receives it, even if only a client that was registered since", async () => {
+  it("is a record while its recipient is not registered; events to that recipient once registered keep their body", async () => {
     const first = await signed("first", [{ cid: "carol" }], 1024);
     await commitBatch(db, [first.input], [], { now: NOW });
     await registerClient(db, "carol");
@@ -108,6 +109,50 @@ describe("an event nobody here receives", () => {
     await commitBatch(db, [second.input], [], { now: NOW });
     const rows = await db.kysely.selectFrom("events").select(["jti", "token"]).orderBy("jti").execute();
     expect(rows).toEqual([{ jti: "first", token: null }, { jti: "second", token: second.token }]);
+  });
+});
+
+describe("records beside everything else one commit writes", () => {
+  it("keeps deliveries, records, a delayed event taken back and one refused rate_limited after its longest delay apart, in one statement", async () => {
+    // alpha's own bucket holds 2 deliveries and refills after the test: a third event waits, or is refused once it waited too long.
+    const limits = {
+      enabled: true, client: { rate: 100, burst: 100 }, sender: { rate: 100, burst: 100 }, senderClient: { rate: 100, burst: 100 },
+      servers: { alpha: { rate: 0.0001, burst: 2 } }, clients: {}, maxDelaySeconds: 300,
+    };
+    const toBob = [{ cid: "bob", cap: bobCap }];
+    const [delivered1, nobody, delivered2] = await Promise.all([signed("a1", toBob, 64), signed("a2", [{ cid: "ghost" }], 64), signed("a3", toBob, 64)]);
+    const delayed = await signed("a4", toBob, 64);
+    const waitedTooLong = await signed("a5", toBob, 64);
+    const outcomes = await commitBatch(db, [delivered1.input, nobody.input, delivered2.input, delayed.input, { ...waitedTooLong.input, publishedAt: NOW - 10_000 }], [],
+      { now: NOW, rateLimits: limits, queueReports: true });
+    expect(outcomes.map((o) => o.status)).toEqual(["stored", "stored", "stored", "delayed", "stored"]);
+    const rows = await db.kysely.selectFrom("events").select(["jti", "token", "refused"]).orderBy("jti").execute();
+    expect(rows.map((r) => [r.jti, r.token === null, r.refused])).toEqual([
+      ["a1", false, null], ["a2", true, [["ghost", "no_capability"]]], ["a3", false, null], ["a5", true, [["bob", "rate_limited"]]],
+    ]);
+    expect((await db.kysely.selectFrom("deliveries").select("jti").orderBy("jti").execute()).map((d) => d.jti)).toEqual(["a1", "a3"]);
+    // The delayed event, back once the bucket has refilled: decided then, and delivered.
+    const again = await commitBatch(db, [{ ...delayed.input, streamSeq: ++streamSeq }], [], { now: NOW + 100_000, rateLimits: limits });
+    expect(again).toMatchObject([{ status: "stored", decision: { accepted: ["bob"] } }]);
+  });
+
+  it("is stored once when a redelivery races its original on another connection", async () => {
+    const other = createDb({ url: schema.url, schema: schema.schema, poolSize: 2 });
+    try {
+      for (let i = 0; i < 20; i++) {
+        const e = await signed(`race-${i}`, [{ cid: "ghost" }, { cid: "ghost2" }], 16);
+        const [x, y] = await Promise.all([
+          commitBatch(db, [e.input], [], { now: NOW, queueReports: true }),
+          commitBatch(other, [{ ...e.input, streamSeq: ++streamSeq }], [], { now: NOW, queueReports: true }),
+        ]);
+        expect([x[0]!.status, y[0]!.status].sort()).toEqual(["duplicate", "stored"]);
+      }
+    } finally {
+      await other.close();
+    }
+    const { rows } = await sql<{ n: number; records: number }>`SELECT count(*)::int AS n, count(*) FILTER (WHERE token IS NULL)::int AS records FROM events`.execute(db.kysely);
+    expect(rows[0]).toEqual({ n: 20, records: 20 });
+    expect((await storedDecisions(db, [{ iss: "alpha", jti: "race-0" }]))[0]!.refused.map((r) => r.cid)).toEqual(["ghost", "ghost2"]);
   });
 });
 
