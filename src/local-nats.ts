@@ -160,8 +160,7 @@ export async function startLocalCluster(size = 3, options: LocalNatsOptions = {}
       options.extraConfig ?? "",
     ].join("\n"),
   })));
-  await waitForJetStream(nodes.map((n) => n.url));
-  await waitForPlacement(nodes.map((n) => n.url), size);
+  await waitForJetStream(nodes.map((n) => n.url), size);
   return {
     nodes,
     urls: nodes.map((n) => n.url),
@@ -172,39 +171,23 @@ export async function startLocalCluster(size = 3, options: LocalNatsOptions = {}
 }
 
 /**
- * A meta leader places a replicated stream only on peers that have reported to it, some
- * time after its election: until then a stream of `replicas` fails "no suitable peers for
- * placement" (seen in CI, chaos d). A probe stream is created until it can be, and deleted.
+ * A new cluster answers JetStream requests only once it has elected a meta leader, and
+ * places a replicated stream only on peers that have reported to that leader, some time
+ * later: until then a stream of `replicas` fails "no suitable peers for placement" (seen
+ * in CI, chaos d). With `replicas` over 1, a probe stream is created until it can be.
  */
-async function waitForPlacement(urls: readonly string[], replicas: number, ms = 30_000): Promise<void> {
-  const nc = await connect({ servers: [...urls] });
-  try {
-    const jsm = await jetstreamManager(nc, { timeout: 5000 });
-    const name = "FEDRELAY_PLACEMENT_PROBE";
-    const deadline = Date.now() + ms;
-    for (;;) {
-      try {
-        await jsm.streams.add({ name, subjects: ["fedrelay.placement-probe"], num_replicas: replicas, max_bytes: 1024 * 1024 });
-        await jsm.streams.delete(name);
-        return;
-      } catch (err) {
-        if (Date.now() > deadline) throw err;
-        await new Promise((r) => setTimeout(r, 200));
-      }
-    }
-  } finally {
-    await nc.close();
-  }
-}
-
-/** A new cluster answers JetStream requests only once it has elected a meta leader. */
-export async function waitForJetStream(urls: readonly string[], ms = 30_000): Promise<void> {
+export async function waitForJetStream(urls: readonly string[], replicas = 1, ms = 30_000): Promise<void> {
   const nc = await connect({ servers: [...urls] });
   try {
     const deadline = Date.now() + ms;
     for (;;) {
       try {
-        await jetstreamManager(nc, { timeout: 1000 });
+        const jsm = await jetstreamManager(nc, { timeout: 1000 });
+        if (replicas > 1) {
+          const name = "FEDRELAY_PLACEMENT_PROBE";
+          await jsm.streams.add({ name, subjects: ["fedrelay.placement-probe"], num_replicas: replicas, max_bytes: 1024 * 1024 });
+          await jsm.streams.delete(name);
+        }
         return;
       } catch (err) {
         if (Date.now() > deadline) throw err;
