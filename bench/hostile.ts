@@ -16,7 +16,7 @@
 import { randomBytes } from "node:crypto";
 import { writeFileSync } from "node:fs";
 import { jetstream, jetstreamManager, type JetStreamManager } from "@nats-io/jetstream";
-import { connect, headers, type NatsConnection } from "@nats-io/transport-node";
+import { connect, type NatsConnection } from "@nats-io/transport-node";
 import pg from "pg";
 import { loadConfig } from "../src/config.ts";
 import { startLocalNats } from "../src/local-nats.ts";
@@ -27,7 +27,7 @@ import { signEvent } from "../src/protocol/sign.ts";
 import { inboxStreamName, inboxSubject, reportSubject } from "../src/protocol/subjects.ts";
 import { messageId } from "../src/transport/publisher.ts";
 import { ensureInbox, ensureReportStream, inboxConsumerName } from "../src/transport/streams.ts";
-import { freshDestination, startProcess, type BenchProcess } from "./fixtures.ts";
+import { freshDestination, publishAtRate, startProcess, type BenchProcess } from "./fixtures.ts";
 
 export const HOSTILE_SCENARIOS = ["f", "g", "h"] as const;
 
@@ -75,39 +75,6 @@ async function sign(from: Peer, jtis: readonly string[]): Promise<Buffer[]> {
 }
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
-
-/**
- * Publishes `events` at `rate` a second, asynchronously as a homeserver fanning
- * out would (a reply subject each, acknowledgements counted on one
- * subscription), and returns each one's send time by jti.
- */
-async function publishAtRate(nc: NatsConnection, from: string, jtis: readonly string[], events: readonly Buffer[], rate: number): Promise<Map<string, number>> {
-  const sentAt = new Map<string, number>();
-  const ackSubject = `_INBOX.hostile.${process.pid}.${from}.${Date.now()}`;
-  let acknowledged = 0;
-  let failure: string | undefined;
-  let allAcknowledged = (): void => undefined;
-  const acks = nc.subscribe(`${ackSubject}.*`, {
-    callback: (err, m) => {
-      if (err) failure ??= err.message;
-      else if (/"error"/.test(m.string())) failure ??= m.string();
-      if (++acknowledged === events.length) allAcknowledged();
-    },
-  });
-  const t0 = Date.now();
-  for (let i = 0; i < events.length; i++) {
-    const wait = t0 + (i * 1000) / rate - Date.now();
-    if (wait > 1) await sleep(wait);
-    const h = headers();
-    h.set("Nats-Msg-Id", messageId(events[i]!));
-    sentAt.set(jtis[i]!, Date.now());
-    nc.publish(inboxSubject(DESTINATION, from), events[i]!, { reply: `${ackSubject}.${i}`, headers: h });
-  }
-  if (acknowledged < events.length) await new Promise<void>((resolve) => (allAcknowledged = resolve));
-  acks.unsubscribe();
-  if (failure) throw new Error(`a ${from} event was not stored: ${failure}`);
-  return sentAt;
-}
 
 /** Publishes as fast as JetStream acknowledges, 500 at a time. */
 async function publishAll(nc: NatsConnection, from: string, events: readonly Buffer[]): Promise<void> {
@@ -180,7 +147,8 @@ export async function hostileScenario(name: string, pgUrl: string, log: (line: s
     /** The honest peer at its steady rate: its latency, and what of it was stored. */
     const honest = async (label: string): Promise<{ latency: Latency; lost: number }> => {
       const jtis = Array.from({ length: HONEST_RATE * HONEST_SECONDS }, (_, i) => `${label}-${i}`);
-      const sentAt = await publishAtRate(nc, "alpha", jtis, await sign(alpha, jtis), HONEST_RATE);
+      const sentTimes = await publishAtRate(nc, inboxSubject(DESTINATION, "alpha"), await sign(alpha, jtis), HONEST_RATE);
+      const sentAt = new Map(jtis.map((j, i) => [j, sentTimes[i]!]));
       const stored = await waitStored("alpha", jtis);
       const lost = jtis.filter((j) => !stored.has(j)).length;
       return { latency: latencyOf(new Map([...sentAt].filter(([j]) => stored.has(j))), stored), lost };

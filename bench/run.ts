@@ -15,7 +15,7 @@ import { readFileSync, writeFileSync } from "node:fs";
 import { cpus, totalmem } from "node:os";
 import { parseArgs } from "node:util";
 import { AckPolicy, jetstream, jetstreamManager, RetentionPolicy, StorageType } from "@nats-io/jetstream";
-import { connect, headers } from "@nats-io/transport-node";
+import { connect } from "@nats-io/transport-node";
 import pg from "pg";
 import { loadConfig, type RelayConfig } from "../src/config.ts";
 import { startLocalNats } from "../src/local-nats.ts";
@@ -25,7 +25,7 @@ import { signEvent } from "../src/protocol/sign.ts";
 import { inboxStreamName, inboxSubject } from "../src/protocol/subjects.ts";
 import { messageId } from "../src/transport/publisher.ts";
 import { inboxConsumerName } from "../src/transport/streams.ts";
-import { cpuSeconds, freshDestination, postgresCpuMeter, startProcess, type BenchProcess } from "./fixtures.ts";
+import { cpuSeconds, freshDestination, postgresCpuMeter, publishAtRate, startProcess, type BenchProcess } from "./fixtures.ts";
 
 const { values: args } = parseArgs({
   options: {
@@ -324,46 +324,16 @@ try {
   log(`latency: ${total - warmup} events at ${rate}/s for ${LATENCY_SECONDS} s, after ${warmup} to warm up…`);
   const events = await presign(1, total);
   // The load generator stands for the sending homeservers, which run on other machines: here it
-  // shares the two cores, so it is kept lean. Send times go in an array by event number, and
-  // publishes are asynchronous, as a homeserver fanning out would batch them: each carries its
-  // message id and a reply subject, and the acknowledgements are counted on one subscription.
-  // With js.publish (a request, a timer and promises per event) and a Map of send times, the
-  // generator took 45 instead of 30 ms of CPU per 1,000 events, and its scavenges grew to 47 ms
-  // as the run went on, each sending the events due meanwhile in one burst.
-  const sentAt = new Float64Array(total);
-  const ackSubject = `_INBOX.bench.${process.pid}.ack`;
-  let acknowledged = 0;
-  let publishError: string | undefined;
-  let allAcknowledged = (): void => undefined;
-  const acks = nc.subscribe(`${ackSubject}.*`, {
-    callback: (err, m) => {
-      // A JetStream acknowledgement is {"stream":…,"seq":…}; a refusal carries "error".
-      if (err) publishError ??= err.message;
-      else if (/"error"/.test(m.string())) publishError ??= m.string();
-      if (++acknowledged === total) allAcknowledged();
-    },
-  });
-  const t0 = Date.now();
+  // shares the two cores, so it is kept lean (publishAtRate, bench/fixtures.ts).
   let cpu = cpuMeter(procs.map((p) => p.child.pid!));
   let machineBusy = busyMeter();
   let loadGenerator = process.cpuUsage();
-  for (let i = 0; i < total; i++) {
-    if (i === warmup) {
-      cpu = cpuMeter(procs.map((p) => p.child.pid!));
-      machineBusy = busyMeter();
-      loadGenerator = process.cpuUsage();
-    }
-    const due = t0 + (i * 1000) / rate;
-    const wait = due - Date.now();
-    if (wait > 1) await new Promise((r) => setTimeout(r, wait));
-    const h = headers();
-    h.set("Nats-Msg-Id", messageId(events[i]!));
-    sentAt[i] = Date.now();
-    nc.publish(inboxSubject("bench", "alpha"), events[i]!, { reply: `${ackSubject}.${i}`, headers: h });
-  }
-  if (acknowledged < total) await new Promise<void>((resolve) => (allAcknowledged = resolve));
-  acks.unsubscribe();
-  if (publishError) throw new Error(`a latency event was not stored: ${publishError}`);
+  const sentAt = await publishAtRate(nc, inboxSubject("bench", "alpha"), events, rate, (i) => {
+    if (i !== warmup) return;
+    cpu = cpuMeter(procs.map((p) => p.child.pid!));
+    machineBusy = busyMeter();
+    loadGenerator = process.cpuUsage();
+  });
   await drain(inboxStreamName("bench"), inboxConsumerName("receiver", "alpha"), 0, total, procs, async () => undefined);
   const split = cpu(total - warmup);
   const busy = machineBusy();
