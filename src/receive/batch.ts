@@ -244,7 +244,7 @@ export function createReceiver(deps: ReceiverDeps): Receiver {
           } else {
             counts.add("stored", peer);
             counts.delivered += o.decision.accepted.length;
-            // Nobody here receives it: its commit kept a record of it, not its body.
+            // An event nobody here receives was kept as a record, not with its body (migrations/011).
             counts.stored(peer, o.decision.accepted.length > 0 ? "body" : "record", m.data.length);
             for (const r of o.decision.refused) metrics.recipientsRefused.inc({ reason: r.reason });
           }
