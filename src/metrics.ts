@@ -11,7 +11,7 @@ export interface RelayMetrics {
   readonly batchCommitSeconds: Histogram;
   readonly batchAgeSeconds: Histogram;
   readonly batchFailures: Counter;
-  readonly senderBucketRaces: Counter;
+  readonly bucketRaces: Counter;
   readonly eventsPublished: Counter<"destination">;
   readonly publishFailures: Counter<"destination">;
   readonly reportsSent: Counter<"peer">;
@@ -56,9 +56,9 @@ export function createMetrics(registry = new Registry(), options: { defaultMetri
       registers,
     }),
     batchFailures: new Counter({ name: "fedrelay_batch_failures_total", help: "Batches not committed (transient failure; redelivered)", registers }),
-    senderBucketRaces: new Counter({
-      name: "fedrelay_sender_bucket_races_total",
-      help: "Batches committed a second time, with the sender's bucket locked, because it was charged concurrently and fell short",
+    bucketRaces: new Counter({
+      name: "fedrelay_bucket_races_total",
+      help: "Batches committed a second time, with the buckets locked, because a client's or sender's bucket was charged concurrently and fell short",
       registers,
     }),
     eventsPublished: new Counter({ name: "fedrelay_events_published_total", help: "Fan-out events acknowledged by JetStream", labelNames: ["destination"], registers }),

@@ -204,7 +204,7 @@ export function createReceiver(deps: ReceiverDeps): Receiver {
         const stop = metrics.batchCommitSeconds.startTimer();
         try {
           outcomes = await commitBatch(deps.db, acc, ref, {
-            now: at, rateLimits: deps.rateLimits?.(), onSenderRace: () => metrics.senderBucketRaces.inc(),
+            now: at, rateLimits: deps.rateLimits?.(), onBucketRace: () => metrics.bucketRaces.inc(),
             queueReports: deps.reports !== undefined, ...(deps.faults ? { faults: deps.faults } : {}),
           });
         } catch (err) {

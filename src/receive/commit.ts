@@ -5,32 +5,42 @@
  * (src/receive/plan.ts). Acknowledgements to JetStream are released only after
  * it commits (src/receive/batch.ts).
  *
+ * Late locks. A client's row holds its cursor and its own rate buckets, and a
+ * sender's bucket is one row every batch from that sender charges: locked from
+ * the read to the commit, every worker's batches to one group's clients would
+ * run one after the other (measured, issue 16: a second worker made 10-recipient
+ * traffic slower). So statement 2 reads them without a lock, the planner decides
+ * on what it read, and the last statement bumps each client's cursor and charges
+ * every bucket from the row as it is then, on the condition that the bucket
+ * still holds what the batch needed: then no recipient would have been limited
+ * and no event delayed by the bucket as it is at commit, and every decision
+ * stands. Rows are locked from that statement to COMMIT only. If a bucket no
+ * longer holds enough (close to a limit, charged concurrently), the statement
+ * fails (FR001), the transaction rolls back, and the batch runs again with the
+ * buckets locked and read again before anything is decided; a bucket already
+ * short as first read is locked and read again at once (the planner asks).
+ *
+ * Cursors. A client's deliveries take the next cursors at commit, from its row
+ * as bumped under its lock: two batches to one client get theirs in commit
+ * order, so a reader never sees a cursor below one it has already read past.
+ *
  * Lock order. Locks are taken in one global order, so concurrent batches queue
- * rather than deadlock: event keys (sorted), then client rows (sorted), and the
+ * rather than deadlock: event keys (sorted), then client rows (sorted, by
+ * lockClients just before the last statement, or by statement 2b), and the
  * senders' buckets last. Expected races, and why they are fine:
  * - an event already stored (redelivery, a second worker, a retried publish):
  *   ON CONFLICT (iss, jti) DO NOTHING, and it is reported as a duplicate;
- * - two batches delivering to the same clients: the client row lock orders
- *   their cursors by commit, and makes the charge of the client's own buckets
- *   (kept in its row) exact;
- * - a revocation committed while the batch waits for a client lock: the batch
- *   decided on what it read first, as if it had committed a moment earlier.
+ * - a revocation committed after statement 2 read the capabilities: the batch
+ *   decided on what it read, as if it had committed a moment earlier;
+ * - a client removed after statement 2: it is not bumped and gets no delivery,
+ *   as if it were removed a moment after the commit.
  *
  * Pipelining. Every round trip is latency under load, and rows stay locked for
- * it: BEGIN goes out with statements 1 and 2 in one write, and COMMIT right
- * behind statement 3, so a batch costs two round trips (three when it locks a
- * senders' buckets first), and its row locks are released as soon as statement
- * 3 has run. So statement 2 cannot wait for statement 1 to say which events are
- * new: it locks the clients of all of them (a duplicate's are locked and left).
- *
- * Senders' buckets. A sender's bucket is one row every batch from that sender
- * charges, so every worker would queue on it for the rest of the transaction.
- * It is read without a lock and charged by the last statement instead, on the
- * condition that it still holds enough tokens for every candidate of the batch:
- * then no event would have been delayed by the bucket as it is at commit, and
- * every decision stands. If it does not (a sender close to its limit, charged
- * concurrently), the transaction is rolled back and the batch runs again with
- * the sender's bucket locked before anything is decided.
+ * it: BEGIN goes out with statements 1 and 2 in one write, and the clients'
+ * locks, statement 3 and COMMIT in the next, so a batch costs two round trips
+ * (three when it locks buckets first), and its row locks are held only while
+ * the last statement and the COMMIT run. So statement 2 cannot wait for
+ * statement 1 to say which events are new: it reads for all of them.
  */
 import { createHash } from "node:crypto";
 import type { Writable } from "node:stream";
@@ -38,15 +48,15 @@ import type { RawBuilder } from "kysely";
 import type pg from "pg";
 import type { Db } from "../store/db.ts";
 import { planBatch, type Plan } from "./plan.ts";
-import { insertEvents, insertKeys, lockSenders, readForDecisions, writeDecisions } from "./statements.ts";
+import { insertEvents, insertKeys, lockClients, lockSenders, readForDecisions, writeDecisions } from "./statements.ts";
 import { eventKey, type AcceptedInput, type CommitOptions, type EventOutcome, type RefusedInput } from "./types.ts";
 
 export type { AcceptedInput, CommitOptions, EventOutcome, RefusedInput } from "./types.ts";
 
-/** The sender's bucket changed between reading and charging it: run the batch again, locking it first. */
-class SenderBucketRace extends Error {}
-/** The SQLSTATE sender_bucket_race() raises (migrations/007_commit_pipeline.sql). */
-const SENDER_BUCKET_RACE = "FR001";
+/** A bucket changed between reading and charging it: run the batch again, locking the buckets first. */
+class BucketRace extends Error {}
+/** The SQLSTATE sender_bucket_race() and charge_client_buckets() raise (migrations/007, 012). */
+const BUCKET_RACE = "FR001";
 
 /**
  * The commit's statements are prepared once per connection, by name: Postgres
@@ -105,18 +115,22 @@ export async function commitBatch(
       const plan = await deciding;
       await begin;
       socket?.cork();
+      // The clients' row locks in id order, before statement 3's bumps take them in its join's order.
+      const ordered = plan.clientsLocked || plan.clients.length === 0 ? undefined : run(lockClients(plan.clients.map(([id]) => id).sort()).statement);
+      ordered?.catch(() => undefined);
       const written = run(writeDecisions(plan, refused, options.now, db.schema, options.queueReports ?? false));
       commit = client.query("COMMIT");
       socket?.uncork();
       commit.catch(() => undefined);
-      // A race on a sender's bucket fails the statement (sender_bucket_race), and the COMMIT behind it rolls back.
+      // A race on a bucket fails the statement (FR001), and the COMMIT behind it rolls back.
+      await ordered;
       await written;
       await commit;
       return plan.outcomes;
     } catch (err) {
       if (commit) await commit.catch(() => undefined);
       else await client.query("ROLLBACK").catch(() => undefined);
-      throw (err as { code?: string }).code === SENDER_BUCKET_RACE ? new SenderBucketRace() : err;
+      throw (err as { code?: string }).code === BUCKET_RACE ? new BucketRace() : err;
     } finally {
       client.release();
     }
@@ -125,8 +139,8 @@ export async function commitBatch(
   try {
     outcomes = await attempt(false);
   } catch (err) {
-    if (!(err instanceof SenderBucketRace)) throw err;
-    options.onSenderRace?.();
+    if (!(err instanceof BucketRace)) throw err;
+    options.onBucketRace?.();
     outcomes = await attempt(true);
   }
   // Only once committed is a key known to be stored (a rolled-back insert must be retried).
@@ -134,7 +148,7 @@ export async function commitBatch(
   return outcomes;
 }
 
-/** Statements 1 and 2, then the plan (after statement 2b, if the planner asks for the senders locked). */
+/** Statements 1 and 2, then the plan (after statement 2b, if the planner asks for the buckets locked). */
 async function decide(
   run: <R>(statement: RawBuilder<R>) => Promise<R[]>,
   accepted: readonly AcceptedInput[],
@@ -164,9 +178,14 @@ async function decide(
   };
   const first = planBatch(inputs, { lockFirst });
   if (first.kind === "plan") return first.plan;
-  // Close to a sender's limit: decide on its bucket as it is, and hold it until commit.
-  const locking = lockSenders(first.keys);
-  const second = planBatch(inputs, { lockFirst, lockedSenders: locking.decode(await run(locking.statement)) });
-  if (second.kind !== "plan") throw new Error("planBatch asked for the senders' lock twice");
+  // Close to a limit: decide on the buckets as they are, and hold them until commit (clients first).
+  const clients = lockClients(first.clients);
+  const senders = lockSenders(first.senders);
+  const clientRows = run(clients.statement);
+  clientRows.catch(() => undefined);
+  const senderRows = first.senders.length > 0 ? await run(senders.statement) : [];
+  const locked = { clients: clients.decode(await clientRows), senders: senders.decode(senderRows) };
+  const second = planBatch(inputs, { lockFirst, locked });
+  if (second.kind !== "plan") throw new Error("planBatch asked for the buckets' lock twice");
   return second.plan;
 }

@@ -3,12 +3,18 @@
  * recipient of which new event is accepted or refused (policy/recipients.ts),
  * what each rate-limit bucket is charged (policy/rate-limit.ts), which events
  * wait for their sender's bucket, and from that the rows to write: deliveries
- * with their cursors, refusals, client rows, and the senders' charges. Pure: no
- * I/O, no clock (`now` comes in); test/unit/plan.test.ts drives it directly.
+ * in their order per client, refusals, the clients' cursor bumps and bucket
+ * charges, and the senders' charges. Pure: no I/O, no clock (`now` comes in);
+ * test/unit/plan.test.ts drives it directly.
+ *
+ * What it reads was read without a lock, so its decisions are made on condition
+ * (src/receive/commit.ts): the last statement charges each bucket only if it
+ * still holds what the batch needed. Where a bucket is already short as read,
+ * the planner asks for the buckets locked and read again instead.
  */
 import type { RecipientReason } from "../errors.ts";
 import {
-  bucketKey, bucketScope, chargeEvent, fullBucket, limitFor, refill, refilledTokens, type Bucket, type BucketState, type Limit, type RateLimits,
+  bucketKey, chargeEvent, fullBucket, limitFor, refill, refilledTokens, type Bucket, type BucketState, type Limit, type RateLimits,
 } from "../policy/rate-limit.ts";
 import { decideRecipients, type CapabilityBinding, type RecipientDecision, type RecipientFacts } from "../policy/recipients.ts";
 import type { AcceptedInput, EventOutcome } from "./types.ts";
@@ -17,16 +23,22 @@ import type { AcceptedInput, EventOutcome } from "./types.ts";
 export type StoredBuckets = Record<string, [tokens: number, updatedAt: number]>;
 export const ALL_SENDERS = "*";
 
-export interface LockedClient {
+export interface ReadClient {
   readonly id: string;
-  readonly cursor: number;
   readonly buckets: StoredBuckets;
 }
 
+/**
+ * A client's bucket charges, by slot as StoredBuckets names them: [rate, burst,
+ * tokens charged, tokens the bucket must still hold]. A slot charged nothing is
+ * dropped where full again (charge_client_buckets, migrations/012).
+ */
+export type ClientCharges = Record<string, [rate: number, burst: number, charged: number, needed: number]>;
+
 /** What the transaction read for the decisions (statement 2). */
 export interface DecisionInputs {
-  /** The addressed clients that exist, locked, by id. */
-  readonly clients: ReadonlyMap<string, LockedClient>;
+  /** The addressed clients that exist, by id, read without a lock. */
+  readonly clients: ReadonlyMap<string, ReadClient>;
   readonly capabilities: ReadonlyMap<string, CapabilityBinding>;
   readonly blocks: ReadonlyMap<string, { servers: Set<string>; groups: Set<string> }>;
   /** Senders' buckets (rate limits on), read without a lock; a missing one counts as full. */
@@ -46,15 +58,21 @@ export interface SenderCharge {
 /** What statement 3 writes. */
 export interface Plan {
   readonly outcomes: EventOutcome[];
-  readonly deliveries: { client: string[]; seq: number[]; iss: string[]; jti: string[] };
+  /**
+   * `ordinal`: the delivery's place among the batch's deliveries to its client (1, 2, …);
+   * statement 3 adds it to the client's cursor as it is at commit.
+   */
+  readonly deliveries: { client: string[]; ordinal: number[]; iss: string[]; jti: string[] };
   readonly refusals: { client: string[]; reason: string[]; iss: string[]; jti: string[] };
   /**
    * New events none of whose recipients is accepted: kept as a record, not with their body
    * (migrations/011), their refusals as JSON [cid, reason] pairs in recipient order, not as rows.
    */
   readonly records: { iss: string[]; jti: string[]; refused: string[] };
-  /** Client rows to rewrite: new cursor and, when charged, new buckets. */
-  readonly clients: [string, [number] | [number, StoredBuckets]][];
+  /** Client rows to update: how many deliveries to add to the cursor and, with rate limits, the charges. */
+  readonly clients: [string, [deliveries: number] | [deliveries: number, ClientCharges]][];
+  /** The clients are locked already (the planner asked): the last statement need not lock them first. */
+  readonly clientsLocked: boolean;
   /** Delayed events, inserted only to learn they were new: taken back, so their redelivery is not a duplicate. */
   readonly takenBack: readonly AcceptedInput[];
   /** Events whose report is due (stored, or a duplicate repeating its stored decision): queued by the commit. */
@@ -79,19 +97,31 @@ export interface PlanInputs {
 export type PlanResult =
   | { readonly kind: "plan"; readonly plan: Plan }
   /**
-   * The senders' buckets must be read again under a lock (`keys`, sorted) and the
-   * batch planned on them: an event met one short, or the last statement could
-   * not charge it (the caller asked to lock first).
+   * The buckets must be read again under a lock, the clients' (`clients`, sorted)
+   * first, then the senders' (`senders`, sorted), and the batch planned on them:
+   * an event met one short, or the last statement could not charge it (the
+   * caller asked to lock first).
    */
-  | { readonly kind: "lock senders"; readonly keys: readonly string[] };
+  | { readonly kind: "lock"; readonly clients: readonly string[]; readonly senders: readonly string[] };
+
+/** The buckets as read again under a lock: clients that are gone since the first read are missing. */
+export interface LockedBuckets {
+  readonly clients: ReadonlyMap<string, StoredBuckets>;
+  readonly senders: BucketState;
+}
+
+export interface PlanOptions {
+  readonly lockFirst: boolean;
+  readonly locked?: LockedBuckets;
+}
 
 /**
- * Plans a batch. With `lockedSenders` (the senders' buckets as read under a
- * lock), charges those exactly; without, charges the buckets as read and
- * leaves the charge to the last statement's condition, unless `lockFirst` or a
- * bucket too short for the batch asks for the lock first.
+ * Plans a batch. With `locked` (the buckets as read under a lock), charges
+ * those exactly; without, charges the buckets as read and leaves each charge to
+ * the last statement's condition, unless `lockFirst` or a bucket short of the
+ * batch asks for the lock first.
  */
-export function planBatch(inputs: PlanInputs, options: { lockFirst: boolean; lockedSenders?: BucketState }): PlanResult {
+export function planBatch(inputs: PlanInputs, options: PlanOptions): PlanResult {
   const { accepted, stored, read, limits, now } = inputs;
   const facts: RecipientFacts = { knownClients: new Set(read.clients.keys()), capabilities: read.capabilities, blocks: read.blocks };
   const decisions = new Map<AcceptedInput, RecipientDecision>();
@@ -99,12 +129,12 @@ export function planBatch(inputs: PlanInputs, options: { lockFirst: boolean; loc
   let charged = noCharges();
   if (limits) {
     const charges = chargeRateLimits(decisions, limits, now, read, options);
-    if (charges.kind === "lock senders") return charges;
+    if (charges.kind === "lock") return charges;
     charged = charges.charges;
   }
 
-  const nextSeq = new Map([...read.clients.values()].map((c) => [c.id, c.cursor]));
-  const deliveries: Plan["deliveries"] = { client: [], seq: [], iss: [], jti: [] };
+  const count = new Map<string, number>();
+  const deliveries: Plan["deliveries"] = { client: [], ordinal: [], iss: [], jti: [] };
   const refusals: Plan["refusals"] = { client: [], reason: [], iss: [], jti: [] };
   const records: Plan["records"] = { iss: [], jti: [], refused: [] };
   for (const [a, decision] of decisions) {
@@ -116,19 +146,19 @@ export function planBatch(inputs: PlanInputs, options: { lockFirst: boolean; loc
       continue;
     }
     for (const cid of decision.accepted) {
-      const seq = nextSeq.get(cid)! + 1;
-      nextSeq.set(cid, seq);
-      deliveries.client.push(cid); deliveries.seq.push(seq); deliveries.iss.push(iss); deliveries.jti.push(jti);
+      const ordinal = (count.get(cid) ?? 0) + 1;
+      count.set(cid, ordinal);
+      deliveries.client.push(cid); deliveries.ordinal.push(ordinal); deliveries.iss.push(iss); deliveries.jti.push(jti);
     }
     for (const r of decision.refused) {
       refusals.client.push(r.cid); refusals.reason.push(r.reason); refusals.iss.push(iss); refusals.jti.push(jti);
     }
   }
   const clients: Plan["clients"] = [];
-  for (const c of read.clients.values()) {
-    const seq = nextSeq.get(c.id)!;
-    const buckets = charged.clientBuckets.get(c.id);
-    if (seq !== c.cursor || buckets !== undefined) clients.push([c.id, buckets === undefined ? [seq] : [seq, buckets]]);
+  for (const id of read.clients.keys()) {
+    const n = count.get(id) ?? 0;
+    const charges = charged.clientCharges.get(id);
+    if (n > 0 || charges !== undefined) clients.push([id, charges === undefined ? [n] : [n, charges]]);
   }
   const reported: Plan["reported"] = { iss: [], jti: [] };
   const outcomes = accepted.map((a): EventOutcome => {
@@ -142,7 +172,7 @@ export function planBatch(inputs: PlanInputs, options: { lockFirst: boolean; loc
   return {
     kind: "plan",
     plan: {
-      outcomes, deliveries, refusals, records, clients, takenBack: [...charged.delays.keys()], reported,
+      outcomes, deliveries, refusals, records, clients, clientsLocked: options.locked !== undefined, takenBack: [...charged.delays.keys()], reported,
       senderCharges: charged.senderCharges, senderBuckets: charged.senderBuckets,
     },
   };
@@ -153,11 +183,14 @@ interface Charges {
   readonly delays: Map<AcceptedInput, number>;
   readonly senderCharges: SenderCharge[];
   readonly senderBuckets: Map<string, Bucket>;
-  /** New buckets of the clients charged, in their stored form. */
-  readonly clientBuckets: Map<string, StoredBuckets>;
+  /** The charges of the clients charged (and of their buckets full again, to drop). */
+  readonly clientCharges: Map<string, ClientCharges>;
 }
 
-const noCharges = (): Charges => ({ delays: new Map(), senderCharges: [], senderBuckets: new Map(), clientBuckets: new Map() });
+const noCharges = (): Charges => ({ delays: new Map(), senderCharges: [], senderBuckets: new Map(), clientCharges: new Map() });
+
+/** Tokens a bucket slot was charged by the batch, and its candidates (what it had to hold). */
+interface Tally { charged: number; needed: number }
 
 /**
  * Charges the buckets of every candidate delivery, in batch order, and moves
@@ -165,24 +198,29 @@ const noCharges = (): Charges => ({ delays: new Map(), senderCharges: [], sender
  * the events to delay (over their sender's limit and not yet waiting longer
  * than allowed), with how long; the senders' charges, left to the last
  * statement unless their buckets were locked (then their new state); and the
- * new buckets of the clients charged, for their row's update. Client rows are
- * locked already, so their buckets are exact.
+ * clients' charges. Unlocked, any bucket short of what the batch asks of it
+ * (a delay, a rate-limited recipient) asks for the lock instead: a decision
+ * that refuses cannot be made on condition.
  */
 function chargeRateLimits(
   decisions: Map<AcceptedInput, RecipientDecision>,
   limits: RateLimits,
   now: number,
   read: DecisionInputs,
-  options: { lockFirst: boolean; lockedSenders?: BucketState },
-): { kind: "charges"; charges: Charges } | { kind: "lock senders"; keys: readonly string[] } {
+  options: PlanOptions,
+): { kind: "charges"; charges: Charges } | { kind: "lock"; clients: readonly string[]; senders: readonly string[] } {
+  const locked = options.locked;
+  const bucketsOf = (cid: string): StoredBuckets => locked?.clients.get(cid) ?? read.clients.get(cid)!.buckets;
   const before: BucketState = new Map(read.senders);
   const senders = new Map<string, string>();
+  const candidates = new Set<string>();
   for (const [a, d] of decisions) {
     if (d.accepted.length === 0) continue;
     const iss = a.event.claims.iss;
     senders.set(bucketKey("sender", iss, ""), iss);
     for (const cid of d.accepted) {
-      const stored = read.clients.get(cid)!.buckets;
+      candidates.add(cid);
+      const stored = bucketsOf(cid);
       const all = stored[ALL_SENDERS];
       const own = stored[iss];
       if (all) before.set(bucketKey("client", iss, cid), { tokens: all[0], updatedAt: all[1] });
@@ -191,21 +229,22 @@ function chargeRateLimits(
   }
   if (senders.size === 0) return { kind: "charges", charges: noCharges() };
   const senderKeys = [...senders.keys()].sort();
-  const locked = options.lockedSenders !== undefined;
-  if (options.lockedSenders) for (const [key, bucket] of options.lockedSenders) before.set(key, bucket);
+  if (locked) for (const [key, bucket] of locked.senders) before.set(key, bucket);
 
-  /** The pure decisions over `before`; `senderHit`: some event met a sender's bucket short. */
+  /** The pure decisions over `before`; `hit`: some event met a bucket short. */
   const charge = () => {
     const state = new Map(before);
     const delays = new Map<AcceptedInput, number>();
     const outcome = new Map(decisions);
-    const perSender = new Map<string, { charged: number; needed: number }>();
-    let senderHit = false;
+    const perSender = new Map<string, Tally>();
+    /** By client, then slot (ALL_SENDERS or the sender). */
+    const perClient = new Map<string, Map<string, Tally>>();
+    let hit = false;
     for (const [a, d] of decisions) {
       const iss = a.event.claims.iss;
       const result = chargeEvent(limits, state, iss, d.accepted, now);
       if (result.kind === "delay") {
-        senderHit = true;
+        hit = true;
         // Until it has waited maxDelaySeconds, an event keeps coming back (at least that often,
         // so a limit raised meanwhile, even from rate 0, still lets it through).
         const waited = a.publishedAt === undefined ? 0 : now - a.publishedAt;
@@ -217,25 +256,34 @@ function chargeRateLimits(
         outcome.set(a, limitedDecision(d, new Set(d.accepted)));
         continue;
       }
-      if (result.limited.size > 0) outcome.set(a, limitedDecision(d, result.limited));
+      if (result.limited.size > 0) {
+        hit = true;
+        outcome.set(a, limitedDecision(d, result.limited));
+      }
       const sum = perSender.get(iss) ?? { charged: 0, needed: 0 };
       sum.needed += d.accepted.length;
       sum.charged += d.accepted.length - result.limited.size;
       perSender.set(iss, sum);
+      for (const cid of d.accepted) {
+        const cost = result.limited.has(cid) ? 0 : 1;
+        let slots = perClient.get(cid);
+        if (slots === undefined) perClient.set(cid, (slots = new Map()));
+        count(slots, ALL_SENDERS, cost);
+        count(slots, iss, cost);
+      }
     }
-    return { state, delays, outcome, perSender, senderHit };
+    return { state, delays, outcome, perSender, perClient, hit };
   };
 
   const result = charge();
   if (!locked) {
-    // A bucket short of the batch's candidates would fail the last statement's condition anyway.
+    // A sender's bucket short of the batch's candidates would fail the last statement's condition anyway.
     const short = [...result.perSender].some(([iss, sum]) => {
       const key = bucketKey("sender", iss, "");
       const limit = limitFor(limits, "sender", iss, "");
       return refill(before.get(key) ?? fullBucket(limit, now), limit, now).tokens < sum.needed;
     });
-    // Close to a sender's limit: decide on the bucket as it is, and hold it until commit.
-    if (options.lockFirst || result.senderHit || short) return { kind: "lock senders", keys: senderKeys };
+    if (options.lockFirst || result.hit || short) return { kind: "lock", clients: [...candidates].sort(), senders: senderKeys };
   }
   for (const [a, d] of result.outcome) decisions.set(a, d);
 
@@ -248,33 +296,45 @@ function chargeRateLimits(
   });
   return {
     kind: "charges",
-    charges: { delays: result.delays, senderCharges, senderBuckets, clientBuckets: chargedClients(result.state, before, read.clients, limits, now) },
+    charges: { delays: result.delays, senderCharges, senderBuckets, clientCharges: clientCharges(result.perClient, bucketsOf, limits, now, locked !== undefined) },
   };
 }
 
+function count(slots: Map<string, Tally>, slot: string, cost: number): void {
+  const tally = slots.get(slot);
+  if (tally === undefined) slots.set(slot, { charged: cost, needed: 1 });
+  else { tally.charged += cost; tally.needed += 1; }
+}
+
 /**
- * The new buckets of every client with a bucket charged, in their stored form.
- * A bucket full again by now is dropped (absent means full): a client keeps
- * entries only for the senders that used part of its budget lately.
+ * Each charged client's charges, by slot: what its deliveries took, and (read
+ * without a lock) what the slot had to hold for the decisions to stand; locked,
+ * the decisions are exact and need no condition. Slots of other senders full
+ * again by now are charged nothing, to be dropped (absent means full): a client
+ * keeps entries only for the senders that used part of its budget lately.
  */
-function chargedClients(state: BucketState, before: BucketState, clients: ReadonlyMap<string, LockedClient>, limits: RateLimits, now: number): Map<string, StoredBuckets> {
-  const charged = new Map<string, StoredBuckets>();
-  state.forEach((bucket, key) => {
-    if (bucket === before.get(key)) return;
-    const scope = bucketScope(key);
-    if (scope.scope === "sender") return;
-    let next = charged.get(scope.client);
-    if (next === undefined) charged.set(scope.client, (next = { ...clients.get(scope.client)!.buckets }));
-    next[scope.scope === "client" ? ALL_SENDERS : scope.sender] = [bucket.tokens, bucket.updatedAt];
-  });
-  charged.forEach((buckets, cid) => {
-    for (const sender in buckets) {
-      const [tokens, updatedAt] = buckets[sender]!;
-      const limit = sender === ALL_SENDERS ? limitFor(limits, "client", "", cid) : limitFor(limits, "sender_client", sender, cid);
-      if (refilledTokens(tokens, updatedAt, limit, now) >= limit.burst) delete buckets[sender];
+function clientCharges(
+  perClient: ReadonlyMap<string, ReadonlyMap<string, Tally>>, bucketsOf: (cid: string) => StoredBuckets, limits: RateLimits, now: number, locked: boolean,
+): Map<string, ClientCharges> {
+  const limitOf = (slot: string, cid: string): Limit =>
+    slot === ALL_SENDERS ? limitFor(limits, "client", "", cid) : limitFor(limits, "sender_client", slot, cid);
+  const out = new Map<string, ClientCharges>();
+  perClient.forEach((slots, cid) => {
+    const charges: ClientCharges = {};
+    slots.forEach((tally, slot) => {
+      const limit = limitOf(slot, cid);
+      charges[slot] = [limit.rate, limit.burst, tally.charged, locked ? 0 : tally.needed];
+    });
+    const stored = bucketsOf(cid);
+    for (const slot in stored) {
+      if (slots.has(slot)) continue;
+      const limit = limitOf(slot, cid);
+      const [tokens, updatedAt] = stored[slot]!;
+      if (refilledTokens(tokens, updatedAt, limit, now) >= limit.burst) charges[slot] = [limit.rate, limit.burst, 0, 0];
     }
+    out.set(cid, charges);
   });
-  return charged;
+  return out;
 }
 
 /** An event's refusals as its record keeps them: [cid, reason] pairs, in the event's recipient order. */

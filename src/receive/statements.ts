@@ -3,18 +3,20 @@
  * its inputs (src/receive/commit.ts runs them, in order, on one connection):
  * 1. `insertEvents`: the batch's events, returning those that were new (and the
  *    verifying keys not yet stored);
- * 2. `readForDecisions`: lock the addressed clients and read what the decisions
- *    need; `lockSenders` re-reads senders' buckets under a lock when asked;
+ * 2. `readForDecisions`: what the decisions need, without a lock;
+ *    `lockClients` and `lockSenders` read buckets again under a lock when
+ *    asked (and `lockClients` orders the last statement's locks);
  * 3. `writeDecisions`: everything decided (events nobody receives become
- *    records without their body), the senders' conditional charges, the
- *    reports to send, and the NOTIFY that wakes long-polls.
+ *    records without their body), the clients' cursor bumps and conditional
+ *    charges, the senders' conditional charges, the reports to send, and the
+ *    NOTIFY that wakes long-polls.
  */
 import { sql, type RawBuilder } from "kysely";
 import { capabilityHashHex } from "../policy/capabilities.ts";
 import { bucketKey, limitFor, type BucketState, type RateLimits } from "../policy/rate-limit.ts";
 import type { VerificationKey } from "../protocol/keys.ts";
 import { numberArray, textArray } from "../store/arrays.ts";
-import type { DecisionInputs, Plan, StoredBuckets } from "./plan.ts";
+import type { DecisionInputs, LockedBuckets, Plan, StoredBuckets } from "./plan.ts";
 import type { AcceptedInput, RefusedInput } from "./types.ts";
 
 /** NOTIFY payloads are capped at 8000 bytes; past that, wake every waiter. */
@@ -62,16 +64,17 @@ function joinTokens(events: readonly AcceptedInput[]): Buffer {
 
 /** Statement 2's one row of JSON, as read. */
 export interface DecisionRow {
-  clients: [string, number, StoredBuckets][];
+  clients: [string, StoredBuckets][];
   capabilities: [string, string, string, string, boolean][];
   blocks: [string, "server" | "group", string][];
   senders: [string, number, number][];
 }
 
 /**
- * Statement 2: locks every client the batch's events address that exists, in
- * id order (the lock both proves the client exists at commit time and orders
- * its cursors), and reads the facts the decisions need, as one row of JSON.
+ * Statement 2: reads the facts the decisions need, as one row of JSON, without
+ * a lock: every client the batch's events address that exists (with its
+ * buckets), the capabilities presented, the clients' blocks, and the senders'
+ * buckets.
  * Missing sender buckets are created full; the read's snapshot predates that
  * insert, so each comes from one side or, if another batch is creating it right
  * now, from neither. `decode` turns the row into the planner's inputs.
@@ -94,7 +97,7 @@ export function readForDecisions(events: readonly AcceptedInput[], limits: RateL
       blocks.set(cid, entry);
     }
     return {
-      clients: new Map(row.clients.map(([id, cursor, buckets]) => [id, { id, cursor: Number(cursor), buckets }])),
+      clients: new Map(row.clients.map(([id, buckets]) => [id, { id, buckets }])),
       capabilities: new Map(row.capabilities.map(([hash, clientId, grp, owner, revoked]) => [byHash.get(hash)!, { clientId, grp, owner, revoked }])),
       blocks,
       senders: new Map(row.senders.map(([key, tokens, updatedAt]) => [key, { tokens, updatedAt }])),
@@ -102,9 +105,7 @@ export function readForDecisions(events: readonly AcceptedInput[], limits: RateL
   };
   if (ids.length === 0 && senders.length === 0) return { statement: undefined, decode };
   const statement = sql<DecisionRow>`
-    WITH locked AS (
-      SELECT id, delivery_seq, buckets FROM clients WHERE id IN (SELECT unnest(${textArray(ids)}::text[])) ORDER BY id FOR UPDATE
-    ), created AS (
+    WITH created AS (
       INSERT INTO rate_buckets (key, tokens, updated_at)
       SELECT * FROM unnest(${textArray(senderKeys)}::text[], ${numberArray(senders.map((iss) => limitFor(limits!, "sender", iss, "").burst))}::float8[],
                            ${numberArray(senders.map(() => now))}::float8[])
@@ -112,7 +113,7 @@ export function readForDecisions(events: readonly AcceptedInput[], limits: RateL
       RETURNING key, tokens, updated_at
     )
     SELECT
-      (SELECT coalesce(json_agg(json_build_array(id, delivery_seq, buckets)), '[]') FROM locked) AS clients,
+      (SELECT coalesce(json_agg(json_build_array(id, buckets)), '[]') FROM clients WHERE id IN (SELECT unnest(${textArray(ids)}::text[]))) AS clients,
       (SELECT coalesce(json_agg(json_build_array(encode(hash, 'hex'), client_id, grp, owner, revoked_at IS NOT NULL)), '[]') FROM capabilities
         WHERE hash = ANY(SELECT decode(h, 'hex') FROM unnest(${textArray([...byHash.keys()])}::text[]) AS h)) AS capabilities,
       (SELECT coalesce(json_agg(json_build_array(client_id, kind, target)), '[]') FROM client_blocks
@@ -122,7 +123,21 @@ export function readForDecisions(events: readonly AcceptedInput[], limits: RateL
   return { statement, decode };
 }
 
-/** Statement 2b (close to a sender's limit): the senders' buckets, locked until commit, in key order. */
+/**
+ * Clients locked until commit, in id order, with their buckets: statement 2b
+ * (close to a limit, the planner asked) with `lockSenders` behind it, and
+ * otherwise just before statement 3, whose cursor bumps would lock them in
+ * whatever order its join runs (two batches could deadlock).
+ */
+export function lockClients(ids: readonly string[]): { statement: RawBuilder<{ id: string; buckets: StoredBuckets }>; decode(rows: readonly { id: string; buckets: StoredBuckets }[]): LockedBuckets["clients"] } {
+  return {
+    statement: sql<{ id: string; buckets: StoredBuckets }>`
+      SELECT id, buckets FROM clients WHERE id IN (SELECT unnest(${textArray([...ids])}::text[])) ORDER BY id FOR UPDATE`,
+    decode: (rows) => new Map(rows.map((r) => [r.id, r.buckets])),
+  };
+}
+
+/** Statement 2b's second part: the senders' buckets, locked until commit, in key order. */
 export function lockSenders(keys: readonly string[]): { statement: RawBuilder<{ key: string; tokens: number; updated_at: number }>; decode(rows: readonly { key: string; tokens: number; updated_at: number }[]): BucketState } {
   return {
     statement: sql<{ key: string; tokens: number; updated_at: number }>`
@@ -132,8 +147,10 @@ export function lockSenders(keys: readonly string[]): { statement: RawBuilder<{ 
 }
 
 /**
- * Statement 3: everything decided, and the senders' conditional charges; fails
- * with sender_bucket_race (migrations/007) unless each of those charges was made.
+ * Statement 3: everything decided, the clients' cursor bumps and conditional
+ * charges, and the senders' conditional charges; fails with FR001
+ * (charge_client_buckets, migrations/012; sender_bucket_race, migrations/007)
+ * unless each of those charges was made.
  */
 export function writeDecisions(plan: Plan, refused: readonly RefusedInput[], now: number, channel: string, queueReports: boolean): RawBuilder<{ charged: number }> {
   const { deliveries: d, refusals: r, senderCharges: charges } = plan;
@@ -145,15 +162,22 @@ export function writeDecisions(plan: Plan, refused: readonly RefusedInput[], now
   // (measured, batches of 16: ~0.2 ms of Postgres CPU a batch). Each combination is its own
   // prepared statement; there are a handful.
   const parts: RawBuilder<unknown>[] = [];
-  if (d.client.length > 0) parts.push(sql`delivered AS (
-      INSERT INTO deliveries (client_id, seq, iss, jti)
-      SELECT * FROM unnest(${textArray(d.client)}::text[], ${numberArray(d.seq)}::bigint[], ${textArray(d.iss)}::text[], ${textArray(d.jti)}::text[])
-    )`);
-  if (plan.clients.length > 0) parts.push(sql`cursors AS (
-      -- {id: [cursor, buckets?]}: the buckets are JSON already.
-      UPDATE clients SET delivery_seq = (v.value->>0)::bigint, buckets = coalesce(v.value->1, clients.buckets)
+  if (plan.clients.length > 0) parts.push(sql`bumped AS (
+      -- {id: [deliveries, charges?]}. The row as it is now: another batch may have committed to
+      -- it since statement 2 (READ COMMITTED re-reads it once that batch's lock is released).
+      UPDATE clients SET delivery_seq = clients.delivery_seq + (v.value->>0)::bigint,
+        buckets = CASE WHEN v.value->1 IS NULL THEN clients.buckets ELSE charge_client_buckets(clients.buckets, v.value->1, ${now}::float8) END
       FROM jsonb_each(${JSON.stringify(Object.fromEntries(plan.clients))}::jsonb) AS v
       WHERE clients.id = v.key
+      RETURNING clients.id, clients.delivery_seq - (v.value->>0)::bigint AS cursor
+    )`);
+  // A client removed since statement 2 is not bumped, and gets no delivery: as if it were
+  // removed just after this commit (removeClient deletes its deliveries).
+  if (d.client.length > 0) parts.push(sql`delivered AS (
+      INSERT INTO deliveries (client_id, seq, iss, jti)
+      SELECT v.client, bumped.cursor + v.ordinal, v.iss, v.jti
+      FROM unnest(${textArray(d.client)}::text[], ${numberArray(d.ordinal)}::bigint[], ${textArray(d.iss)}::text[], ${textArray(d.jti)}::text[]) AS v(client, ordinal, iss, jti)
+      JOIN bumped ON bumped.id = v.client
     )`);
   if (r.client.length > 0) parts.push(sql`refusals AS (
       INSERT INTO recipient_refusals (client_id, reason, iss, jti)

@@ -37,8 +37,8 @@ export interface CommitOptions {
   readonly now: number;
   /** Off: no bucket is read or charged. */
   readonly rateLimits?: RateLimits | undefined;
-  /** Told when the batch runs a second time after a race on a sender's bucket. */
-  readonly onSenderRace?: () => void;
+  /** Told when the batch runs a second time after a race on a bucket (a client's or a sender's). */
+  readonly onBucketRace?: () => void;
   /** Queue a report for each stored event and duplicate (a worker that signs reports). */
   readonly queueReports?: boolean;
   readonly faults?: CommitFaults;

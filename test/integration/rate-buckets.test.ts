@@ -70,7 +70,7 @@ describe("two batches charging one sender's bucket at once", () => {
     await gate.connect();
     await gate.query(`BEGIN; LOCK TABLE "${schema.schema}".deliveries IN EXCLUSIVE MODE`);
     let races = 0;
-    const options = { now: NOW, rateLimits: limits(), onSenderRace: () => void (races += 1) };
+    const options = { now: NOW, rateLimits: limits(), onBucketRace: () => void (races += 1) };
     const a = commitBatch(first, events(0, 60), [], options);
     const b = commitBatch(second, events(60, 60), [], options);
     try {
@@ -100,7 +100,7 @@ describe("two batches charging one sender's bucket at once", () => {
 
   it("charge the bucket by the sum of both when it holds enough for both, with no second run", async () => {
     let races = 0;
-    const options = { now: NOW, rateLimits: limits(), onSenderRace: () => void (races += 1) };
+    const options = { now: NOW, rateLimits: limits(), onBucketRace: () => void (races += 1) };
     const outcomes = (await Promise.all([commitBatch(first, events(0, 40), [], options), commitBatch(second, events(60, 40), [], options)])).flat();
     expect(races).toBe(0);
     expect(outcomes.every((o) => o.status === "stored")).toBe(true);
