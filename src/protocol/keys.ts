@@ -5,6 +5,7 @@
  */
 import { createPrivateKey, createPublicKey, type KeyObject } from "node:crypto";
 import { calculateJwkThumbprint, exportJWK, generateKeyPair, type JWK } from "jose";
+import sodium from "sodium-native";
 import { RelayError } from "../errors.ts";
 import { isHomeserverName, isKeyId, splitKid } from "./names.ts";
 
@@ -39,6 +40,8 @@ export interface SigningKey {
   readonly kid: string;
   readonly homeserver: string;
   readonly privateKey: KeyObject;
+  /** libsodium's form of it (seed and public key, 64 bytes): what signs on the hot path (src/protocol/sign.ts). */
+  readonly secretKey: Buffer;
   readonly publicJwk: PublicJwk;
 }
 
@@ -104,7 +107,14 @@ export function importSigningKey(jwk: unknown): SigningKey {
   } catch (cause) {
     throw new RelayError("bad_request", `JWK ${jwk.kid} is not a valid Ed25519 private key`, { cause });
   }
-  return Object.freeze({ kid: jwk.kid, homeserver, privateKey, publicJwk: publicPart(jwk) });
+  // libsodium signs with the seed's own public key: an `x` that is not it would sign what nobody can verify.
+  const seed = Buffer.from(d, "base64url");
+  if (seed.length !== sodium.crypto_sign_SEEDBYTES) throw new RelayError("bad_request", `JWK ${jwk.kid}: d is not a 32-byte Ed25519 seed`);
+  const publicKey = Buffer.alloc(sodium.crypto_sign_PUBLICKEYBYTES);
+  const secretKey = Buffer.alloc(sodium.crypto_sign_SECRETKEYBYTES);
+  sodium.crypto_sign_seed_keypair(publicKey, secretKey, seed);
+  if (!publicKey.equals(Buffer.from(jwk.x, "base64url"))) throw new RelayError("bad_request", `JWK ${jwk.kid}: x is not the public key of d`);
+  return Object.freeze({ kid: jwk.kid, homeserver, privateKey, secretKey, publicJwk: publicPart(jwk) });
 }
 
 export async function generateSigningJwk(
