@@ -389,6 +389,9 @@ try {
     log(table);
   }
   if (!smoke) {
+    // `npm run bench:e2e` writes its own section at the end: kept as it is.
+    const previous = readFileSync("docs/benchmarks.md", "utf8");
+    const endToEnd = previous.includes("\n## End to end") ? previous.slice(previous.indexOf("\n## End to end")) : "";
     writeFileSync("docs/benchmarks.md", [
       "# Benchmarks", "",
       "`npm run bench` on this project's development machine: " + machine + "; nats-server 2.10 (single node, no `sync_interval`), PostgreSQL 15, both local. Worker processes (relay and baseline) run with `NODE_OPTIONS=\"" + WORKER_NODE_OPTIONS + "\"` and `node " + WORKER_NODE_FLAGS.join(" ") + "`, as deploy/ recommends.",
@@ -398,7 +401,7 @@ try {
       "This machine is noisy: the same case varies by ±15 % between runs; read ratios from several runs.", "",
       table, "",
       `Command: \`npm run bench\` (${new Date().toISOString().slice(0, 10)}).`, "",
-    ].join("\n"));
+    ].join("\n") + endToEnd);
   }
   }
 } finally {
