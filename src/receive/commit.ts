@@ -26,7 +26,7 @@
  *
  * Lock order. Locks are taken in one global order, so concurrent batches queue
  * rather than deadlock: event keys (sorted), then client rows (sorted, by
- * lockClients just before the last statement, or by statement 2b), and the
+ * orderClientLocks just before the last statement, or by statement 2b), and the
  * senders' buckets last. Expected races, and why they are fine:
  * - an event already stored (redelivery, a second worker, a retried publish):
  *   ON CONFLICT (iss, jti) DO NOTHING, and it is reported as a duplicate;
@@ -48,7 +48,7 @@ import type { RawBuilder } from "kysely";
 import type pg from "pg";
 import type { Db } from "../store/db.ts";
 import { planBatch, type Plan } from "./plan.ts";
-import { insertEvents, insertKeys, lockClients, lockSenders, readForDecisions, writeDecisions } from "./statements.ts";
+import { insertEvents, insertKeys, lockClients, lockSenders, orderClientLocks, readForDecisions, writeDecisions } from "./statements.ts";
 import { eventKey, type AcceptedInput, type CommitOptions, type EventOutcome, type RefusedInput } from "./types.ts";
 
 export type { AcceptedInput, CommitOptions, EventOutcome, RefusedInput } from "./types.ts";
@@ -116,7 +116,7 @@ export async function commitBatch(
       await begin;
       socket?.cork();
       // The clients' row locks in id order, before statement 3's bumps take them in its join's order.
-      const ordered = plan.clientsLocked || plan.clients.length === 0 ? undefined : run(lockClients(plan.clients.map(([id]) => id).sort()).statement);
+      const ordered = plan.clientsLocked || plan.clients.length === 0 ? undefined : run(orderClientLocks(plan.clients.map(([id]) => id).sort()));
       ordered?.catch(() => undefined);
       const written = run(writeDecisions(plan, refused, options.now, db.schema, options.queueReports ?? false));
       commit = client.query("COMMIT");

@@ -124,10 +124,8 @@ export function readForDecisions(events: readonly AcceptedInput[], limits: RateL
 }
 
 /**
- * Clients locked until commit, in id order, with their buckets: statement 2b
- * (close to a limit, the planner asked) with `lockSenders` behind it, and
- * otherwise just before statement 3, whose cursor bumps would lock them in
- * whatever order its join runs (two batches could deadlock).
+ * Statement 2b (close to a limit, the planner asked), with `lockSenders`
+ * behind it: clients locked until commit, in id order, with their buckets.
  */
 export function lockClients(ids: readonly string[]): { statement: RawBuilder<{ id: string; buckets: StoredBuckets }>; decode(rows: readonly { id: string; buckets: StoredBuckets }[]): LockedBuckets["clients"] } {
   return {
@@ -135,6 +133,17 @@ export function lockClients(ids: readonly string[]): { statement: RawBuilder<{ i
       SELECT id, buckets FROM clients WHERE id IN (SELECT unnest(${textArray([...ids])}::text[])) ORDER BY id FOR UPDATE`,
     decode: (rows) => new Map(rows.map((r) => [r.id, r.buckets])),
   };
+}
+
+/**
+ * Locks clients until commit, in id order, reading nothing: before statement 3,
+ * whose cursor bumps would lock them in whatever order its join runs (two
+ * batches could deadlock). One row back, not one per client.
+ */
+export function orderClientLocks(ids: readonly string[]): RawBuilder<{ locked: number }> {
+  return sql<{ locked: number }>`
+    SELECT count(*)::int AS locked FROM (
+      SELECT FROM clients WHERE id IN (SELECT unnest(${textArray([...ids])}::text[])) ORDER BY id FOR UPDATE) AS l`;
 }
 
 /** Statement 2b's second part: the senders' buckets, locked until commit, in key order. */
