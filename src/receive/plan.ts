@@ -29,11 +29,11 @@ export interface ReadClient {
 }
 
 /**
- * A client's bucket charges, by slot as StoredBuckets names them: [rate, burst,
- * tokens charged, tokens the bucket must still hold]. A slot charged nothing is
- * dropped where full again (charge_client_buckets, migrations/012).
+ * A client's bucket charges, one per slot as StoredBuckets names them: [slot,
+ * rate, burst, tokens charged, tokens the bucket must still hold]. A slot charged
+ * nothing is dropped where full again (charge_client_buckets, migrations/012).
  */
-export type ClientCharges = Record<string, [rate: number, burst: number, charged: number, needed: number]>;
+export type ClientCharges = [slot: string, rate: number, burst: number, charged: number, needed: number][];
 
 /** What the transaction read for the decisions (statement 2). */
 export interface DecisionInputs {
@@ -320,17 +320,17 @@ function clientCharges(
     slot === ALL_SENDERS ? limitFor(limits, "client", "", cid) : limitFor(limits, "sender_client", slot, cid);
   const out = new Map<string, ClientCharges>();
   perClient.forEach((slots, cid) => {
-    const charges: ClientCharges = {};
+    const charges: ClientCharges = [];
     slots.forEach((tally, slot) => {
       const limit = limitOf(slot, cid);
-      charges[slot] = [limit.rate, limit.burst, tally.charged, locked ? 0 : tally.needed];
+      charges.push([slot, limit.rate, limit.burst, tally.charged, locked ? 0 : tally.needed]);
     });
     const stored = bucketsOf(cid);
     for (const slot in stored) {
       if (slots.has(slot)) continue;
       const limit = limitOf(slot, cid);
       const [tokens, updatedAt] = stored[slot]!;
-      if (refilledTokens(tokens, updatedAt, limit, now) >= limit.burst) charges[slot] = [limit.rate, limit.burst, 0, 0];
+      if (refilledTokens(tokens, updatedAt, limit, now) >= limit.burst) charges.push([slot, limit.rate, limit.burst, 0, 0]);
     }
     out.set(cid, charges);
   });

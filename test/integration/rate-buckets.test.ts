@@ -4,7 +4,8 @@
  * charged by the commit's last statement: two batches that read it at the same
  * time, when it holds enough for either but not both, must still charge it
  * exactly (the second to commit runs again with the bucket locked). A client's
- * own buckets live in its row, and only those not full again are kept.
+ * own buckets live in its row, and only those not full again are kept; they
+ * too are read without a lock and charged on condition by the last statement.
  */
 import { randomBytes } from "node:crypto";
 import pg from "pg";
@@ -126,6 +127,42 @@ describe("a client's own buckets, in its row", () => {
     expect(await bucketsOf("c0")).toEqual({ "*": [9, later], gamma: [4, later] });
     // A client nobody delivered to keeps none.
     expect(await bucketsOf("c1")).toEqual({});
+  });
+
+  it("charged by two batches that read it at once, hold exactly their burst: the loser runs again locked and is refused what is left over", async () => {
+    const rates: RateLimits = { ...limits(), servers: {}, client: { rate: 0, burst: 10 }, senderClient: { rate: 0, burst: 5 } };
+    await first.pool.query("INSERT INTO rate_buckets (key, tokens, updated_at) VALUES ('s:alpha', $1, $2)", [rates.sender.burst, NOW]);
+    await first.pool.query("INSERT INTO peer_keys (thumbprint, kid, homeserver, jwk) VALUES ($1, $2, 'alpha', $3)", [key.thumbprint, key.kid, JSON.stringify(key.jwk)]);
+    const toC0 = (name: string): AcceptedInput[] => Array.from({ length: 3 }, (_, i) => {
+      const [e] = events(0, 1);
+      return { ...e!, streamSeq: 1000 + i + (name === "a" ? 0 : 10), event: { ...e!.event, bytes: Buffer.from(`${name}${i}`), claims: { ...e!.event.claims, jti: `${name}-${i}` } } };
+    });
+    // Both read c0's buckets (5 left for alpha, enough for either batch of 3) before either may lock its row.
+    const gate = new pg.Client({ connectionString: schema.url });
+    await gate.connect();
+    await gate.query(`BEGIN; LOCK TABLE "${schema.schema}".clients IN EXCLUSIVE MODE`);
+    let races = 0;
+    const options = { now: NOW, rateLimits: rates, onBucketRace: () => void (races += 1) };
+    const a = commitBatch(first, toC0("a"), [], options);
+    const b = commitBatch(second, toC0("b"), [], options);
+    try {
+      for (let i = 0; ; i++) {
+        if (i === 500) throw new Error("the two batches never both reached the gate");
+        const { rows } = await gate.query<{ n: number }>("SELECT count(*)::int AS n FROM pg_locks WHERE relation = $1::regclass AND NOT granted", [`"${schema.schema}".clients`]);
+        if (rows[0]!.n === 2) break;
+        await new Promise((r) => setTimeout(r, 10));
+      }
+    } finally {
+      await gate.query("COMMIT");
+      await gate.end();
+    }
+    const outcomes = [...(await a), ...(await b)];
+    expect(races).toBe(1);
+    const limited = outcomes.filter((o) => o.status === "stored" && o.decision.refused.some((r) => r.reason === "rate_limited"));
+    expect(limited).toHaveLength(1);
+    const { rows } = await first.pool.query<{ seq: string }>("SELECT seq FROM deliveries WHERE client_id = 'c0' ORDER BY seq");
+    expect(rows.map((r) => Number(r.seq))).toEqual([1, 2, 3, 4, 5]);
+    expect(await bucketsOf("c0")).toEqual({ "*": [5, NOW], alpha: [0, NOW] });
   });
 
   it("limit a client exactly: the sixth delivery from one sender is refused rate_limited", async () => {

@@ -60,8 +60,8 @@ describe("planBatch", () => {
     // c1's all-senders bucket at 1 token, its bucket for gamma long refilled.
     const inputs: PlanInputs = { accepted: [e1], stored: [e1], read: read({ c1: { buckets: { "*": [1, NOW], gamma: [0, NOW - 3600] } } }), limits: LIMITS, now: NOW };
     const p = plan(planBatch(inputs, { lockFirst: false }));
-    // [rate, burst, charged, needed]: the client limit is 1/s burst 3, a sender's to it 1/s burst 2.
-    expect(p.clients).toEqual([["c1", [1, { "*": [1, 3, 1, 1], alpha: [1, 2, 1, 1], gamma: [1, 2, 0, 0] }]]]);
+    // [slot, rate, burst, charged, needed]: the client limit is 1/s burst 3, a sender's to it 1/s burst 2.
+    expect(p.clients).toEqual([["c1", [1, [["*", 1, 3, 1, 1], ["alpha", 1, 2, 1, 1], ["gamma", 1, 2, 0, 0]]]]]);
     expect(p.senderCharges).toEqual([{ key: "s:alpha", limit: LIMITS.sender, charged: 1, needed: 1 }]);
     expect(p.senderBuckets.size).toBe(0);
   });
@@ -77,7 +77,7 @@ describe("planBatch", () => {
     // Locked, nothing is conditional: the sender's bucket is written as decided, clients' slots need nothing.
     expect(p.senderCharges).toEqual([]);
     expect([...p.senderBuckets]).toEqual([["s:alpha", { tokens: 499, updatedAt: NOW }]]);
-    expect(p.clients).toEqual([["c1", [0, { "*": [1, 3, 0, 0], alpha: [1, 2, 0, 0] }]], ["c2", [1, { "*": [1, 3, 1, 0], alpha: [1, 2, 1, 0] }]]]);
+    expect(p.clients).toEqual([["c1", [0, [["*", 1, 3, 0, 0], ["alpha", 1, 2, 0, 0]]]], ["c2", [1, [["*", 1, 3, 1, 0], ["alpha", 1, 2, 1, 0]]]]]);
     expect(p.clientsLocked).toBe(true);
   });
 
