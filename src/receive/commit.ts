@@ -119,6 +119,9 @@ export async function commitBatch(
       const ordered = plan.clientsLocked || plan.clients.length === 0 ? undefined : run(orderClientLocks(plan.clients.map(([id]) => id).sort()));
       ordered?.catch(() => undefined);
       const written = run(writeDecisions(plan, refused, options.now, db.schema, options.queueReports ?? false));
+      // Awaited after `ordered`: if that fails first (a lost connection, a deadlock), this one's
+      // rejection must not go unhandled (it would end the process).
+      written.catch(() => undefined);
       commit = client.query("COMMIT");
       socket?.uncork();
       commit.catch(() => undefined);

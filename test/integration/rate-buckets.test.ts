@@ -177,3 +177,37 @@ describe("a client's own buckets, in its row", () => {
     expect(await bucketsOf("c0")).toEqual({ "*": [5, NOW], alpha: [0, NOW] });
   });
 });
+
+describe("a batch waiting for a client's row", () => {
+  it("fails alone when its connection is lost while it waits, and leaves no rejection unhandled", async () => {
+    const holder = new pg.Client({ connectionString: schema.url });
+    await holder.connect();
+    await holder.query(`BEGIN; SELECT 1 FROM "${schema.schema}".clients WHERE id = 'c0' FOR UPDATE`);
+    const unhandled: unknown[] = [];
+    const onUnhandled = (reason: unknown): void => void unhandled.push(reason);
+    process.on("unhandledRejection", onUnhandled);
+    try {
+      const batch = commitBatch(first, events(0, 1), [], { now: NOW, rateLimits: limits() });
+      batch.catch(() => undefined);
+      // The batch has read without a lock, decided, and now waits to lock c0 before its last statement.
+      let pid: number | undefined;
+      for (let i = 0; pid === undefined; i++) {
+        if (i === 500) throw new Error("the batch never waited for c0's lock");
+        const { rows } = await second.pool.query<{ pid: number }>(
+          "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%AS locked%' AND datname = current_database()");
+        pid = rows[0]?.pid;
+        if (pid === undefined) await new Promise((r) => setTimeout(r, 10));
+      }
+      await second.pool.query("SELECT pg_terminate_backend($1)", [pid]);
+      await expect(batch).rejects.toThrow();
+      await new Promise((r) => setTimeout(r, 100));
+      expect(unhandled).toEqual([]);
+      // Nothing of it was stored, and the next batch commits on a fresh connection once c0 is free.
+      await holder.query("ROLLBACK");
+      expect(await commitBatch(first, events(0, 1), [], { now: NOW, rateLimits: limits() })).toMatchObject([{ status: "stored" }]);
+    } finally {
+      process.off("unhandledRejection", onUnhandled);
+      await holder.end();
+    }
+  });
+});
