@@ -33,7 +33,9 @@
  * - a revocation committed after statement 2 read the capabilities: the batch
  *   decided on what it read, as if it had committed a moment earlier;
  * - a client removed after statement 2: it is not bumped and gets no delivery,
- *   as if it were removed a moment after the commit.
+ *   as if it were removed a moment after the commit; nor does a client
+ *   registered again under its id since (the last statement writes to the
+ *   registration statement 2 read, by its created_at).
  *
  * Pipelining. Every round trip is latency under load, and rows stay locked for
  * it: BEGIN goes out with statements 1 and 2 in one write, and the clients'

@@ -26,6 +26,11 @@ export const ALL_SENDERS = "*";
 export interface ReadClient {
   readonly id: string;
   readonly buckets: StoredBuckets;
+  /**
+   * When it was registered, as Postgres wrote it: the last statement writes to this
+   * registration only, not to a client removed and registered again under the id since.
+   */
+  readonly createdAt: string;
 }
 
 /**
@@ -69,8 +74,8 @@ export interface Plan {
    * (migrations/011), their refusals as JSON [cid, reason] pairs in recipient order, not as rows.
    */
   readonly records: { iss: string[]; jti: string[]; refused: string[] };
-  /** Client rows to update: how many deliveries to add to the cursor and, with rate limits, the charges. */
-  readonly clients: [string, [deliveries: number] | [deliveries: number, ClientCharges]][];
+  /** Client rows to update: how many deliveries to add to the cursor, the registration read, and with rate limits the charges. */
+  readonly clients: [string, [deliveries: number, createdAt: string] | [deliveries: number, createdAt: string, ClientCharges]][];
   /** The clients are locked already (the planner asked): the last statement need not lock them first. */
   readonly clientsLocked: boolean;
   /** Delayed events, inserted only to learn they were new: taken back, so their redelivery is not a duplicate. */
@@ -155,10 +160,10 @@ export function planBatch(inputs: PlanInputs, options: PlanOptions): PlanResult 
     }
   }
   const clients: Plan["clients"] = [];
-  for (const id of read.clients.keys()) {
-    const n = count.get(id) ?? 0;
-    const charges = charged.clientCharges.get(id);
-    if (n > 0 || charges !== undefined) clients.push([id, charges === undefined ? [n] : [n, charges]]);
+  for (const c of read.clients.values()) {
+    const n = count.get(c.id) ?? 0;
+    const charges = charged.clientCharges.get(c.id);
+    if (n > 0 || charges !== undefined) clients.push([c.id, charges === undefined ? [n, c.createdAt] : [n, c.createdAt, charges]]);
   }
   const reported: Plan["reported"] = { iss: [], jti: [] };
   const outcomes = accepted.map((a): EventOutcome => {

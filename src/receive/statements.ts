@@ -64,7 +64,7 @@ function joinTokens(events: readonly AcceptedInput[]): Buffer {
 
 /** Statement 2's one row of JSON, as read. */
 export interface DecisionRow {
-  clients: [string, StoredBuckets][];
+  clients: [string, StoredBuckets, string][];
   capabilities: [string, string, string, string, boolean][];
   blocks: [string, "server" | "group", string][];
   senders: [string, number, number][];
@@ -97,7 +97,7 @@ export function readForDecisions(events: readonly AcceptedInput[], limits: RateL
       blocks.set(cid, entry);
     }
     return {
-      clients: new Map(row.clients.map(([id, buckets]) => [id, { id, buckets }])),
+      clients: new Map(row.clients.map(([id, buckets, createdAt]) => [id, { id, buckets, createdAt }])),
       capabilities: new Map(row.capabilities.map(([hash, clientId, grp, owner, revoked]) => [byHash.get(hash)!, { clientId, grp, owner, revoked }])),
       blocks,
       senders: new Map(row.senders.map(([key, tokens, updatedAt]) => [key, { tokens, updatedAt }])),
@@ -113,7 +113,7 @@ export function readForDecisions(events: readonly AcceptedInput[], limits: RateL
       RETURNING key, tokens, updated_at
     )
     SELECT
-      (SELECT coalesce(json_agg(json_build_array(id, buckets)), '[]') FROM clients WHERE id IN (SELECT unnest(${textArray(ids)}::text[]))) AS clients,
+      (SELECT coalesce(json_agg(json_build_array(id, buckets, created_at::text)), '[]') FROM clients WHERE id IN (SELECT unnest(${textArray(ids)}::text[]))) AS clients,
       (SELECT coalesce(json_agg(json_build_array(encode(hash, 'hex'), client_id, grp, owner, revoked_at IS NOT NULL)), '[]') FROM capabilities
         WHERE hash = ANY(SELECT decode(h, 'hex') FROM unnest(${textArray([...byHash.keys()])}::text[]) AS h)) AS capabilities,
       (SELECT coalesce(json_agg(json_build_array(client_id, kind, target)), '[]') FROM client_blocks
@@ -172,16 +172,18 @@ export function writeDecisions(plan: Plan, refused: readonly RefusedInput[], now
   // prepared statement; there are a handful.
   const parts: RawBuilder<unknown>[] = [];
   if (plan.clients.length > 0) parts.push(sql`bumped AS (
-      -- {id: [deliveries, charges?]}. The row as it is now: another batch may have committed to
-      -- it since statement 2 (READ COMMITTED re-reads it once that batch's lock is released).
+      -- {id: [deliveries, created_at, charges?]}. The row as it is now: another batch may have
+      -- committed to it since statement 2 (READ COMMITTED re-reads it once that batch's lock is
+      -- released). Only the client statement 2 read: one removed and registered again since is
+      -- another client, whom the batch's decisions (its capabilities, its blocks) were not about.
       UPDATE clients SET delivery_seq = clients.delivery_seq + (v.value->>0)::bigint,
-        buckets = CASE WHEN v.value->1 IS NULL THEN clients.buckets ELSE charge_client_buckets(clients.buckets, v.value->1, ${now}::float8) END
+        buckets = CASE WHEN v.value->2 IS NULL THEN clients.buckets ELSE charge_client_buckets(clients.buckets, v.value->2, ${now}::float8) END
       FROM jsonb_each(${JSON.stringify(Object.fromEntries(plan.clients))}::jsonb) AS v
-      WHERE clients.id = v.key
+      WHERE clients.id = v.key AND clients.created_at = (v.value->>1)::timestamptz
       RETURNING clients.id, clients.delivery_seq - (v.value->>0)::bigint AS cursor
     )`);
-  // A client removed since statement 2 is not bumped, and gets no delivery: as if it were
-  // removed just after this commit (removeClient deletes its deliveries).
+  // A client removed since statement 2 (or removed and registered again) is not bumped, and gets
+  // no delivery: as if it were removed just after this commit (removeClient deletes its deliveries).
   if (d.client.length > 0) parts.push(sql`delivered AS (
       INSERT INTO deliveries (client_id, seq, iss, jti)
       SELECT v.client, bumped.cursor + v.ordinal, v.iss, v.jti

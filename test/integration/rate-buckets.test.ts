@@ -179,6 +179,32 @@ describe("a client's own buckets, in its row", () => {
 });
 
 describe("a batch waiting for a client's row", () => {
+  it("delivers nothing to a client removed and registered again under its id after the batch read it", async () => {
+    const gate = new pg.Client({ connectionString: schema.url });
+    await gate.connect();
+    const t = (table: string): string => `"${schema.schema}".${table}`;
+    await gate.query(`BEGIN; LOCK TABLE ${t("clients")} IN EXCLUSIVE MODE`);
+    try {
+      const batch = commitBatch(first, events(0, 1), [], { now: NOW, rateLimits: limits() });
+      batch.catch(() => undefined);
+      for (let i = 0; ; i++) {
+        if (i === 500) throw new Error("the batch never waited for the clients' locks");
+        const { rows } = await second.pool.query<{ n: number }>("SELECT count(*)::int AS n FROM pg_locks WHERE relation = $1::regclass AND NOT granted", [t("clients")]);
+        if (rows[0]!.n === 1) break;
+        await new Promise((r) => setTimeout(r, 10));
+      }
+      // Meanwhile c0 is removed and registered again (what removeClient and registerClient do).
+      await gate.query(`DELETE FROM ${t("clients")} WHERE id = 'c0'; DELETE FROM ${t("deliveries")} WHERE client_id = 'c0';
+        INSERT INTO ${t("clients")} (id) VALUES ('c0'); UPDATE ${t("capabilities")} SET revoked_at = now() WHERE client_id = 'c0'; COMMIT`);
+      expect((await batch).map((o) => o.status)).toEqual(["stored"]);
+      const { rows } = await first.pool.query<{ delivery_seq: string }>("SELECT delivery_seq FROM clients WHERE id = 'c0'");
+      expect(rows).toEqual([{ delivery_seq: "0" }]);
+      expect((await first.pool.query("SELECT 1 FROM deliveries WHERE client_id = 'c0'")).rows).toEqual([]);
+    } finally {
+      await gate.end();
+    }
+  });
+
   it("fails alone when its connection is lost while it waits, and leaves no rejection unhandled", async () => {
     const holder = new pg.Client({ connectionString: schema.url });
     await holder.connect();

@@ -26,7 +26,7 @@ function event(iss: string, jti: string, rcpt: { cid: string; cap?: string }[], 
 /** Clients with a capability each for g@alpha, as statement 2 reads them. */
 function read(clients: Record<string, { buckets?: StoredBuckets }>, senders: DecisionInputs["senders"] = new Map()): DecisionInputs {
   return {
-    clients: new Map(Object.entries(clients).map(([id, c]) => [id, { id, buckets: c.buckets ?? {} }])),
+    clients: new Map(Object.entries(clients).map(([id, c]) => [id, { id, buckets: c.buckets ?? {}, createdAt: `t-${id}` }])),
     capabilities: new Map(Object.keys(clients).map((id) => [`cap-${id}`, { clientId: id, grp: "g@alpha", owner: "alpha", revoked: false }])),
     blocks: new Map(),
     senders,
@@ -49,7 +49,7 @@ describe("planBatch", () => {
     const p = plan(planBatch(inputs, { lockFirst: false }));
     expect(p.deliveries).toEqual({ client: ["c1", "c2", "c1"], ordinal: [1, 1, 2], iss: ["alpha", "alpha", "alpha"], jti: ["e1", "e1", "e2"] });
     expect(p.refusals).toEqual({ client: ["ghost", "c2"], reason: ["capability_mismatch", "no_capability"], iss: ["alpha", "alpha"], jti: ["e2", "e2"] });
-    expect(p.clients).toEqual([["c1", [2]], ["c2", [1]]]);
+    expect(p.clients).toEqual([["c1", [2, "t-c1"]], ["c2", [1, "t-c2"]]]);
     expect(p.clientsLocked).toBe(false);
     expect(p.outcomes.map((o) => o.status)).toEqual(["stored", "duplicate", "stored"]);
     expect(p.senderCharges).toEqual([]);
@@ -61,7 +61,7 @@ describe("planBatch", () => {
     const inputs: PlanInputs = { accepted: [e1], stored: [e1], read: read({ c1: { buckets: { "*": [1, NOW], gamma: [0, NOW - 3600] } } }), limits: LIMITS, now: NOW };
     const p = plan(planBatch(inputs, { lockFirst: false }));
     // [slot, rate, burst, charged, needed]: the client limit is 1/s burst 3, a sender's to it 1/s burst 2.
-    expect(p.clients).toEqual([["c1", [1, [["*", 1, 3, 1, 1], ["alpha", 1, 2, 1, 1], ["gamma", 1, 2, 0, 0]]]]]);
+    expect(p.clients).toEqual([["c1", [1, "t-c1", [["*", 1, 3, 1, 1], ["alpha", 1, 2, 1, 1], ["gamma", 1, 2, 0, 0]]]]]);
     expect(p.senderCharges).toEqual([{ key: "s:alpha", limit: LIMITS.sender, charged: 1, needed: 1 }]);
     expect(p.senderBuckets.size).toBe(0);
   });
@@ -77,7 +77,7 @@ describe("planBatch", () => {
     // Locked, nothing is conditional: the sender's bucket is written as decided, clients' slots need nothing.
     expect(p.senderCharges).toEqual([]);
     expect([...p.senderBuckets]).toEqual([["s:alpha", { tokens: 499, updatedAt: NOW }]]);
-    expect(p.clients).toEqual([["c1", [0, [["*", 1, 3, 0, 0], ["alpha", 1, 2, 0, 0]]]], ["c2", [1, [["*", 1, 3, 1, 0], ["alpha", 1, 2, 1, 0]]]]]);
+    expect(p.clients).toEqual([["c1", [0, "t-c1", [["*", 1, 3, 0, 0], ["alpha", 1, 2, 0, 0]]]], ["c2", [1, "t-c2", [["*", 1, 3, 1, 0], ["alpha", 1, 2, 1, 0]]]]]);
     expect(p.clientsLocked).toBe(true);
   });
 
@@ -94,7 +94,7 @@ describe("planBatch", () => {
     const e1 = event("alpha", "e1", rcpt("c1", "c2"));
     const e2 = event("alpha", "e2", rcpt("c2"));
     const p = plan(planBatch({ accepted: [e1, e2], stored: [e1, e2], read: read({ c1: {}, c2: { buckets: { "*": [0, NOW] } } }), limits: undefined, now: NOW }, { lockFirst: true }));
-    expect(p.clients).toEqual([["c1", [1]], ["c2", [2]]]);
+    expect(p.clients).toEqual([["c1", [1, "t-c1"]], ["c2", [2, "t-c2"]]]);
     expect(p.deliveries.ordinal).toEqual([1, 1, 2]);
     expect(p.senderCharges).toEqual([]);
   });
