@@ -6,13 +6,14 @@ import { createHash } from "node:crypto";
 import { z } from "zod";
 import { RelayError } from "./errors.ts";
 import { DEFAULT_EVENT_LIMITS, MAX_RECIPIENTS } from "./protocol/claims.ts";
+import { MAX_LIMIT } from "./policy/rate-limit.ts";
 import { isServerPattern } from "./policy/server-rules.ts";
 import { isClientId, isHomeserverName } from "./protocol/names.ts";
 
 const homeserver = z.string().refine(isHomeserverName, "must be a lowercase DNS name (DESIGN §3)");
-const limitSchema = z.strictObject({ rate: z.number().min(0), burst: z.number().min(1) });
+const limitSchema = z.strictObject({ rate: z.number().min(0).max(MAX_LIMIT), burst: z.number().min(1).max(MAX_LIMIT) });
 // A sender's bucket must hold one whole event: up to 1,000 recipients (DESIGN §5).
-const senderLimitSchema = z.strictObject({ rate: z.number().min(0), burst: z.number().min(MAX_RECIPIENTS, `must be at least ${MAX_RECIPIENTS} (one event's recipients)`) });
+const senderLimitSchema = z.strictObject({ rate: z.number().min(0).max(MAX_LIMIT), burst: z.number().min(MAX_RECIPIENTS, `must be at least ${MAX_RECIPIENTS} (one event's recipients)`).max(MAX_LIMIT) });
 const jwk = z.looseObject({ kty: z.string(), kid: z.string() });
 
 export const configSchema = z.strictObject({

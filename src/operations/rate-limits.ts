@@ -1,6 +1,6 @@
 /** Run-time rate-limit overrides: a trusted peer's sender limit, a bot client's own limit. */
 import { RelayError } from "../errors.ts";
-import type { Limit, RateLimits } from "../policy/rate-limit.ts";
+import { MAX_LIMIT, type Limit, type RateLimits } from "../policy/rate-limit.ts";
 import { MAX_RECIPIENTS } from "../protocol/claims.ts";
 import { isHomeserverName } from "../protocol/names.ts";
 import { deleteRateOverride, loadRateOverrides, putRateOverride, type OverrideScope } from "../store/server-policy.ts";
@@ -24,6 +24,7 @@ function checkedLimit(scope: OverrideScope, { rate, burst }: Limit): Limit {
   // A sender's bucket must hold a whole event (DESIGN §5: up to 1,000 recipients).
   if (scope === "server" && !(burst >= MAX_RECIPIENTS)) throw new RelayError("bad_request", `rate limit burst: must be at least ${MAX_RECIPIENTS} for a homeserver`);
   if (!(burst >= 1)) throw new RelayError("bad_request", "rate limit burst: must be at least 1");
+  if (rate > MAX_LIMIT || burst > MAX_LIMIT) throw new RelayError("bad_request", `rate limit rate and burst: must be at most ${MAX_LIMIT} (1e12)`);
   return { rate, burst };
 }
 

@@ -72,7 +72,22 @@ export interface RateLimits {
   readonly maxDelaySeconds: number;
 }
 
+/**
+ * The largest rate and burst: a trillion deliveries (a second) is no limit at all, and
+ * Postgres charges buckets in float8 arithmetic that raises on overflow where JavaScript
+ * would give Infinity (a rate of 1e300 after a few seconds' refill). Settings above it are
+ * refused (config, `ratelimit set`, the API); limitFor clamps any that got stored before.
+ */
+export const MAX_LIMIT = 1e12;
+
 export function limitFor(limits: RateLimits, scope: Scope, sender: string, client: string): Limit {
+  const limit = scopedLimit(limits, scope, sender, client);
+  return limit.rate > MAX_LIMIT || limit.burst > MAX_LIMIT
+    ? { rate: Math.min(limit.rate, MAX_LIMIT), burst: Math.min(limit.burst, MAX_LIMIT) }
+    : limit;
+}
+
+function scopedLimit(limits: RateLimits, scope: Scope, sender: string, client: string): Limit {
   switch (scope) {
     case "client": return limits.clients[client] ?? limits.client;
     case "sender": return limits.servers[sender] ?? limits.sender;

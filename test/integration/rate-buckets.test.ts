@@ -165,6 +165,16 @@ describe("a client's own buckets, in its row", () => {
     expect(await bucketsOf("c0")).toEqual({ "*": [5, NOW], alpha: [0, NOW] });
   });
 
+  it("stay within what Postgres computes when a limit stored before limits were bounded is huge: charged again after a refill, nothing overflows", async () => {
+    const huge: RateLimits = { ...limits(), servers: {}, clients: { c0: { rate: 1e300, burst: 1e300 } } };
+    for (const [i, now] of [NOW, NOW + 10, NOW + 20].entries()) {
+      const [e] = events(0, 1);
+      const again = { ...e!, streamSeq: 500 + i, event: { ...e!.event, bytes: Buffer.from(`h${i}`), claims: { ...e!.event.claims, jti: `huge-${i}` } } };
+      expect((await commitBatch(first, [again], [], { now, rateLimits: huge })).map((o) => o.status)).toEqual(["stored"]);
+    }
+    expect(await bucketsOf("c0")).toEqual({ "*": [1e12 - 1, NOW + 20], alpha: [1e12 - 1, NOW + 20] });
+  });
+
   it("limit a client exactly: the sixth delivery from one sender is refused rate_limited", async () => {
     const rates: RateLimits = { ...limits(), servers: {}, client: { rate: 0, burst: 10 }, senderClient: { rate: 0, burst: 5 } };
     const toOne = Array.from({ length: 7 }, (_, i) => {

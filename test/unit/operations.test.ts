@@ -46,7 +46,7 @@ describe("rate-limit overrides", () => {
     expect(() => removeRateLimit("client", "bad id")).toThrow(expect.objectContaining(badRequest(/is not a client id$/)));
   });
 
-  it("a rate is at least 0 and a burst at least 1, or a whole event's 1,000 recipients for a homeserver", () => {
+  it("a rate is 0 to 1e12 and a burst 1 to 1e12, and at least a whole event's 1,000 recipients for a homeserver", () => {
     for (const rate of [-1, Number.NaN]) {
       expect(() => putRateLimit("client", "bot", { rate, burst: 5 })).toThrow(expect.objectContaining(badRequest(/^rate limit rate: must be at least 0$/)));
     }
@@ -56,6 +56,11 @@ describe("rate-limit overrides", () => {
     for (const burst of [1, 999, Number.NaN]) {
       expect(() => putRateLimit("server", "beta", { rate: 1, burst })).toThrow(expect.objectContaining(badRequest(/^rate limit burst: must be at least 1000 for a homeserver$/)));
     }
+    // Postgres charges buckets in float8, which raises on overflow: no rate or burst past 1e12.
+    for (const limit of [{ rate: Infinity, burst: 5 }, { rate: 1, burst: Infinity }, { rate: 1e300, burst: 1e300 }, { rate: 1e12 + 1, burst: 5 }]) {
+      expect(() => putRateLimit("client", "bot", limit)).toThrow(expect.objectContaining(badRequest(/^rate limit rate and burst: must be at most 1000000000000 \(1e12\)$/)));
+    }
+    expect(putRateLimit("client", "bot", { rate: 1e12, burst: 1e12 })).toBeTypeOf("function");
     expect(putRateLimit("client", "bot", { rate: 0, burst: 1 })).toBeTypeOf("function");
     expect(putRateLimit("server", "beta", { rate: 0, burst: 1000 })).toBeTypeOf("function");
   });
