@@ -136,14 +136,17 @@ export function lockClients(ids: readonly string[]): { statement: RawBuilder<{ i
 }
 
 /**
- * Locks clients until commit, in id order, reading nothing: before statement 3,
- * whose cursor bumps would lock them in whatever order its join runs (two
- * batches could deadlock). One row back, not one per client.
+ * Locks clients (sorted ids), then senders' buckets (sorted keys), until commit,
+ * reading nothing: before statement 3, whose cursor bumps and charges would lock
+ * them in whatever order its joins run (two batches could deadlock, or one and
+ * another that locked them in order in statement 2b). One row back.
  */
-export function orderClientLocks(ids: readonly string[]): RawBuilder<{ locked: number }> {
+export function orderLocks(clientIds: readonly string[], senderKeys: readonly string[]): RawBuilder<{ locked: number }> {
   return sql<{ locked: number }>`
-    SELECT count(*)::int AS locked FROM (
-      SELECT FROM clients WHERE id IN (SELECT unnest(${textArray([...ids])}::text[])) ORDER BY id FOR UPDATE) AS l`;
+    SELECT (SELECT count(*)::int FROM (
+              SELECT FROM clients WHERE id IN (SELECT unnest(${textArray([...clientIds])}::text[])) ORDER BY id FOR UPDATE) AS c)
+         + (SELECT count(*)::int FROM (
+              SELECT FROM rate_buckets WHERE key IN (SELECT unnest(${textArray([...senderKeys])}::text[])) ORDER BY key FOR UPDATE) AS s) AS locked`;
 }
 
 /** Statement 2b's second part: the senders' buckets, locked until commit, in key order. */
