@@ -148,6 +148,22 @@ export interface LocalCluster {
 
 /** `size` nats-server nodes routed into one JetStream cluster, each with its own store. */
 export async function startLocalCluster(size = 3, options: LocalNatsOptions = {}): Promise<LocalCluster> {
+  // A new cluster now and then never makes one of its servers a peer for placement: seen in CI
+  // (chaos d), three servers routed to each other, R1 and R2 streams placed on two of them, R3
+  // refused "no suitable peers for placement" for minutes. Such a cluster is started afresh.
+  for (let attempt = 1; ; attempt++) {
+    const cluster = await startClusterOnce(size, options);
+    try {
+      await waitForJetStream(cluster.urls, size, 15_000);
+      return cluster;
+    } catch (err) {
+      await cluster.stop();
+      if (attempt === 3) throw err;
+    }
+  }
+}
+
+async function startClusterOnce(size: number, options: LocalNatsOptions): Promise<LocalCluster> {
   const clusterPorts = await Promise.all(Array.from({ length: size }, () => freePort()));
   const clientPorts = await Promise.all(Array.from({ length: size }, () => freePort()));
   const routes = clusterPorts.map((p) => `"nats-route://127.0.0.1:${p}"`).join(", ");
@@ -160,7 +176,6 @@ export async function startLocalCluster(size = 3, options: LocalNatsOptions = {}
       options.extraConfig ?? "",
     ].join("\n"),
   })));
-  await waitForJetStream(nodes.map((n) => n.url), size);
   return {
     nodes,
     urls: nodes.map((n) => n.url),
