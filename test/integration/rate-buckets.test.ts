@@ -56,6 +56,49 @@ function events(from: number, n: number, iss = "alpha", capsOf = caps): Accepted
   });
 }
 
+/** An event to c0 alone, with its own id (a test sends c0 several). */
+function toC0(jti: string, streamSeq: number): AcceptedInput {
+  const [e] = events(0, 1);
+  return { ...e!, streamSeq, event: { ...e!.event, bytes: Buffer.from(`token-${jti}`), claims: { ...e!.event.claims, jti } } };
+}
+
+/**
+ * A transaction that holds locks the batches under test will need, opened with
+ * `sql` (which takes them); `untilBlocked(n)` waits until `n` sessions wait
+ * behind it, for its locks or for a session that does, and gives their pids.
+ * Read live (pg_locks, pg_blocking_pids), and only behind this gate: other test
+ * files wait for locks in the same database at the same time.
+ */
+async function lockGate(sql: string): Promise<{ untilBlocked(n: number): Promise<number[]>; query(sql: string): Promise<unknown>; release(): Promise<void> }> {
+  const gate = new pg.Client({ connectionString: schema.url });
+  await gate.connect();
+  await gate.query(`BEGIN; ${sql}`);
+  let open = true;
+  return {
+    async untilBlocked(n) {
+      for (let i = 0; ; i++) {
+        if (i === 500) throw new Error(`never ${n} sessions waiting behind the gate`);
+        const { rows } = await gate.query<{ pid: number }>(`
+          WITH waiting AS (SELECT DISTINCT pid FROM pg_locks WHERE NOT granted),
+               direct AS (SELECT pid FROM waiting WHERE pg_backend_pid() = ANY(pg_blocking_pids(pid)))
+          SELECT pid FROM waiting WHERE pid IN (SELECT pid FROM direct) OR pg_blocking_pids(pid) && ARRAY(SELECT pid FROM direct)`);
+        if (rows.length >= n) return rows.map((r) => r.pid);
+        await new Promise((r) => setTimeout(r, 10));
+      }
+    },
+    query: (more) => gate.query(more),
+    async release() {
+      if (!open) return;
+      open = false;
+      try {
+        await gate.query("COMMIT");
+      } finally {
+        await gate.end();
+      }
+    },
+  };
+}
+
 /** A sender bucket smaller than config allows (burst ≥ 1,000): the store takes any limits. */
 function limits(): RateLimits {
   return { ...loadConfig({}).rateLimits, servers: { alpha: SENDER }, client: { rate: 0, burst: 1000 }, senderClient: { rate: 0, burst: 1000 } };
@@ -67,24 +110,16 @@ describe("two batches charging one sender's bucket at once", () => {
     await first.pool.query("INSERT INTO rate_buckets (key, tokens, updated_at) VALUES ('s:alpha', $1, $2)", [SENDER.burst, NOW]);
     await first.pool.query("INSERT INTO peer_keys (thumbprint, kid, homeserver, jwk) VALUES ($1, $2, 'alpha', $3)", [key.thumbprint, key.kid, JSON.stringify(key.jwk)]);
     // Hold both transactions after they have read the bucket and decided (deliveries are written after that).
-    const gate = new pg.Client({ connectionString: schema.url });
-    await gate.connect();
-    await gate.query(`BEGIN; LOCK TABLE "${schema.schema}".deliveries IN EXCLUSIVE MODE`);
+    const gate = await lockGate(`LOCK TABLE "${schema.schema}".deliveries IN EXCLUSIVE MODE`);
     let races = 0;
     const options = { now: NOW, rateLimits: limits(), onBucketRace: () => void (races += 1) };
     const a = commitBatch(first, events(0, 60), [], options);
     const b = commitBatch(second, events(60, 60), [], options);
     try {
       // Both wait, once both have read the sender's bucket: on the gate, or (if the other charged it first) on the bucket's row.
-      for (let i = 0; ; i++) {
-        if (i === 500) throw new Error("the two batches never both reached the gate");
-        const { rows } = await second.pool.query<{ n: number }>("SELECT count(*)::int AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()");
-        if (rows[0]!.n === 2) break;
-        await new Promise((r) => setTimeout(r, 10));
-      }
+      await gate.untilBlocked(2);
     } finally {
-      await gate.query("COMMIT");
-      await gate.end();
+      await gate.release();
     }
     const outcomes = [...(await a), ...(await b)];
 
@@ -133,28 +168,17 @@ describe("a client's own buckets, in its row", () => {
     const rates: RateLimits = { ...limits(), servers: {}, client: { rate: 0, burst: 10 }, senderClient: { rate: 0, burst: 5 } };
     await first.pool.query("INSERT INTO rate_buckets (key, tokens, updated_at) VALUES ('s:alpha', $1, $2)", [rates.sender.burst, NOW]);
     await first.pool.query("INSERT INTO peer_keys (thumbprint, kid, homeserver, jwk) VALUES ($1, $2, 'alpha', $3)", [key.thumbprint, key.kid, JSON.stringify(key.jwk)]);
-    const toC0 = (name: string): AcceptedInput[] => Array.from({ length: 3 }, (_, i) => {
-      const [e] = events(0, 1);
-      return { ...e!, streamSeq: 1000 + i + (name === "a" ? 0 : 10), event: { ...e!.event, bytes: Buffer.from(`${name}${i}`), claims: { ...e!.event.claims, jti: `${name}-${i}` } } };
-    });
+    const three = (name: string, seq: number): AcceptedInput[] => [0, 1, 2].map((i) => toC0(`${name}-${i}`, seq + i));
     // Both read c0's buckets (5 left for alpha, enough for either batch of 3) before either may lock its row.
-    const gate = new pg.Client({ connectionString: schema.url });
-    await gate.connect();
-    await gate.query(`BEGIN; LOCK TABLE "${schema.schema}".clients IN EXCLUSIVE MODE`);
+    const gate = await lockGate(`LOCK TABLE "${schema.schema}".clients IN EXCLUSIVE MODE`);
     let races = 0;
     const options = { now: NOW, rateLimits: rates, onBucketRace: () => void (races += 1) };
-    const a = commitBatch(first, toC0("a"), [], options);
-    const b = commitBatch(second, toC0("b"), [], options);
+    const a = commitBatch(first, three("a", 1000), [], options);
+    const b = commitBatch(second, three("b", 1010), [], options);
     try {
-      for (let i = 0; ; i++) {
-        if (i === 500) throw new Error("the two batches never both reached the gate");
-        const { rows } = await gate.query<{ n: number }>("SELECT count(*)::int AS n FROM pg_locks WHERE relation = $1::regclass AND NOT granted", [`"${schema.schema}".clients`]);
-        if (rows[0]!.n === 2) break;
-        await new Promise((r) => setTimeout(r, 10));
-      }
+      await gate.untilBlocked(2);
     } finally {
-      await gate.query("COMMIT");
-      await gate.end();
+      await gate.release();
     }
     const outcomes = [...(await a), ...(await b)];
     expect(races).toBe(1);
@@ -168,19 +192,14 @@ describe("a client's own buckets, in its row", () => {
   it("stay within what Postgres computes when a limit stored before limits were bounded is huge: charged again after a refill, nothing overflows", async () => {
     const huge: RateLimits = { ...limits(), servers: {}, clients: { c0: { rate: 1e300, burst: 1e300 } } };
     for (const [i, now] of [NOW, NOW + 10, NOW + 20].entries()) {
-      const [e] = events(0, 1);
-      const again = { ...e!, streamSeq: 500 + i, event: { ...e!.event, bytes: Buffer.from(`h${i}`), claims: { ...e!.event.claims, jti: `huge-${i}` } } };
-      expect((await commitBatch(first, [again], [], { now, rateLimits: huge })).map((o) => o.status)).toEqual(["stored"]);
+      expect((await commitBatch(first, [toC0(`huge-${i}`, 500 + i)], [], { now, rateLimits: huge })).map((o) => o.status)).toEqual(["stored"]);
     }
     expect(await bucketsOf("c0")).toEqual({ "*": [1e12 - 1, NOW + 20], alpha: [1e12 - 1, NOW + 20] });
   });
 
   it("limit a client exactly: the sixth delivery from one sender is refused rate_limited", async () => {
     const rates: RateLimits = { ...limits(), servers: {}, client: { rate: 0, burst: 10 }, senderClient: { rate: 0, burst: 5 } };
-    const toOne = Array.from({ length: 7 }, (_, i) => {
-      const [e] = events(0, 1);
-      return { ...e!, streamSeq: 100 + i, event: { ...e!.event, bytes: Buffer.from(`t${i}`), claims: { ...e!.event.claims, jti: `one-${i}` } } };
-    });
+    const toOne = Array.from({ length: 7 }, (_, i) => toC0(`one-${i}`, 100 + i));
     const outcomes = await commitBatch(first, toOne, [], { now: NOW, rateLimits: rates });
     const refusedReasons = outcomes.map((o) => (o.status === "stored" ? o.decision.refused.map((r) => r.reason).join() : o.status));
     expect(refusedReasons).toEqual(["", "", "", "", "", "rate_limited", "rate_limited"]);
@@ -190,35 +209,27 @@ describe("a client's own buckets, in its row", () => {
 
 describe("a batch waiting for a client's row", () => {
   it("delivers nothing to a client removed and registered again under its id after the batch read it", async () => {
-    const gate = new pg.Client({ connectionString: schema.url });
-    await gate.connect();
     const t = (table: string): string => `"${schema.schema}".${table}`;
-    await gate.query(`BEGIN; LOCK TABLE ${t("clients")} IN EXCLUSIVE MODE`);
+    const gate = await lockGate(`LOCK TABLE ${t("clients")} IN EXCLUSIVE MODE`);
     try {
       const batch = commitBatch(first, events(0, 1), [], { now: NOW, rateLimits: limits() });
       batch.catch(() => undefined);
-      for (let i = 0; ; i++) {
-        if (i === 500) throw new Error("the batch never waited for the clients' locks");
-        const { rows } = await second.pool.query<{ n: number }>("SELECT count(*)::int AS n FROM pg_locks WHERE relation = $1::regclass AND NOT granted", [t("clients")]);
-        if (rows[0]!.n === 1) break;
-        await new Promise((r) => setTimeout(r, 10));
-      }
+      await gate.untilBlocked(1);
       // Meanwhile c0 is removed and registered again (what removeClient and registerClient do).
       await gate.query(`DELETE FROM ${t("clients")} WHERE id = 'c0'; DELETE FROM ${t("deliveries")} WHERE client_id = 'c0';
-        INSERT INTO ${t("clients")} (id) VALUES ('c0'); UPDATE ${t("capabilities")} SET revoked_at = now() WHERE client_id = 'c0'; COMMIT`);
+        INSERT INTO ${t("clients")} (id) VALUES ('c0'); UPDATE ${t("capabilities")} SET revoked_at = now() WHERE client_id = 'c0'`);
+      await gate.release();
       expect((await batch).map((o) => o.status)).toEqual(["stored"]);
       const { rows } = await first.pool.query<{ delivery_seq: string }>("SELECT delivery_seq FROM clients WHERE id = 'c0'");
       expect(rows).toEqual([{ delivery_seq: "0" }]);
       expect((await first.pool.query("SELECT 1 FROM deliveries WHERE client_id = 'c0'")).rows).toEqual([]);
     } finally {
-      await gate.end();
+      await gate.release();
     }
   });
 
   it("fails alone when its connection is lost while it waits, and leaves no rejection unhandled", async () => {
-    const holder = new pg.Client({ connectionString: schema.url });
-    await holder.connect();
-    await holder.query(`BEGIN; SELECT 1 FROM "${schema.schema}".clients WHERE id = 'c0' FOR UPDATE`);
+    const holder = await lockGate(`SELECT 1 FROM "${schema.schema}".clients WHERE id = 'c0' FOR UPDATE`);
     const unhandled: unknown[] = [];
     const onUnhandled = (reason: unknown): void => void unhandled.push(reason);
     process.on("unhandledRejection", onUnhandled);
@@ -226,24 +237,17 @@ describe("a batch waiting for a client's row", () => {
       const batch = commitBatch(first, events(0, 1), [], { now: NOW, rateLimits: limits() });
       batch.catch(() => undefined);
       // The batch has read without a lock, decided, and now waits to lock c0 before its last statement.
-      let pid: number | undefined;
-      for (let i = 0; pid === undefined; i++) {
-        if (i === 500) throw new Error("the batch never waited for c0's lock");
-        const { rows } = await second.pool.query<{ pid: number }>(
-          "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%AS locked%' AND datname = current_database()");
-        pid = rows[0]?.pid;
-        if (pid === undefined) await new Promise((r) => setTimeout(r, 10));
-      }
+      const [pid] = await holder.untilBlocked(1);
       await second.pool.query("SELECT pg_terminate_backend($1)", [pid]);
       await expect(batch).rejects.toThrow();
       await new Promise((r) => setTimeout(r, 100));
       expect(unhandled).toEqual([]);
       // Nothing of it was stored, and the next batch commits on a fresh connection once c0 is free.
-      await holder.query("ROLLBACK");
+      await holder.release();
       expect(await commitBatch(first, events(0, 1), [], { now: NOW, rateLimits: limits() })).toMatchObject([{ status: "stored" }]);
     } finally {
       process.off("unhandledRejection", onUnhandled);
-      await holder.end();
+      await holder.release();
     }
   });
 });
