@@ -24,9 +24,9 @@ import { parseArgs } from "node:util";
 import pg from "pg";
 import { loadConfig } from "../src/config.ts";
 import { startLocalNats, type LocalNats } from "../src/local-nats.ts";
-import { generateSigningJwk, type PrivateJwk } from "../src/protocol/keys.ts";
+import { generateSigningJwk, importSigningKey } from "../src/protocol/keys.ts";
 import { quoteIdent } from "../src/store/db.ts";
-import { cpuSeconds, postgresCpuMeter, startProcess, type BenchProcess } from "./fixtures.ts";
+import { cpuSeconds, postgresCpuMeter, startProcess, WORKER_NODE_FLAGS, WORKER_NODE_OPTIONS, type BenchProcess } from "./fixtures.ts";
 
 const { values: args } = parseArgs({
   options: {
@@ -51,7 +51,6 @@ const IN_FLIGHT = 32;
 const BODY = randomBytes(768).toString("base64url");
 const PG_URL = "postgresql://postgres@127.0.0.1:5432/test";
 const SCHEMAS = { alpha: "bench_e2e_alpha", beta: "bench_e2e_beta" } as const;
-const WORKER_NODE_OPTIONS = "--max-old-space-size=1024 --max-semi-space-size=8";
 const log = (line: string): void => void (args.json ? process.stderr : process.stdout).write(`${line}\n`);
 
 interface Member { readonly client: string; readonly token: string; readonly capability: string }
@@ -102,7 +101,6 @@ function request(url: string, init: { method?: string; token: string; body?: unk
   });
 }
 
-const publicOf = (jwk: PrivateJwk): object => { const { d: _d, ...pub } = jwk; return pub; };
 
 /** The processes of one case: alpha (API and worker), beta's worker and beta's API, on their own nats-server. */
 interface Federation {
@@ -126,7 +124,7 @@ async function startFederation(admin: pg.Pool): Promise<Federation> {
     const config = loadConfig({
       overrides: {
         homeserver: self, nats: { servers: [nats.url] }, postgres: { url: PG_URL, schema: SCHEMAS[self], poolSize: 4 },
-        http: { port: 0, serviceToken }, keys: { signingKey: keys[self] }, peers: { [peer]: { keys: [publicOf(keys[peer])] } },
+        http: { port: 0, serviceToken }, keys: { signingKey: keys[self] }, peers: { [peer]: { keys: [importSigningKey(keys[peer]).publicJwk] } },
         log: { level: "warn" },
         // Limits that never bind here: the bench measures the work, and it is the same work with them on.
         rateLimits: { client: { rate: 1e6, burst: 1e6 }, senderClient: { rate: 1e6, burst: 1e6 }, servers: { [peer]: { rate: 1e9, burst: 1e9 } } },
@@ -139,7 +137,7 @@ async function startFederation(admin: pg.Pool): Promise<Federation> {
   const env = { ...process.env, NODE_OPTIONS: WORKER_NODE_OPTIONS };
   const start = async (name: string, argv: string[]): Promise<BenchProcess & { url: string }> => {
     const profile = args["cpu-prof"] ? ["--cpu-prof", `--cpu-prof-dir=${args["cpu-prof"]}`, `--cpu-prof-name=${name}-${++profiled}.cpuprofile`] : [];
-    const p = await startProcess(["--initial-old-space-size=64", ...profile, "src/main.ts", ...argv], { ready: / on http:\/\/\S+/, env });
+    const p = await startProcess([...WORKER_NODE_FLAGS, ...profile, "src/main.ts", ...argv], { ready: / on http:\/\/\S+/, env });
     return Object.assign(p, { url: / on (http:\/\/[^\s"]+)/.exec(p.stderr())![1]! });
   };
   const alphaPath = configFile("alpha", "beta");

@@ -83,6 +83,11 @@ export async function publishAtRate(
 
 const ROOT = fileURLToPath(new URL("..", import.meta.url));
 
+/** The relay's processes run with the heap settings deploy/ recommends (docs/operations.md, "Memory"), in benchmarks too. */
+export const WORKER_NODE_OPTIONS = "--max-old-space-size=1024 --max-semi-space-size=8";
+/** Flags NODE_OPTIONS does not accept, on the command line as deploy/ has them. */
+export const WORKER_NODE_FLAGS: readonly string[] = ["--initial-old-space-size=64"];
+
 export interface BenchProcess {
   readonly child: ChildProcess;
   /** Everything it wrote to stderr so far. */

@@ -25,7 +25,9 @@ import { signEvent } from "../src/protocol/sign.ts";
 import { inboxStreamName, inboxSubject } from "../src/protocol/subjects.ts";
 import { messageId } from "../src/transport/publisher.ts";
 import { inboxConsumerName } from "../src/transport/streams.ts";
-import { cpuSeconds, freshDestination, postgresCpuMeter, publishAtRate, startProcess, type BenchProcess } from "./fixtures.ts";
+import {
+  cpuSeconds, freshDestination, postgresCpuMeter, publishAtRate, startProcess, WORKER_NODE_FLAGS, WORKER_NODE_OPTIONS as DEFAULT_WORKER_NODE_OPTIONS, type BenchProcess,
+} from "./fixtures.ts";
 
 const { values: args } = parseArgs({
   options: {
@@ -59,9 +61,7 @@ const CLIENTS = 1000;
 const PG_URL = "postgresql://postgres@127.0.0.1:5432/test";
 const SCHEMA = "bench_relay";
 const BATCH = 200;
-const WORKER_NODE_OPTIONS = args["node-options"] ?? "--max-old-space-size=1024 --max-semi-space-size=8";
-/** Flags NODE_OPTIONS does not accept, on the workers' command line as deploy/ has them (relay and baseline alike). */
-const WORKER_NODE_FLAGS = ["--initial-old-space-size=64"];
+const WORKER_NODE_OPTIONS = args["node-options"] ?? DEFAULT_WORKER_NODE_OPTIONS;
 const log = (line: string): void => void (args.json ? process.stderr : process.stdout).write(`${line}\n`);
 
 const nats = await startLocalNats();
