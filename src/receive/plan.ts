@@ -138,7 +138,8 @@ export function planBatch(inputs: PlanInputs, options: PlanOptions): PlanResult 
     charged = charges.charges;
   }
 
-  const count = new Map<string, number>();
+  /** Deliveries to each client so far in the batch. */
+  const deliveredTo = new Map<string, number>();
   const deliveries: Plan["deliveries"] = { client: [], ordinal: [], iss: [], jti: [] };
   const refusals: Plan["refusals"] = { client: [], reason: [], iss: [], jti: [] };
   const records: Plan["records"] = { iss: [], jti: [], refused: [] };
@@ -151,8 +152,8 @@ export function planBatch(inputs: PlanInputs, options: PlanOptions): PlanResult 
       continue;
     }
     for (const cid of decision.accepted) {
-      const ordinal = (count.get(cid) ?? 0) + 1;
-      count.set(cid, ordinal);
+      const ordinal = (deliveredTo.get(cid) ?? 0) + 1;
+      deliveredTo.set(cid, ordinal);
       deliveries.client.push(cid); deliveries.ordinal.push(ordinal); deliveries.iss.push(iss); deliveries.jti.push(jti);
     }
     for (const r of decision.refused) {
@@ -161,7 +162,7 @@ export function planBatch(inputs: PlanInputs, options: PlanOptions): PlanResult 
   }
   const clients: Plan["clients"] = [];
   for (const c of read.clients.values()) {
-    const n = count.get(c.id) ?? 0;
+    const n = deliveredTo.get(c.id) ?? 0;
     const charges = charged.clientCharges.get(c.id);
     if (n > 0 || charges !== undefined) clients.push([c.id, charges === undefined ? [n, c.createdAt] : [n, c.createdAt, charges]]);
   }
@@ -273,8 +274,8 @@ function chargeRateLimits(
         const cost = result.limited.has(cid) ? 0 : 1;
         let slots = perClient.get(cid);
         if (slots === undefined) perClient.set(cid, (slots = new Map()));
-        count(slots, ALL_SENDERS, cost);
-        count(slots, iss, cost);
+        addToTally(slots, ALL_SENDERS, cost);
+        addToTally(slots, iss, cost);
       }
     }
     return { state, delays, outcome, perSender, perClient, hit };
@@ -305,7 +306,7 @@ function chargeRateLimits(
   };
 }
 
-function count(slots: Map<string, Tally>, slot: string, cost: number): void {
+function addToTally(slots: Map<string, Tally>, slot: string, cost: number): void {
   const tally = slots.get(slot);
   if (tally === undefined) slots.set(slot, { charged: cost, needed: 1 });
   else { tally.charged += cost; tally.needed += 1; }
