@@ -122,6 +122,8 @@ interface Source {
   bytes: number;
   /** Its last pull brought something: it counts among those sharing the buffer. */
   busy: boolean;
+  /** The consumer's messages not yet delivered, as of the last one buffered (the server's count in its ack subject). */
+  pending: number;
   stopping: boolean;
   pull?: ConsumerMessages;
   resume?: () => void;
@@ -136,7 +138,7 @@ interface Source {
  * consumers that have messages, each holding at least one message of the
  * largest size.
  *
- * Beside a backlog (a consumer with more than LIGHT_QUEUE messages waiting), a
+ * Beside a backlog (a consumer with more than LIGHT_QUEUE messages waiting, buffered or still in the stream), a
  * trickle does not wait for the backlog's batches: while light consumers have
  * messages, the next batch holds only theirs, and one such batch may start
  * beside the batches in hand; and the backlog has one batch in hand rather than
@@ -191,6 +193,7 @@ export function startFairBatchLoop(options: BatchLoopOptions, handle: (batch: Js
             delivered += 1;
             s.queue.push(m);
             s.bytes += m.data.byteLength;
+            s.pending = m.info.pending;
             queued += 1;
             options.onBuffered?.(m);
             signal();
@@ -210,10 +213,13 @@ export function startFairBatchLoop(options: BatchLoopOptions, handle: (batch: Js
     }
   }
 
+  // Light or a backlog by what waits for the source in all, buffered and still in the stream: its
+  // buffer alone is capped by its share, so among a few busy senders every backlog would look light
+  // (and a source that filled its buffer before the others came would wait until all of them drained).
   /** A source with a few messages waiting: a trickle, not a backlog. */
-  const isLight = (s: Source): boolean => s.queue.length > 0 && s.queue.length <= LIGHT_QUEUE;
+  const isLight = (s: Source): boolean => s.queue.length > 0 && s.queue.length + s.pending <= LIGHT_QUEUE;
   /** Light sources are served first only beside a backlog: alone, a trickle batches as before. */
-  const isBacklog = (s: Source): boolean => s.queue.length > LIGHT_QUEUE;
+  const isBacklog = (s: Source): boolean => s.queue.length > 0 && s.queue.length + s.pending > LIGHT_QUEUE;
 
   /**
    * The next batch: one message from each source in turn, the first source
@@ -325,7 +331,7 @@ export function startFairBatchLoop(options: BatchLoopOptions, handle: (batch: Js
     done,
     add(key, consumer) {
       if (stopping || sources.has(key)) return;
-      const s: Source = { key, consumer, queue: [], bytes: 0, busy: false, stopping: false };
+      const s: Source = { key, consumer, queue: [], bytes: 0, busy: false, pending: 0, stopping: false };
       sources.set(key, s);
       order = [...sources.values()];
       s.receiving = receive(s);
