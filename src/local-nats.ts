@@ -52,14 +52,23 @@ export interface LocalNats {
   stop(): Promise<void>;
 }
 
+function parsedOrUndefined(text: string): unknown {
+  try {
+    return JSON.parse(text);
+  } catch {
+    return undefined;
+  }
+}
+
 async function waitForPortsFile(dir: string, child: ChildProcess, ms = 10_000): Promise<number> {
   const deadline = Date.now() + ms;
   while (Date.now() < deadline) {
     if (child.exitCode !== null) throw new Error(`nats-server exited with ${child.exitCode}`);
     const file = (await readdir(dir)).find((f) => f.endsWith(".ports") && f.includes(`_${child.pid}.`));
     if (file) {
-      const ports = JSON.parse(await readFile(join(dir, file), "utf8")) as { nats: string[] };
-      return Number(new URL(ports.nats[0]!).port);
+      // nats-server creates the file, then writes it: read too soon, it is empty or cut short (seen in CI).
+      const ports = parsedOrUndefined(await readFile(join(dir, file), "utf8")) as { nats?: string[] } | undefined;
+      if (ports?.nats?.[0] !== undefined) return Number(new URL(ports.nats[0]).port);
     }
     await new Promise((r) => setTimeout(r, 20));
   }
