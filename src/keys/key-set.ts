@@ -1,0 +1,106 @@
+/**
+ * What a peer's key set changes, as a function of data: the set as fetched
+ * (or configured), the keys already known for the peer, and the limits. Each
+ * key is judged on its own, so one key the relay refuses never costs the others
+ * (docs/protocol.md §10, Keys). Pure.
+ */
+import { checkPeerJwk, jwkThumbprint, type KeyRefusal, type PeerJwkCheck } from "../protocol/keys.ts";
+import { parseStrictObject } from "../protocol/strict-json.ts";
+
+/** Why a key of a set is not taken: the key's own faults, or what it would do to the set. */
+export type KeySetRefusal =
+  | KeyRefusal
+  /** Its kid names another homeserver: a peer's set never speaks for anyone else. */
+  | "other_homeserver"
+  /** The set lists its kid twice with different keys: which one the peer meant is unknowable. */
+  | "duplicate_kid"
+  /** Its kid is already bound to a different key: a kid, once seen, names one key forever. */
+  | "rebound_kid";
+
+export interface RefusedKey {
+  readonly kid: string | undefined;
+  readonly reason: KeySetRefusal;
+  readonly detail: string;
+}
+
+export type CheckedKey = Extract<PeerJwkCheck, { ok: true }>;
+
+export interface KeySetPlan {
+  /** Keys new to the peer, each checked. */
+  readonly add: readonly CheckedKey[];
+  readonly refused: readonly RefusedKey[];
+}
+
+export interface KeySetLimits {
+  /** A key set's body, in bytes. */
+  readonly maxBytes: number;
+  /** Keys in one set. */
+  readonly maxKeys: number;
+}
+
+/**
+ * Decades of yearly (or years of monthly) rotations, every retired key still
+ * served: 1,000 keys of ~130 bytes. A set past either limit is refused whole,
+ * so 100,000 keys (measured: 24–28 CPU-seconds and ~155 MB a fetch before the
+ * limits) cost a bounded read and nothing more.
+ */
+export const DEFAULT_KEY_SET_LIMITS: KeySetLimits = { maxBytes: 256 * 1024, maxKeys: 1000 };
+
+export type ParsedKeySet = { readonly ok: true; readonly keys: readonly unknown[] } | { readonly ok: false; readonly detail: string };
+
+/** `{"keys": [...]}` read as strictly as an event (no member named twice), within the limits. */
+export function parseKeySet(text: string, limits: KeySetLimits): ParsedKeySet {
+  if (Buffer.byteLength(text) > limits.maxBytes) return { ok: false, detail: `the key set is over ${limits.maxBytes} bytes` };
+  const body = parseStrictObject(text);
+  if (!body) return { ok: false, detail: "the key set is not a JSON object naming each member once" };
+  if (!Array.isArray(body.keys)) return { ok: false, detail: "the key set has no keys array" };
+  if (body.keys.length > limits.maxKeys) return { ok: false, detail: `the key set lists ${body.keys.length} keys, over ${limits.maxKeys}` };
+  return { ok: true, keys: body.keys };
+}
+
+/**
+ * What `jwks`, served by (or configured for) `homeserver`, adds to `known`
+ * (kid → thumbprint of the keys already bound). A known kid served with the
+ * same key is neither added nor refused.
+ */
+export function planKeySet(homeserver: string, jwks: readonly unknown[], known: ReadonlyMap<string, string>): KeySetPlan {
+  const checked: CheckedKey[] = [];
+  const refused: RefusedKey[] = [];
+  // Every distinct key a kid is listed with in this set.
+  const listed = new Map<string, Set<string>>();
+  for (const jwk of jwks) {
+    const c = checkPeerJwk(jwk);
+    if (!c.ok) {
+      refused.push({ kid: c.kid, reason: c.reason, detail: c.detail });
+      continue;
+    }
+    if (c.homeserver !== homeserver) {
+      refused.push({ kid: c.jwk.kid, reason: "other_homeserver", detail: `the key names ${c.homeserver}, not ${homeserver}` });
+      continue;
+    }
+    checked.push(c);
+    const thumbprints = listed.get(c.jwk.kid) ?? new Set<string>();
+    thumbprints.add(jwkThumbprint(c.jwk));
+    listed.set(c.jwk.kid, thumbprints);
+  }
+  const add: CheckedKey[] = [];
+  const seen = new Set<string>();
+  for (const c of checked) {
+    const kid = c.jwk.kid;
+    const thumbprint = jwkThumbprint(c.jwk);
+    const bound = known.get(kid);
+    if (bound !== undefined) {
+      if (bound !== thumbprint) refused.push({ kid, reason: "rebound_kid", detail: `${kid} is bound to key ${bound}; the set serves ${thumbprint} under it` });
+      continue;
+    }
+    if (listed.get(kid)!.size > 1) {
+      if (!seen.has(kid)) refused.push({ kid, reason: "duplicate_kid", detail: `the set lists ${kid} with ${listed.get(kid)!.size} different keys` });
+      seen.add(kid);
+      continue;
+    }
+    if (seen.has(kid)) continue;
+    seen.add(kid);
+    add.push(c);
+  }
+  return { add, refused };
+}
