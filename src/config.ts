@@ -9,6 +9,7 @@ import { DEFAULT_EVENT_LIMITS, MAX_RECIPIENTS } from "./protocol/claims.ts";
 import { MAX_LIMIT } from "./policy/rate-limit.ts";
 import { isServerPattern } from "./policy/server-rules.ts";
 import { isClientId, isHomeserverName } from "./protocol/names.ts";
+import { DEFAULT_JWKS_SETTINGS } from "./keys/registry.ts";
 
 const homeserver = z.string().refine(isHomeserverName, "must be a lowercase DNS name (DESIGN §3)");
 const limitSchema = z.strictObject({ rate: z.number().min(0).max(MAX_LIMIT), burst: z.number().min(1).max(MAX_LIMIT) });
@@ -174,9 +175,19 @@ export const configSchema = z.strictObject({
   clock: z.strictObject({ frozenAt: z.number().min(0).optional() }).default({}),
   /** Tests and chaos only: the commit of an event with one of these ids fails, as a bug would (the same way every time). */
   faults: z.strictObject({ commitFailsFor: z.array(z.string().min(1).max(64)).max(100).default([]) }).default({ commitFailsFor: [] }),
-  // Refetching a peer's JWKS on an unknown kid lets it rotate keys without us restarting;
-  // the cooldown stops forged kids from turning us into a request amplifier.
-  jwksRefreshCooldownSeconds: z.number().int().min(1).default(60),
+  /** Fetching peers' key sets (src/keys/registry.ts). */
+  jwks: z.strictObject({
+    // Refetching a peer's JWKS on an unknown kid lets it rotate keys without us restarting;
+    // the cooldown stops forged kids from turning us into a request amplifier.
+    refreshCooldownSeconds: z.number().int().min(1).default(DEFAULT_JWKS_SETTINGS.refreshCooldownSeconds),
+    timeoutMs: z.number().int().min(100).max(60_000).default(DEFAULT_JWKS_SETTINGS.timeoutMs),
+    // A set past these is refused whole (src/keys/key-set.ts says why these sizes).
+    maxBytes: z.number().int().min(1024).max(16 * 1024 * 1024).default(DEFAULT_JWKS_SETTINGS.maxBytes),
+    maxKeys: z.number().int().min(1).max(100_000).default(DEFAULT_JWKS_SETTINGS.maxKeys),
+    // An event waits for its key at most this long (its peer's endpoint down), then `unknown_key`:
+    // an hour rides out a restart or a bad deploy of the peer's relay.
+    maxWaitSeconds: z.number().int().min(1).max(7 * 24 * 3600).default(DEFAULT_JWKS_SETTINGS.maxWaitSeconds),
+  }).default({ ...DEFAULT_JWKS_SETTINGS }),
   limits: z.strictObject({
       maxMessageBytes: z.number().int().min(1024).max(DEFAULT_EVENT_LIMITS.maxMessageBytes).default(DEFAULT_EVENT_LIMITS.maxMessageBytes),
       maxBodyBytes: z.number().int().min(1).max(DEFAULT_EVENT_LIMITS.maxBodyBytes).default(DEFAULT_EVENT_LIMITS.maxBodyBytes),

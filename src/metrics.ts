@@ -16,6 +16,9 @@ export interface RelayMetrics {
   readonly publishFailures: Counter<"destination">;
   readonly reportsSent: Counter<"peer">;
   readonly eventsDelayed: Counter<"peer">;
+  readonly eventsDeferred: Counter<"peer">;
+  readonly peerKeysRefused: Counter<"peer" | "reason">;
+  readonly jwksFetchFailures: Counter<"peer">;
   readonly reportFailures: Counter<"peer">;
   readonly reportQueueDepth: Gauge<"peer">;
   readonly peerBacklog: Gauge<"peer">;
@@ -66,6 +69,15 @@ export function createMetrics(registry = new Registry(), options: { defaultMetri
     eventsDelayed: new Counter({
       name: "fedrelay_events_delayed_total", help: "Events sent back for later because their sender was over its rate limit, by sending peer", labelNames: ["peer"], registers,
     }),
+    eventsDeferred: new Counter({
+      name: "fedrelay_events_deferred_total", help: "Events sent back for later because their key was not known yet (the sending peer's key set was being fetched), by sending peer", labelNames: ["peer"], registers,
+    }),
+    peerKeysRefused: new Counter({
+      name: "fedrelay_peer_keys_refused_total",
+      help: "Keys of a peer's key set not taken, by peer and reason (rebound_kid: the peer served a different key under a known kid; see docs/operations.md)",
+      labelNames: ["peer", "reason"], registers,
+    }),
+    jwksFetchFailures: new Counter({ name: "fedrelay_jwks_fetch_failures_total", help: "Fetches of a peer's key set that failed (unreachable, an error status, too large, not a key set), by peer", labelNames: ["peer"], registers }),
     reportsSent: new Counter({ name: "fedrelay_reports_sent_total", help: "Delivery reports published to senders, by peer", labelNames: ["peer"], registers }),
     reportFailures: new Counter({
       name: "fedrelay_report_failures_total", help: "Delivery report publishes that failed (retried with backoff), by peer", labelNames: ["peer"], registers,

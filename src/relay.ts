@@ -164,9 +164,11 @@ export function createRelay(config: RelayConfig, roles: RelayRoles, deps: RelayD
     const keys = createKeyRegistry({
       self: { homeserver: config.homeserver, keys: publicKeys },
       peers: config.peers,
-      cooldownSeconds: config.jwksRefreshCooldownSeconds,
+      // No `now`: the registry keeps wall-clock time, as the inbox timestamps it compares fetches with, even where the relay's clock is frozen (tests).
+      jwks: config.jwks,
       log,
-      now,
+      onKeyRefused: (peer, refused) => metrics.peerKeysRefused.inc({ peer: peerLabel(peer), reason: refused.reason }),
+      onFetchFailed: (peer) => metrics.jwksFetchFailures.inc({ peer: peerLabel(peer) }),
       ...(deps.fetch ? { fetch: deps.fetch } : {}),
     });
     await keys.ready;

@@ -74,7 +74,12 @@ export function createReportRecorder(deps: { self: string; db: Db; keys: KeyReso
     async handle(batch) {
       for (const m of batch) {
         const token = Buffer.from(m.data).toString("latin1");
-        const verdict = await verifyReport(m.data, senderOfSubject(m.subject, "report"), { self: deps.self, keys: deps.keys });
+        const verdict = await verifyReport(m.data, senderOfSubject(m.subject, "report"), { self: deps.self, keys: deps.keys, receivedAt: m.info.timestampNanos / 1e9 });
+        if (!verdict.ok && verdict.retryMs !== undefined) {
+          // Its key is being fetched: the report waits, the others go on.
+          m.nak(verdict.retryMs);
+          continue;
+        }
         if (!verdict.ok) {
           deps.log.warn({ subject: m.subject, detail: verdict.detail }, "report refused");
           m.term(verdict.detail);

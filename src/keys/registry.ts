@@ -1,94 +1,183 @@
 /**
  * Who federates with us and with which keys: inline JWKs from config, or a
- * peer's JWKS URL, fetched on first use and refetched on an unknown kid (so a
- * peer can rotate without us restarting), at most once per cooldown per peer.
+ * peer's JWKS URL, fetched in the background on an unknown kid (so a peer can
+ * rotate without us restarting), at most once per cooldown per peer.
+ *
+ * A lookup never waits for a fetch: an event whose key is not known yet waits
+ * itself (its message goes back to JetStream for a while) and the batch goes on
+ * with everyone else's. Only a fetch that succeeded, started after the event
+ * reached our inbox, and lacks the key makes it `unknown_key`: a peer whose
+ * JWKS endpoint is down, slow or hanging loses nothing, and delays no one else.
+ * Measured before (a fetch awaited inside the batch): a hanging endpoint raised
+ * other senders' commit lag to p50 1.1 s, max 3.2 s; a failed fetch refused the
+ * event for good.
  */
 import type { Logger } from "pino";
-import { importVerificationKey, type PublicJwk, type VerificationKey } from "../protocol/keys.ts";
+import { verificationKeyOf, type PublicJwk, type VerificationKey } from "../protocol/keys.ts";
 import { splitKid } from "../protocol/names.ts";
-import type { KeyResolver } from "../protocol/verify.ts";
+import type { KeyLookup, KeyResolver } from "../protocol/verify.ts";
+import { DEFAULT_KEY_SET_LIMITS, parseKeySet, planKeySet, type KeySetLimits, type RefusedKey } from "./key-set.ts";
 
 export interface PeerSource {
   readonly keys?: readonly unknown[] | undefined;
   readonly jwksUrl?: string | undefined;
 }
 
+export interface JwksSettings extends KeySetLimits {
+  /** Between two fetches of one peer's set: forged kids cannot turn us into a request amplifier. */
+  readonly refreshCooldownSeconds: number;
+  readonly timeoutMs: number;
+  /** An event waits this long for its key at most (a peer whose endpoint stays down); then `unknown_key`. */
+  readonly maxWaitSeconds: number;
+}
+
+export const DEFAULT_JWKS_SETTINGS: JwksSettings = {
+  ...DEFAULT_KEY_SET_LIMITS, refreshCooldownSeconds: 60, timeoutMs: 5000, maxWaitSeconds: 3600,
+};
+
 export interface KeyRegistryOptions {
   /** This homeserver's own public keys: it may deliver to itself. */
   readonly self: { readonly homeserver: string; readonly keys: readonly PublicJwk[] };
   readonly peers: Readonly<Record<string, PeerSource>>;
-  readonly cooldownSeconds: number;
+  readonly jwks?: Partial<JwksSettings>;
   readonly fetch?: typeof fetch;
+  /** Seconds since the epoch, of the same clock as the `receivedAt` of lookups (the inbox's timestamps). */
   readonly now?: () => number;
   readonly log?: Logger;
+  /** A key of a peer's set was not taken (counted by peer and reason). */
+  readonly onKeyRefused?: (peer: string, refused: RefusedKey) => void;
+  /** A fetch of a peer's set failed (counted by peer). */
+  readonly onFetchFailed?: (peer: string) => void;
 }
 
 export interface KeyRegistry extends KeyResolver {
-  /** Loads inline keys; failures here are configuration errors. */
+  /** Loads inline keys; a refused inline key is a configuration error. */
   readonly ready: Promise<void>;
 }
 
 interface Peer {
+  readonly name: string;
   readonly url: string | undefined;
   readonly keys: Map<string, VerificationKey>;
-  lastFetch: number;
+  /** When the last fetch began, for the cooldown. */
+  lastAttempt: number;
+  /** When the last fetch that succeeded began: an event received before it and not in it is `unknown_key`. */
+  lastSuccess: number;
+  lastError: string | undefined;
+  /** Why keys of the last set fetched were not taken, by kid: the detail of an event's refusal. */
+  refused: Map<string, RefusedKey>;
   inflight: Promise<void> | undefined;
 }
 
-/** Keeps only keys whose kid names `homeserver`: a peer's JWKS can never speak for another homeserver. */
-async function importOwnKeys(homeserver: string, jwks: readonly unknown[], into: Map<string, VerificationKey>): Promise<void> {
-  for (const jwk of jwks) {
-    const key = await importVerificationKey(jwk);
-    if (key.homeserver === homeserver) into.set(key.kid, key);
-  }
-}
+/** A first look soon after a fetch starts (most answer in milliseconds), then no sooner than the cooldown allows. */
+const FIRST_RETRY_MS = 500;
 
 export function createKeyRegistry(options: KeyRegistryOptions): KeyRegistry {
+  const settings: JwksSettings = { ...DEFAULT_JWKS_SETTINGS, ...options.jwks };
   const fetchImpl = options.fetch ?? fetch;
   const now = options.now ?? (() => Date.now() / 1000);
   const peers = new Map<string, Peer>();
-  for (const [name, source] of Object.entries(options.peers)) {
-    peers.set(name, { url: source.jwksUrl, keys: new Map(), lastFetch: -Infinity, inflight: undefined });
-  }
-  if (!peers.has(options.self.homeserver)) {
-    peers.set(options.self.homeserver, { url: undefined, keys: new Map(), lastFetch: -Infinity, inflight: undefined });
+  const peerOf = (name: string, url: string | undefined): Peer => ({
+    name, url, keys: new Map(), lastAttempt: -Infinity, lastSuccess: -Infinity, lastError: undefined, refused: new Map(), inflight: undefined,
+  });
+  for (const [name, source] of Object.entries(options.peers)) peers.set(name, peerOf(name, source.jwksUrl));
+  if (!peers.has(options.self.homeserver)) peers.set(options.self.homeserver, peerOf(options.self.homeserver, undefined));
+
+  function take(peer: Peer, jwks: readonly unknown[], strict: boolean): void {
+    const known = new Map([...peer.keys].map(([kid, key]) => [kid, key.thumbprint]));
+    const plan = planKeySet(peer.name, jwks, known);
+    if (strict && plan.refused.length > 0) {
+      const r = plan.refused[0]!;
+      throw new Error(`key ${r.kid ?? "(no kid)"} of ${peer.name} refused (${r.reason}): ${r.detail}`);
+    }
+    for (const c of plan.add) peer.keys.set(c.jwk.kid, verificationKeyOf(c));
+    peer.refused = new Map();
+    for (const r of plan.refused) {
+      if (r.kid !== undefined) peer.refused.set(r.kid, r);
+      options.onKeyRefused?.(peer.name, r);
+      const level = r.reason === "rebound_kid" ? "error" : "warn";
+      options.log?.[level]({ peer: peer.name, kid: r.kid, reason: r.reason, detail: r.detail }, "a key of a peer's set was not taken");
+    }
   }
 
   const ready = (async () => {
-    await importOwnKeys(options.self.homeserver, options.self.keys, peers.get(options.self.homeserver)!.keys);
+    take(peers.get(options.self.homeserver)!, options.self.keys, true);
     for (const [name, source] of Object.entries(options.peers)) {
-      if (source.keys) await importOwnKeys(name, source.keys, peers.get(name)!.keys);
+      if (source.keys) take(peers.get(name)!, source.keys, true);
     }
   })();
 
-  async function refresh(name: string, peer: Peer): Promise<void> {
-    if (!peer.url || now() - peer.lastFetch < options.cooldownSeconds) return;
-    peer.lastFetch = now();
+  async function fetchKeySet(url: string): Promise<readonly unknown[]> {
+    const res = await fetchImpl(url, { signal: AbortSignal.timeout(settings.timeoutMs), redirect: "error", headers: { accept: "application/json" } });
+    if (!res.ok) throw new Error(`HTTP ${res.status}`);
+    const declared = Number(res.headers.get("content-length") ?? NaN);
+    if (declared > settings.maxBytes) throw new Error(`the key set is ${declared} bytes, over ${settings.maxBytes}`);
+    const text = await readCapped(res, settings.maxBytes);
+    const parsed = parseKeySet(text, settings);
+    if (!parsed.ok) throw new Error(parsed.detail);
+    return parsed.keys;
+  }
+
+  async function refresh(peer: Peer): Promise<void> {
+    const started = now();
+    peer.lastAttempt = started;
     try {
-      const res = await fetchImpl(peer.url, { signal: AbortSignal.timeout(5000) });
-      if (!res.ok) throw new Error(`HTTP ${res.status}`);
-      const body = (await res.json()) as { keys?: unknown };
-      if (!Array.isArray(body.keys)) throw new Error("no keys array");
-      // Keys are only ever added: a retired key stays usable for the events it signed.
-      await importOwnKeys(name, body.keys, peer.keys);
+      take(peer, await fetchKeySet(peer.url!), false);
+      peer.lastSuccess = started;
+      peer.lastError = undefined;
     } catch (err) {
-      options.log?.warn({ peer: name, url: peer.url, err: (err as Error).message }, "JWKS fetch failed");
+      peer.lastError = (err as Error).message;
+      options.onFetchFailed?.(peer.name);
+      options.log?.warn({ peer: peer.name, url: peer.url, err: peer.lastError }, "JWKS fetch failed");
     }
+  }
+
+  /** Starts a fetch unless one runs or the cooldown holds; returns when to look again (seconds): soon while one runs. */
+  function kick(peer: Peer): number {
+    const next = peer.lastAttempt + settings.refreshCooldownSeconds;
+    if (!peer.inflight && now() >= next) peer.inflight = refresh(peer).finally(() => (peer.inflight = undefined));
+    return peer.inflight ? now() : next;
   }
 
   return {
     ready,
     isKnown: (homeserver) => peers.has(homeserver),
-    async resolve(kid) {
-      await ready;
+    lookup(kid, receivedAt): KeyLookup {
       const parts = splitKid(kid);
       const peer = parts && peers.get(parts.homeserver);
-      if (!parts || !peer) return undefined;
+      if (!parts || !peer) return { status: "unknown", detail: `no key ${kid}` };
       const known = peer.keys.get(kid);
-      if (known) return known;
-      peer.inflight ??= refresh(parts.homeserver, peer).finally(() => (peer.inflight = undefined));
-      await peer.inflight;
-      return peer.keys.get(kid);
+      if (known) return { status: "found", key: known };
+      const refused = peer.refused.get(kid);
+      const why = refused ? `: ${peer.name}'s key ${kid} was refused (${refused.reason}): ${refused.detail}` : "";
+      if (!peer.url) return { status: "unknown", detail: `no key ${kid}${why}` };
+      if (peer.lastSuccess >= receivedAt) return { status: "unknown", detail: `no key ${kid} in ${peer.name}'s key set${why}` };
+      if (now() - receivedAt > settings.maxWaitSeconds) {
+        return { status: "unknown", detail: `no key ${kid}: ${peer.name}'s key set could not be fetched for ${settings.maxWaitSeconds} s (${peer.lastError ?? "no answer"})` };
+      }
+      const next = kick(peer);
+      const retryMs = Math.max(FIRST_RETRY_MS, Math.ceil((next - now()) * 1000));
+      return { status: "wait", retryMs, detail: `waiting for ${peer.name}'s key set${peer.lastError ? ` (last fetch: ${peer.lastError})` : ""}` };
     },
   };
 }
+
+/** The body as text, refusing (and ceasing to read) past `maxBytes`: a peer cannot make us buffer more. */
+async function readCapped(res: Response, maxBytes: number): Promise<string> {
+  if (!res.body) return "";
+  const chunks: Uint8Array[] = [];
+  let bytes = 0;
+  const reader = res.body.getReader();
+  for (;;) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    bytes += value.byteLength;
+    if (bytes > maxBytes) {
+      await reader.cancel();
+      throw new Error(`the key set is over ${maxBytes} bytes`);
+    }
+    chunks.push(value);
+  }
+  return new TextDecoder("utf-8", { fatal: true }).decode(Buffer.concat(chunks));
+}
+

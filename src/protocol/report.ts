@@ -29,7 +29,11 @@ export function reportClaims(input: {
   };
 }
 
-export type ReportVerdict = { ok: true; claims: ReportClaims } | { ok: false; detail: string };
+export type ReportVerdict =
+  | { ok: true; claims: ReportClaims }
+  | { ok: false; detail: string; retryMs?: undefined }
+  /** Its key is not known yet: look again after `retryMs` (src/keys/registry.ts). */
+  | { ok: false; detail: string; retryMs: number };
 
 /**
  * A report is accepted only from the destination it names, on its own subject,
@@ -37,7 +41,7 @@ export type ReportVerdict = { ok: true; claims: ReportClaims } | { ok: false; de
  * same canonical encoding, no repeated member, the same header members, a
  * signature verified over the bytes as received.
  */
-export async function verifyReport(data: Uint8Array | string, subjectSender: string | undefined, ctx: { self: string; keys: KeyResolver }): Promise<ReportVerdict> {
+export async function verifyReport(data: Uint8Array | string, subjectSender: string | undefined, ctx: { self: string; keys: KeyResolver; receivedAt: number }): Promise<ReportVerdict> {
   const jws = readCompactJws(typeof data === "string" ? Buffer.from(data, "latin1") : data);
   if (!jws.ok) return { ok: false, detail: jws.detail };
   const { header, payload } = jws;
@@ -50,8 +54,10 @@ export async function verifyReport(data: Uint8Array | string, subjectSender: str
   const kid = splitKid(header.kid);
   if (!kid || kid.homeserver !== subjectSender) return { ok: false, detail: `kid ${show(header.kid)} does not name the subject's sender` };
   if (!ctx.keys.isKnown(kid.homeserver)) return { ok: false, detail: `${kid.homeserver} is not federated` };
-  const key = await ctx.keys.resolve(header.kid);
-  if (!key) return { ok: false, detail: `unknown key ${header.kid}` };
+  const found = ctx.keys.lookup(header.kid, ctx.receivedAt);
+  if (found.status === "wait") return { ok: false, detail: found.detail, retryMs: found.retryMs };
+  if (found.status === "unknown") return { ok: false, detail: `unknown key: ${found.detail}` };
+  const key = found.key;
   if (!verifySignature(jws, key.raw)) return { ok: false, detail: `signature does not verify with ${header.kid}` };
   const parsed = reportClaimsSchema.safeParse(payload);
   if (!parsed.success) return { ok: false, detail: `claims: ${parsed.error.issues[0]!.message}` };

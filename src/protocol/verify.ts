@@ -20,10 +20,20 @@ import { isValidAt, type VerificationKey } from "./keys.ts";
 import { parseGroupId, splitKid } from "./names.ts";
 import { senderOfInboxSubject } from "./subjects.ts";
 
-/** The federated homeservers and their keys; `resolve` may refresh a peer's JWKS on an unknown kid. */
+/** What a lookup of a `kid` found: the key, none (refuse `unknown_key`), or not yet (a fetch of the peer's key set runs or failed). */
+export type KeyLookup =
+  | { readonly status: "found"; readonly key: VerificationKey }
+  | { readonly status: "unknown"; readonly detail: string }
+  | { readonly status: "wait"; readonly retryMs: number; readonly detail: string };
+
+/** The federated homeservers and their keys (src/keys/registry.ts). */
 export interface KeyResolver {
   isKnown(homeserver: string): boolean;
-  resolve(kid: string): Promise<VerificationKey | undefined>;
+  /**
+   * Never waits for a fetch: an unknown kid may start one in the background and
+   * answer `wait`. `receivedAt` (seconds): when the message reached our stream.
+   */
+  lookup(kid: string, receivedAt: number): KeyLookup;
 }
 
 export interface VerifyContext {
@@ -53,8 +63,11 @@ export interface VerifiedEvent {
 
 export type Verdict =
   | { readonly ok: true; readonly event: VerifiedEvent }
+  /** Its key is not known yet (the peer's key set is being fetched, or could not be): look again after `retryMs`. */
+  | { readonly ok: false; readonly deferred: true; readonly retryMs: number; readonly detail: string }
   | {
       readonly ok: false;
+      readonly deferred?: undefined;
       readonly reason: EventReason;
       readonly detail: string;
       /** What the event claimed, when it got that far: for the audit record only. */
@@ -128,8 +141,10 @@ export async function verifyEvent(data: Uint8Array, subject: string, ctx: Verify
   if (!ctx.isSenderAllowed(claims.iss)) {
     return refuse("sender_denied", `${claims.iss} is denied by this homeserver's policy`, claimed);
   }
-  const key = await ctx.keys.resolve(kid);
-  if (!key) return refuse("unknown_key", `no key ${kid}`, claimed);
+  const found = ctx.keys.lookup(kid, ctx.now);
+  if (found.status === "wait") return { ok: false, deferred: true, retryMs: found.retryMs, detail: found.detail };
+  if (found.status === "unknown") return refuse("unknown_key", found.detail, claimed);
+  const key = found.key;
   if (!isValidAt(key, claims.iat)) return refuse("unknown_key", `key ${kid} is not valid at iat ${claims.iat}`, claimed);
 
   // Step 3: the signature, over the bytes as received.

@@ -159,6 +159,7 @@ export function createReceiver(deps: ReceiverDeps): Receiver {
       const refused: RefusedInput[] = [];
       const refusedMsgs: JsMsg[] = [];
       const acceptedMsgs = new Map<number, JsMsg>();
+      const deferred: [JsMsg, number][] = [];
       const received = new Map<string, number>();
       for (const m of batch) received.set(peerOf(m), (received.get(peerOf(m)) ?? 0) + 1);
       for (const [peer, n] of received) metrics.eventsReceived.inc({ peer }, n);
@@ -173,6 +174,10 @@ export function createReceiver(deps: ReceiverDeps): Receiver {
             const input = new AcceptedMessage(m, verdict.event);
             accepted.push(input);
             acceptedMsgs.set(m.seq, m);
+          } else if (verdict.deferred) {
+            // Its key is not known yet (the peer's key set is being fetched): only this message
+            // waits, in JetStream; the batch goes on. Nothing of it is stored meanwhile.
+            deferred.push([m, verdict.retryMs]);
           } else {
             refused.push({ streamSeq: m.seq, subject: m.subject, reason: verdict.reason, detail: verdict.detail, claimed: verdict.claimed, sample: sampleOf(m.data) });
             refusedMsgs.push(m);
@@ -181,6 +186,10 @@ export function createReceiver(deps: ReceiverDeps): Receiver {
         // Wall-clock time, not the injectable clock: this is for operators watching the workers keep up.
         metrics.batchAgeSeconds.observe(Math.max(0, Date.now() / 1000 - batch[0]!.info.timestampNanos / 1e9));
         const outcomes = await settle(accepted, refused, now);
+        for (const [m, retryMs] of deferred) {
+          m.nak(Math.min(retryMs, MAX_DELAY_MS));
+          metrics.eventsDeferred.inc({ peer: peerOf(m) });
+        }
         return { outcomes, refused };
       } catch (err) {
         // Transient (Postgres down, a timeout): nothing was committed, so nothing

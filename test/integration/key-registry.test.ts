@@ -1,68 +1,163 @@
-import { createServer, type Server } from "node:http";
-import type { AddressInfo } from "node:net";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { createKeyRegistry } from "../../src/keys/registry.ts";
+import { afterAll, beforeAll, beforeEach, describe, expect, it } from "vitest";
+import { createKeyRegistry, type JwksSettings, type KeyRegistry } from "../../src/keys/registry.ts";
+import { DEFAULT_EVENT_LIMITS } from "../../src/protocol/claims.ts";
+import { verifyEvent } from "../../src/protocol/verify.ts";
 import { startLocalNats, type LocalNats } from "../../src/local-nats.ts";
 import { inboxSubject } from "../../src/protocol/subjects.ts";
 import { publishEvent } from "../../src/transport/publisher.ts";
 import { addClient, eventually, grantCapability, http, identity, natsClient, signed, startHomeserver, type Identity } from "../helpers/federation.ts";
+import { refusedKinds, startJwksEndpoint, type JwksEndpoint } from "../helpers/keys.ts";
 
-/** A peer's JWKS endpoint whose keys the test changes, counting fetches. */
-let server: Server;
-let served: object[] = [];
-let fetches = 0;
-let jwksUrl = "";
+let jwks: JwksEndpoint;
+beforeAll(async () => { jwks = await startJwksEndpoint(); });
+afterAll(async () => { await jwks?.close(); });
 
-beforeAll(async () => {
-  server = createServer((_req, res) => {
-    fetches += 1;
-    res.setHeader("content-type", "application/json");
-    res.end(JSON.stringify({ keys: served }));
+/** A registry of beta's that knows alpha by `jwksUrl`, on a clock the test moves, counting what it refuses. */
+function registryOf(settings: Partial<JwksSettings> = {}) {
+  // Real time at first, so events signed now are valid at it; the tests move it on.
+  const clock = { now: Math.floor(Date.now() / 1000) };
+  const refused: { peer: string; reason: string; kid: string | undefined }[] = [];
+  let failedFetches = 0;
+  const registry = createKeyRegistry({
+    self: { homeserver: "beta", keys: [] }, peers: { alpha: { jwksUrl: jwks.url }, gamma: { keys: [] } }, now: () => clock.now,
+    jwks: { refreshCooldownSeconds: 60, ...settings },
+    onKeyRefused: (peer, r) => refused.push({ peer, reason: r.reason, kid: r.kid }),
+    onFetchFailed: () => (failedFetches += 1),
   });
-  await new Promise<void>((r) => server.listen(0, "127.0.0.1", r));
-  jwksUrl = `http://127.0.0.1:${(server.address() as AddressInfo).port}/.well-known/fedrelay/jwks.json`;
-});
-afterAll(() => new Promise<void>((r) => server.close(() => r())));
+  return { registry, clock, refused, failed: () => failedFetches };
+}
 
-describe("the key registry resolves peers' keys", () => {
+const settled = (registry: KeyRegistry, kid: string, at: number) =>
+  eventually(async () => { const l = registry.lookup(kid, at); return l.status !== "wait" && l; }, 5000, `${kid} settled`);
+
+describe("the key registry looks peers' keys up without waiting for a fetch", () => {
   let alpha: Identity, alpha2: Identity, gamma: Identity;
   beforeAll(async () => {
     [alpha, alpha2, gamma] = await Promise.all([identity("alpha", "k1"), identity("alpha", "k2"), identity("gamma")]);
   });
-
-  it("fetches a peer's JWKS on first use, refetches on an unknown kid, and respects the cooldown", async () => {
-    served = [alpha.publicJwk];
-    fetches = 0;
-    let now = 1_000_000;
-    const registry = createKeyRegistry({ self: { homeserver: "beta", keys: [] }, peers: { alpha: { jwksUrl } }, cooldownSeconds: 60, now: () => now });
-    expect((await registry.resolve("alpha#k1"))?.kid).toBe("alpha#k1");
-    expect(fetches).toBe(1);
-
-    // alpha rotates: the new kid is unknown, so one refetch finds it.
-    served = [alpha.publicJwk, alpha2.publicJwk];
-    now += 61;
-    expect((await registry.resolve("alpha#k2"))?.kid).toBe("alpha#k2");
-    expect(fetches).toBe(2);
-
-    // A flood of forged kids within the cooldown costs no further requests.
-    for (let i = 0; i < 20; i++) expect(await registry.resolve(`alpha#forged${i}`)).toBeUndefined();
-    expect(fetches).toBe(2);
-    // Known keys never need a fetch, and stay after the peer drops them (retired keys still verify old events).
-    served = [];
-    now += 61;
-    expect((await registry.resolve("alpha#k1"))?.kid).toBe("alpha#k1");
-    expect(fetches).toBe(2);
+  beforeEach(() => {
+    jwks.mode = "serve";
+    jwks.fetches = 0;
   });
 
-  it("ignores keys in a peer's JWKS that name another homeserver", async () => {
-    served = [alpha.publicJwk, gamma.publicJwk];
-    const registry = createKeyRegistry({
-      self: { homeserver: "beta", keys: [] }, peers: { alpha: { jwksUrl }, gamma: { keys: [] } }, cooldownSeconds: 60,
-    });
-    expect(await registry.resolve("alpha#k1")).toBeDefined();
-    expect(await registry.resolve("gamma#k1")).toBeUndefined();
+  it("fetches a peer's key set in the background on an unknown kid, refetches on the next, and respects the cooldown", async () => {
+    jwks.keys = [alpha.publicJwk];
+    const { registry, clock } = registryOf();
+    // The first look answers at once (wait), and starts the fetch.
+    expect(registry.lookup("alpha#k1", clock.now)).toEqual({ status: "wait", retryMs: 500, detail: "waiting for alpha's key set" });
+    expect(await settled(registry, "alpha#k1", clock.now)).toMatchObject({ status: "found", key: { kid: "alpha#k1" } });
+    expect(jwks.fetches).toBe(1);
+
+    // alpha rotates: the new kid is unknown, so one refetch finds it.
+    jwks.keys = [alpha.publicJwk, alpha2.publicJwk];
+    clock.now += 61;
+    expect(await settled(registry, "alpha#k2", clock.now)).toMatchObject({ status: "found", key: { kid: "alpha#k2" } });
+    expect(jwks.fetches).toBe(2);
+
+    // A flood of forged kids within the cooldown costs no further requests: each waits for the next
+    // fetch allowed (the cooldown's end), and one that arrived before the last fetch began is refused.
+    for (let i = 0; i < 20; i++) {
+      expect(registry.lookup(`alpha#forged${i}`, clock.now + 1)).toEqual({ status: "wait", retryMs: 60_000, detail: "waiting for alpha's key set" });
+    }
+    expect(registry.lookup("alpha#forged", clock.now - 1)).toEqual({ status: "unknown", detail: "no key alpha#forged in alpha's key set" });
+    expect(jwks.fetches).toBe(2);
+    // Known keys never need a fetch, and stay after the peer drops them (retired keys still verify old events).
+    jwks.keys = [];
+    clock.now += 61;
+    expect(registry.lookup("alpha#k1", clock.now)).toMatchObject({ status: "found" });
+    expect(jwks.fetches).toBe(2);
+  });
+
+  it("takes from a peer's set only keys that name it, and knows no key of a peer with inline keys or of a stranger", async () => {
+    jwks.keys = [alpha.publicJwk, gamma.publicJwk];
+    const { registry, clock, refused } = registryOf();
+    expect(await settled(registry, "alpha#k1", clock.now)).toMatchObject({ status: "found" });
+    expect(refused).toEqual([{ peer: "alpha", reason: "other_homeserver", kid: "gamma#k1" }]);
+    expect(registry.lookup("gamma#k1", clock.now)).toEqual({ status: "unknown", detail: "no key gamma#k1" });
+    expect(registry.lookup("delta#k1", clock.now)).toEqual({ status: "unknown", detail: "no key delta#k1" });
     expect(registry.isKnown("gamma")).toBe(true);
     expect(registry.isKnown("delta")).toBe(false);
+  });
+
+  it("lets an event wait, never refused, while the endpoint is down or hangs, and finds its key once it answers", async () => {
+    jwks.keys = [alpha.publicJwk];
+    const { registry, clock, failed } = registryOf({ refreshCooldownSeconds: 1, timeoutMs: 300, maxWaitSeconds: 600 });
+    const receivedAt = clock.now;
+    jwks.mode = "down";
+    expect(registry.lookup("alpha#k1", receivedAt).status).toBe("wait");
+    await eventually(async () => failed() === 1, 5000, "the failed fetch");
+    expect(registry.lookup("alpha#k1", receivedAt)).toMatchObject({ status: "wait", detail: "waiting for alpha's key set (last fetch: HTTP 503)" });
+
+    jwks.mode = "hang";
+    clock.now += 2;
+    const started = performance.now();
+    expect(registry.lookup("alpha#k1", receivedAt).status).toBe("wait");
+    expect(performance.now() - started).toBeLessThan(50);
+    await eventually(async () => failed() === 2, 5000, "the hanging fetch to time out");
+    expect(registry.lookup("alpha#k1", receivedAt)).toHaveProperty("detail", expect.stringMatching(/last fetch: .*(timeout|aborted)/i));
+
+    jwks.mode = "serve";
+    clock.now += 2;
+    expect(await settled(registry, "alpha#k1", receivedAt)).toMatchObject({ status: "found" });
+
+    // An endpoint down from the start: an event waits for its key up to maxWaitSeconds, then is unknown_key.
+    jwks.mode = "down";
+    const down = registryOf({ refreshCooldownSeconds: 1, maxWaitSeconds: 600 });
+    expect(down.registry.lookup("alpha#k1", down.clock.now - 599).status).toBe("wait");
+    await eventually(async () => down.failed() === 1, 5000, "the failed fetch");
+    expect(down.registry.lookup("alpha#k1", down.clock.now - 601)).toEqual({ status: "unknown", detail: "no key alpha#k1: alpha's key set could not be fetched for 600 s (HTTP 503)" });
+  });
+
+  it("takes every good key of a set that holds one of each kind the relay refuses, and each good key verifies its events", async () => {
+    const good = await Promise.all(["good1", "good2", "good3"].map((k) => identity("alpha", k)));
+    const kinds = refusedKinds();
+    jwks.keys = [good[0]!.publicJwk, ...kinds.slice(0, 10).map((k) => k.jwk), good[1]!.publicJwk, ...kinds.slice(10).map((k) => k.jwk), good[2]!.publicJwk] as object[];
+    const { registry, clock, refused } = registryOf();
+    expect(await settled(registry, "alpha#good1", clock.now)).toMatchObject({ status: "found" });
+    expect(refused.map((r) => r.reason)).toEqual(kinds.map((k) => k.reason));
+    for (const who of good) {
+      const event = await signed(who, "beta", [{ cid: "bob" }]);
+      const verdict = await verifyEvent(Buffer.from(event.token), inboxSubject("beta", "alpha"), {
+        self: "beta", limits: DEFAULT_EVENT_LIMITS, keys: registry, isSenderAllowed: () => true, now: clock.now,
+      });
+      expect(verdict.ok, `${who.key.kid}: ${JSON.stringify(verdict)}`).toBe(true);
+    }
+    // An event under a refused key is refused with the key's own reason.
+    expect(registry.lookup("alpha#bad", clock.now)).toMatchObject({ status: "unknown", detail: expect.stringContaining("was refused (") });
+  });
+
+  it("never rebinds a known kid: a set serving another key under it is refused rebound_kid, and the first key still verifies", async () => {
+    const impostor = await identity("alpha", "k1");
+    jwks.keys = [alpha.publicJwk];
+    const { registry, clock, refused } = registryOf();
+    const first = await settled(registry, "alpha#k1", clock.now);
+    jwks.keys = [impostor.publicJwk, alpha2.publicJwk];
+    clock.now += 61;
+    expect(await settled(registry, "alpha#k2", clock.now)).toMatchObject({ status: "found" });
+    expect(refused).toEqual([{ peer: "alpha", reason: "rebound_kid", kid: "alpha#k1" }]);
+    expect(registry.lookup("alpha#k1", clock.now)).toEqual(first);
+    const forged = await signed(impostor, "beta", [{ cid: "bob" }]);
+    const verdict = await verifyEvent(Buffer.from(forged.token), inboxSubject("beta", "alpha"), {
+      self: "beta", limits: DEFAULT_EVENT_LIMITS, keys: registry, isSenderAllowed: () => true, now: clock.now,
+    });
+    expect(verdict).toMatchObject({ ok: false, reason: "bad_signature" });
+  });
+
+  it("refuses a set of 100,000 keys (10 MB) whole, reading no more than its byte limit, and keeps the keys it knew", async () => {
+    jwks.keys = [alpha.publicJwk];
+    const { registry, clock, failed } = registryOf();
+    await settled(registry, "alpha#k1", clock.now);
+    const huge = JSON.stringify({ keys: Array.from({ length: 100_000 }, (_, i) => ({ ...alpha2.publicJwk, kid: `alpha#k${i}` })) });
+    expect(huge.length).toBeGreaterThan(10_000_000);
+    jwks.mode = { body: huge };
+    clock.now += 61;
+    const heapBefore = process.memoryUsage().heapUsed;
+    expect(registry.lookup("alpha#k2", clock.now).status).toBe("wait");
+    await eventually(async () => failed() === 1, 5000, "the refused set");
+    expect(registry.lookup("alpha#k2", clock.now)).toHaveProperty("detail", expect.stringContaining("over 262144 bytes"));
+    // Not the 155 MB the whole set cost once: at most the limit read, and what is garbage by now.
+    expect(process.memoryUsage().heapUsed - heapBefore).toBeLessThan(40 * 1024 * 1024);
+    expect(registry.lookup("alpha#k1", clock.now)).toMatchObject({ status: "found" });
   });
 });
 

@@ -64,10 +64,10 @@ async function scenario(self: string, n: number, aheadLimit: ((sizes: readonly n
     await js.publish(inboxSubject(self, "alpha"), bytes, { msgID: `${self}-${i}` });
   }
 
-  const registry = createKeyRegistry({ self: { homeserver: self, keys: [] }, peers: { alpha: { keys: [alpha.publicJwk as PublicJwk] } }, cooldownSeconds: 60 });
+  const registry = createKeyRegistry({ self: { homeserver: self, keys: [] }, peers: { alpha: { keys: [alpha.publicJwk as PublicJwk] } } });
   await registry.ready;
   let verifications = 0;
-  const keys = { isKnown: (hs: string) => registry.isKnown(hs), resolve: (kid: string) => { verifications += 1; return registry.resolve(kid); } };
+  const keys = { isKnown: (hs: string) => registry.isKnown(hs), lookup: (kid: string, at: number) => { verifications += 1; return registry.lookup(kid, at); } };
   const receiver = createReceiver({
     self, db, keys, limits: DEFAULT_EVENT_LIMITS, metrics: createMetrics(), log: pino({ level: "silent" }),
     now: () => Date.now() / 1000, retryDelayMs: 100, ...(aheadLimit ? { maxVerifyAheadBytes: aheadLimit(sizes) } : {}),

@@ -70,7 +70,7 @@ let resolver: KeyResolver;
 beforeAll(async () => {
   key = importSigningKey(await generateSigningJwk(ALPHA, "k1", NOW - 86_400));
   const verification: VerificationKey = await importVerificationKey(key.publicJwk);
-  resolver = { isKnown: (h) => h === ALPHA, resolve: async (kid) => (kid === key.kid ? verification : undefined) };
+  resolver = { isKnown: (h) => h === ALPHA, lookup: (kid) => (kid === key.kid ? { status: "found", key: verification } : { status: "unknown", detail: `no key ${kid}` }) };
 });
 
 const b64 = (text: string): string => Buffer.from(text).toString("base64url");
@@ -111,7 +111,7 @@ describe("events: a member named twice is malformed", () => {
 describe("reports are read as strictly as events", () => {
   const claims = reportClaims({ destination: ALPHA, sender: BETA, ref: "e1", accepted: ["bob"], refused: [], now: NOW });
   const report = () => claims;
-  const verify = (token: string) => verifyReport(token, ALPHA, { self: BETA, keys: resolver });
+  const verify = (token: string) => verifyReport(token, ALPHA, { self: BETA, keys: resolver, receivedAt: NOW });
 
   it("accepts a report as signed, and refuses it with whitespace or padding in a part, a member named twice, or an extra header member", async () => {
     const token = await signToken(report(), REPORT_TYP, key);

@@ -12,7 +12,7 @@ import {
 } from "../../src/protocol/keys.ts";
 import { signEvent, signToken } from "../../src/protocol/sign.ts";
 import { inboxSubject, reportSubject } from "../../src/protocol/subjects.ts";
-import { verifyEvent, type KeyResolver, type Verdict, type VerifyContext } from "../../src/protocol/verify.ts";
+import { verifyEvent, type KeyLookup, type KeyResolver, type Verdict, type VerifyContext } from "../../src/protocol/verify.ts";
 
 // A fixed clock: nothing here depends on Date.now.
 const NOW = 1_750_000_000;
@@ -44,9 +44,10 @@ class MemoryResolver implements KeyResolver {
     return this.#known.has(homeserver);
   }
 
-  async resolve(kid: string): Promise<VerificationKey | undefined> {
+  lookup(kid: string): KeyLookup {
     this.resolved.push(kid);
-    return this.#keys.get(kid);
+    const key = this.#keys.get(kid);
+    return key ? { status: "found", key } : { status: "unknown", detail: `no key ${kid}` };
   }
 }
 
@@ -136,7 +137,7 @@ function verify(token: string | Uint8Array, subject = FROM_ALPHA, ctx: VerifyCon
 
 function expectRefused(verdict: Verdict, reason: EventReason, claimed?: { iss: string; jti: string }): void {
   expect(verdict.ok).toBe(false);
-  if (verdict.ok) return;
+  if (verdict.ok || verdict.deferred) throw new Error(`not refused: ${JSON.stringify(verdict)}`);
   expect(verdict.reason).toBe(reason);
   expect(typeof verdict.detail).toBe("string");
   expect(verdict.detail.length).toBeGreaterThan(0);

@@ -1,0 +1,93 @@
+/**
+ * A peer known by its JWKS URL rotates its key while fanning out, and its JWKS
+ * endpoint is down for part of the run: a real beta (NATS, Postgres, a worker)
+ * stores every event once and refuses none, and another peer's events go on
+ * meanwhile (src/keys/registry.ts: a lookup never waits for a fetch).
+ */
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { startLocalNats, type LocalNats } from "../../src/local-nats.ts";
+import { inboxSubject } from "../../src/protocol/subjects.ts";
+import { publishEvent } from "../../src/transport/publisher.ts";
+import { eventually, identity, natsClient, signed, startHomeserver, type Identity, type NatsClient, type TestHomeserver } from "../helpers/federation.ts";
+import { startJwksEndpoint, type JwksEndpoint } from "../helpers/keys.ts";
+import { metricValue } from "../helpers/metrics.ts";
+
+let nats: LocalNats;
+let jwks: JwksEndpoint;
+
+beforeAll(async () => {
+  nats = await startLocalNats();
+  jwks = await startJwksEndpoint();
+});
+
+afterAll(async () => {
+  await jwks?.close();
+  await nats?.stop();
+});
+
+describe("a peer that rotates while its key set cannot be fetched", () => {
+  let beta: TestHomeserver;
+  let client: NatsClient;
+  let alpha: Identity[];
+  let gamma: Identity;
+
+  beforeAll(async () => {
+    alpha = await Promise.all(["k1", "k2", "k3"].map((k) => identity("alpha", k)));
+    gamma = await identity("gamma");
+    beta = await startHomeserver(await identity("beta"), {
+      natsUrl: nats.url, peers: [gamma],
+      overrides: {
+        peers: { alpha: { jwksUrl: jwks.url }, gamma: { keys: [gamma.publicJwk] } },
+        jwks: { refreshCooldownSeconds: 1, timeoutMs: 500 },
+      },
+    });
+    client = await natsClient(nats.url);
+  });
+  afterAll(async () => {
+    await client?.close();
+    await beta?.close();
+  });
+
+  const publish = async (from: Identity, n: number): Promise<string[]> => {
+    const jtis: string[] = [];
+    for (let i = 0; i < n; i += 50) {
+      await Promise.all(Array.from({ length: Math.min(50, n - i) }, async () => {
+        const event = await signed(from, "beta", [{ cid: "bob" }]);
+        jtis.push(event.claims.jti);
+        await publishEvent(client.js, inboxSubject("beta", from.name), Buffer.from(event.token), 5000);
+      }));
+    }
+    return jtis;
+  };
+  const stored = async (iss: string): Promise<number> =>
+    Number((await beta.relay.db.kysely.selectFrom("events").select((eb) => eb.fn.countAll().as("n")).where("iss", "=", iss).executeTakeFirstOrThrow()).n);
+  const refused = async (): Promise<unknown[]> => beta.relay.db.kysely.selectFrom("refused_events").select(["reason", "detail"]).execute();
+
+  it("stores all 1,000 of alpha's events across two rotations, none refused, while gamma's go on through the outage", async () => {
+    // k1, known from the first fetch.
+    jwks.keys = [alpha[0]!.publicJwk];
+    await publish(alpha[0]!, 300);
+    await eventually(async () => (await stored("alpha")) === 300, 20_000, "k1's 300 stored");
+
+    // First rotation: k2 is served before it signs, as a rotation should.
+    jwks.keys = [alpha[0]!.publicJwk, alpha[1]!.publicJwk];
+    await publish(alpha[1]!, 300);
+    await eventually(async () => (await stored("alpha")) === 600, 20_000, "k2's 300 stored");
+
+    // Second rotation while the endpoint is down: k3's events wait in the inbox, none refused,
+    // and gamma's events are stored meanwhile.
+    jwks.mode = "down";
+    jwks.keys = [alpha[0]!.publicJwk, alpha[1]!.publicJwk, alpha[2]!.publicJwk];
+    await publish(alpha[2]!, 400);
+    await eventually(async () => (metricValue(await beta.relay.metrics.registry.metrics(), "fedrelay_jwks_fetch_failures_total", { peer: "alpha" })) >= 2, 10_000, "fetches failing");
+    await publish(gamma, 20);
+    await eventually(async () => (await stored("gamma")) === 20, 10_000, "gamma's 20 stored during alpha's outage");
+    expect(await stored("alpha")).toBe(600);
+    expect(await refused()).toEqual([]);
+    expect(metricValue(await beta.relay.metrics.registry.metrics(), "fedrelay_events_deferred_total", { peer: "alpha" })).toBeGreaterThan(0);
+
+    jwks.mode = "serve";
+    await eventually(async () => (await stored("alpha")) === 1000, 30_000, "k3's 400 stored once the endpoint answers");
+    expect(await refused()).toEqual([]);
+  });
+});
