@@ -29,6 +29,8 @@ export interface KeySetPlan {
   /** Keys new to the peer, each checked. */
   readonly add: readonly CheckedKey[];
   readonly refused: readonly RefusedKey[];
+  /** Thumbprints of known keys the set serves again: last seen now. */
+  readonly seen: readonly string[];
 }
 
 export interface KeySetLimits {
@@ -84,13 +86,15 @@ export function planKeySet(homeserver: string, jwks: readonly unknown[], known: 
     listed.set(c.jwk.kid, thumbprints);
   }
   const add: CheckedKey[] = [];
+  const again = new Set<string>();
   const seen = new Set<string>();
   for (const c of checked) {
     const kid = c.jwk.kid;
     const thumbprint = jwkThumbprint(c.jwk);
     const bound = known.get(kid);
     if (bound !== undefined) {
-      if (bound !== thumbprint) refused.push({ kid, reason: "rebound_kid", detail: `${kid} is bound to key ${bound}; the set serves ${thumbprint} under it` });
+      if (bound === thumbprint) again.add(thumbprint);
+      else refused.push({ kid, reason: "rebound_kid", detail: `${kid} is bound to key ${bound}; the set serves ${thumbprint} under it` });
       continue;
     }
     if (listed.get(kid)!.size > 1) {
@@ -102,5 +106,5 @@ export function planKeySet(homeserver: string, jwks: readonly unknown[], known: 
     seen.add(kid);
     add.push(c);
   }
-  return { add, refused };
+  return { add, refused, seen: [...again] };
 }

@@ -13,7 +13,7 @@
  * event for good.
  */
 import type { Logger } from "pino";
-import { verificationKeyOf, type PublicJwk, type VerificationKey } from "../protocol/keys.ts";
+import { checkPeerJwk, verificationKeyOf, type PublicJwk, type VerificationKey } from "../protocol/keys.ts";
 import { splitKid } from "../protocol/names.ts";
 import type { KeyLookup, KeyResolver } from "../protocol/verify.ts";
 import { DEFAULT_KEY_SET_LIMITS, parseKeySet, planKeySet, type KeySetLimits, type RefusedKey } from "./key-set.ts";
@@ -35,11 +35,30 @@ export const DEFAULT_JWKS_SETTINGS: JwksSettings = {
   ...DEFAULT_KEY_SET_LIMITS, refreshCooldownSeconds: 60, timeoutMs: 5000, maxWaitSeconds: 3600,
 };
 
+/** A key bound to a kid in the key history. */
+export interface StoredKey {
+  readonly kid: string;
+  readonly thumbprint: string;
+  readonly jwk: unknown;
+}
+
+/**
+ * The key history (src/store/peer-keys.ts): what binds a kid to its key across
+ * processes and restarts. Without one (tests of the registry alone), a binding
+ * lasts as long as the registry.
+ */
+export interface KeyStore {
+  bound(homeservers: readonly string[]): Promise<readonly StoredKey[]>;
+  /** Binds the keys whose kids are free; returns what each of their kids is bound to now. Marks `seen` (thumbprints) as seen. */
+  bind(keys: readonly VerificationKey[], seen: readonly string[]): Promise<ReadonlyMap<string, StoredKey>>;
+}
+
 export interface KeyRegistryOptions {
   /** This homeserver's own public keys: it may deliver to itself. */
   readonly self: { readonly homeserver: string; readonly keys: readonly PublicJwk[] };
   readonly peers: Readonly<Record<string, PeerSource>>;
   readonly jwks?: Partial<JwksSettings>;
+  readonly store?: KeyStore;
   readonly fetch?: typeof fetch;
   /** Seconds since the epoch, of the same clock as the `receivedAt` of lookups (the inbox's timestamps). */
   readonly now?: () => number;
@@ -83,16 +102,39 @@ export function createKeyRegistry(options: KeyRegistryOptions): KeyRegistry {
   for (const [name, source] of Object.entries(options.peers)) peers.set(name, peerOf(name, source.jwksUrl));
   if (!peers.has(options.self.homeserver)) peers.set(options.self.homeserver, peerOf(options.self.homeserver, undefined));
 
-  function take(peer: Peer, jwks: readonly unknown[], strict: boolean): void {
+  /** A key the history binds: held from now on (one that no longer passes the checks, bound before them, is not). */
+  function adopt(peer: Peer, stored: StoredKey): void {
+    const checked = checkPeerJwk(stored.jwk);
+    if (checked.ok && checked.homeserver === peer.name) peer.keys.set(stored.kid, verificationKeyOf(checked));
+    else options.log?.warn({ peer: peer.name, kid: stored.kid }, "a key bound in the key history no longer passes the checks; it verifies nothing");
+  }
+
+  /** Takes what `jwks` adds to `peer`, each key bound in the history before it is used; `strict`: any refusal throws (configuration). */
+  async function take(peer: Peer, jwks: readonly unknown[], strict: boolean): Promise<void> {
     const known = new Map([...peer.keys].map(([kid, key]) => [kid, key.thumbprint]));
     const plan = planKeySet(peer.name, jwks, known);
-    if (strict && plan.refused.length > 0) {
-      const r = plan.refused[0]!;
+    const refused = [...plan.refused];
+    let add = plan.add.map(verificationKeyOf);
+    if (options.store) {
+      const bound = await options.store.bind(add, plan.seen);
+      add = add.filter((key) => {
+        const stored = bound.get(key.kid);
+        if (stored === undefined || stored.thumbprint === key.thumbprint) return true;
+        refused.push({
+          kid: key.kid, reason: "rebound_kid",
+          detail: `${key.kid} is bound to key ${stored.thumbprint} in the key history; the set serves ${key.thumbprint} under it`,
+        });
+        adopt(peer, stored);
+        return false;
+      });
+    }
+    if (strict && refused.length > 0) {
+      const r = refused[0]!;
       throw new Error(`key ${r.kid ?? "(no kid)"} of ${peer.name} refused (${r.reason}): ${r.detail}`);
     }
-    for (const c of plan.add) peer.keys.set(c.jwk.kid, verificationKeyOf(c));
+    for (const key of add) peer.keys.set(key.kid, key);
     peer.refused = new Map();
-    for (const r of plan.refused) {
+    for (const r of refused) {
       if (r.kid !== undefined) peer.refused.set(r.kid, r);
       options.onKeyRefused?.(peer.name, r);
       const level = r.reason === "rebound_kid" ? "error" : "warn";
@@ -101,9 +143,13 @@ export function createKeyRegistry(options: KeyRegistryOptions): KeyRegistry {
   }
 
   const ready = (async () => {
-    take(peers.get(options.self.homeserver)!, options.self.keys, true);
+    for (const stored of (await options.store?.bound([...peers.keys()])) ?? []) {
+      const peer = peers.get(stored.kid.slice(0, stored.kid.indexOf("#")));
+      if (peer) adopt(peer, stored);
+    }
+    await take(peers.get(options.self.homeserver)!, options.self.keys, true);
     for (const [name, source] of Object.entries(options.peers)) {
-      if (source.keys) take(peers.get(name)!, source.keys, true);
+      if (source.keys) await take(peers.get(name)!, source.keys, true);
     }
   })();
 
@@ -122,7 +168,7 @@ export function createKeyRegistry(options: KeyRegistryOptions): KeyRegistry {
     const started = now();
     peer.lastAttempt = started;
     try {
-      take(peer, await fetchKeySet(peer.url!), false);
+      await take(peer, await fetchKeySet(peer.url!), false);
       peer.lastSuccess = started;
       peer.lastError = undefined;
     } catch (err) {

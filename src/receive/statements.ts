@@ -23,13 +23,18 @@ import type { AcceptedInput, RefusedInput } from "./types.ts";
 const MAX_NOTIFY_PAYLOAD = 7900;
 const COMMA = Buffer.from(",");
 
-/** Statement 1b: the verifying keys not stored yet (peer_keys keeps every key that ever verified an event). */
+/**
+ * Statement 1b: the verifying keys not stored yet. The key registry binds every key
+ * in peer_keys before it is used (src/store/peer-keys.ts), so this inserts nothing
+ * in practice; it stays so an event is never stored without its key. Any conflict
+ * (the thumbprint, or a kid bound to another key) leaves the bound row as it is.
+ */
 export function insertKeys(keys: readonly VerificationKey[]): RawBuilder<unknown> {
   return sql`
     INSERT INTO peer_keys (thumbprint, kid, homeserver, jwk)
     SELECT * FROM unnest(${textArray(keys.map((k) => k.thumbprint))}::text[], ${textArray(keys.map((k) => k.kid))}::text[],
                          ${textArray(keys.map((k) => k.homeserver))}::text[], ${textArray(keys.map((k) => JSON.stringify(k.jwk)))}::jsonb[])
-    ON CONFLICT (thumbprint) DO NOTHING`;
+    ON CONFLICT DO NOTHING`;
 }
 
 /** Statement 1: the batch's events (distinct, in key order), returning the keys of those that were new. */

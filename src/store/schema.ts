@@ -31,6 +31,10 @@ export interface PeerKeysTable {
   homeserver: string;
   jwk: ColumnType<unknown, string, string>;
   first_seen: Timestamp;
+  last_seen: ColumnType<Date | null, Date | string | null | undefined, Date | string | null>;
+  retired_at: ColumnType<Date | null, Date | string | null | undefined, Date | string | null>;
+  revoked_at: ColumnType<Date | null, Date | string | null | undefined, Date | string | null>;
+  rebound: ColumnType<boolean, boolean | undefined, boolean>;
 }
 
 export interface EventsTable {

@@ -111,6 +111,7 @@ describe("delivery from the owner to a client of another homeserver", () => {
       const seq = await publishTo("gamma", "alpha", event.token);
       // The dead worker's commit: the event is in Postgres, its message still unacknowledged in the stream.
       const keys = createKeyRegistry({ self: { homeserver: "gamma", keys: [] }, peers: { alpha: { keys: [alpha.publicJwk] } } });
+      await keys.ready;
       const verdict = await verifyEvent(Buffer.from(event.token), inboxSubject("gamma", "alpha"), {
         self: "gamma", limits: gammaHs.config.limits, keys, isSenderAllowed: () => true, now: Date.now() / 1000,
       });

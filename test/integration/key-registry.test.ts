@@ -1,11 +1,16 @@
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from "vitest";
-import { createKeyRegistry, type JwksSettings, type KeyRegistry } from "../../src/keys/registry.ts";
+import { createKeyRegistry, type JwksSettings, type KeyRegistry, type PeerSource } from "../../src/keys/registry.ts";
+import { importVerificationKey, jwkThumbprint, type VerificationKey } from "../../src/protocol/keys.ts";
+import { createDb, type Db } from "../../src/store/db.ts";
+import { migrate, readMigrations } from "../../src/store/migrate.ts";
+import { bindKeys, boundKeys } from "../../src/store/peer-keys.ts";
 import { DEFAULT_EVENT_LIMITS } from "../../src/protocol/claims.ts";
 import { verifyEvent } from "../../src/protocol/verify.ts";
 import { startLocalNats, type LocalNats } from "../../src/local-nats.ts";
 import { inboxSubject } from "../../src/protocol/subjects.ts";
 import { publishEvent } from "../../src/transport/publisher.ts";
 import { addClient, eventually, grantCapability, http, identity, natsClient, signed, startHomeserver, type Identity } from "../helpers/federation.ts";
+import { testSchema, type TestSchema } from "../helpers/db.ts";
 import { refusedKinds, startJwksEndpoint, type JwksEndpoint } from "../helpers/keys.ts";
 
 let jwks: JwksEndpoint;
@@ -188,6 +193,94 @@ describe("a homeserver that knows its peer only by JWKS URL", () => {
       await client.close();
       await betaHs.close();
       await alphaHs.close();
+    }
+  });
+});
+
+describe("the key history binds a kid to one key across processes and restarts", () => {
+  let schema: TestSchema;
+  let db: Db;
+  beforeAll(async () => {
+    schema = testSchema("key_history");
+    db = createDb({ url: schema.url, schema: schema.schema, poolSize: 2 });
+    await migrate(db.pool, schema.schema);
+  });
+  afterAll(async () => {
+    await db?.close();
+    await schema?.drop();
+  });
+  beforeEach(() => {
+    jwks.mode = "serve";
+  });
+
+  const store = () => ({ bound: (h: readonly string[]) => boundKeys(db, h), bind: (k: readonly VerificationKey[], s: readonly string[]) => bindKeys(db, k, s) });
+  const withStore = (refused: string[] = [], peers: Record<string, PeerSource> = { alpha: { jwksUrl: jwks.url } }) => createKeyRegistry({
+    self: { homeserver: "beta", keys: [] }, peers, store: store(), jwks: { refreshCooldownSeconds: 1 },
+    onKeyRefused: (_peer, r) => refused.push(`${r.kid}:${r.reason}`),
+  });
+
+  it("a second registry on the same database (another worker, or this one restarted) knows the bound key without a fetch, and refuses another key under its kid", async () => {
+    const [k1, impostor, k2] = await Promise.all([identity("alpha", "h1"), identity("alpha", "h1"), identity("alpha", "h2")]);
+    jwks.keys = [k1.publicJwk];
+    const first = withStore();
+    await first.ready;
+    const now = Date.now() / 1000;
+    const original = await settled(first, "alpha#h1", now);
+
+    jwks.keys = [impostor.publicJwk, k2.publicJwk];
+    jwks.fetches = 0;
+    const refused: string[] = [];
+    const second = withStore(refused);
+    await second.ready;
+    expect(second.lookup("alpha#h1", now)).toEqual(original);
+    expect(jwks.fetches).toBe(0);
+    // Its next fetch: the impostor under h1 is refused, h2 is bound.
+    expect(await settled(second, "alpha#h2", Date.now() / 1000 + 1)).toMatchObject({ status: "found" });
+    expect(refused).toEqual(["alpha#h1:rebound_kid"]);
+    expect(second.lookup("alpha#h1", now)).toEqual(original);
+
+    const rows = await db.kysely.selectFrom("peer_keys").select(["kid", "thumbprint", "last_seen", "rebound"]).where("homeserver", "=", "alpha").orderBy("kid").execute();
+    expect(rows.map((r) => [r.kid, r.thumbprint, r.rebound, r.last_seen instanceof Date])).toEqual([
+      ["alpha#h1", (original as { key: VerificationKey }).key.thumbprint, false, true],
+      ["alpha#h2", jwkThumbprint(k2.publicJwk as { x: string }), false, true],
+    ]);
+  });
+
+  it("another process binding a kid first wins: a registry that fetched a different key under it uses the bound one", async () => {
+    const [mine, theirs] = await Promise.all([identity("alpha", "race"), identity("alpha", "race")]);
+    await bindKeys(db, [await importVerificationKey(theirs.publicJwk)], []);
+    jwks.keys = [mine.publicJwk];
+    const refused: string[] = [];
+    const registry = withStore(refused, { alpha: { jwksUrl: jwks.url } });
+    await registry.ready;
+    expect(registry.lookup("alpha#race", Date.now() / 1000)).toMatchObject({ status: "found", key: { thumbprint: jwkThumbprint(theirs.publicJwk as { x: string }) } });
+    expect(refused).toEqual([]);
+  });
+
+  it("refuses to start with an inline key whose kid the history binds to another key", async () => {
+    const [bound, other] = await Promise.all([identity("gamma", "cfg"), identity("gamma", "cfg")]);
+    await bindKeys(db, [await importVerificationKey(bound.publicJwk)], []);
+    const registry = withStore([], { gamma: { keys: [other.publicJwk] } });
+    await expect(registry.ready).rejects.toThrow(/gamma#cfg of gamma refused \(rebound_kid\)/);
+  });
+
+  it("migration 013 keeps rows of a kid bound twice before it, the first as the binding and the later as rebound", async () => {
+    const legacy = testSchema("key_history_legacy");
+    const legacyDb = createDb({ url: legacy.url, schema: legacy.schema, poolSize: 1 });
+    try {
+      const all = await readMigrations();
+      await migrate(legacyDb.pool, legacy.schema, all.filter((m) => m.name < "013"));
+      const [a, b] = await Promise.all([identity("alpha", "old"), identity("alpha", "old")]);
+      for (const [who, at] of [[a, "2026-01-01"], [b, "2026-02-01"]] as const) {
+        const key = await importVerificationKey(who.publicJwk);
+        await legacyDb.kysely.insertInto("peer_keys").values({ thumbprint: key.thumbprint, kid: key.kid, homeserver: "alpha", jwk: JSON.stringify(key.jwk), first_seen: at }).execute();
+      }
+      await migrate(legacyDb.pool, legacy.schema, all);
+      const rows = await legacyDb.kysely.selectFrom("peer_keys").select(["first_seen", "rebound"]).orderBy("first_seen").execute();
+      expect(rows.map((r) => r.rebound)).toEqual([false, true]);
+    } finally {
+      await legacyDb.close();
+      await legacy.drop();
     }
   });
 });

@@ -50,7 +50,7 @@ describe("a key set's kids", () => {
     const rebound = goodKey("alpha#k1");
     const fresh = goodKey("alpha#k2");
     const bound = new Map([["alpha#k1", jwkThumbprint(known)]]);
-    expect(planKeySet("alpha", [known, fresh], bound)).toEqual({ add: [expect.objectContaining({ jwk: fresh })], refused: [] });
+    expect(planKeySet("alpha", [known, fresh], bound)).toEqual({ add: [expect.objectContaining({ jwk: fresh })], refused: [], seen: [jwkThumbprint(known)] });
     const plan = planKeySet("alpha", [rebound, fresh], bound);
     expect(plan.add.map((k) => k.jwk.kid)).toEqual(["alpha#k2"]);
     expect(plan.refused).toEqual([{ kid: "alpha#k1", reason: "rebound_kid", detail: expect.stringContaining(jwkThumbprint(rebound)) }]);

@@ -1,0 +1,46 @@
+/**
+ * Key history (migrations/013): every key a kid was ever bound to, before it is
+ * used, so every process and every restart of a homeserver agree on which key a
+ * kid names. Rows are never deleted: a stored event names its key by thumbprint.
+ */
+import { sql } from "kysely";
+import type { VerificationKey } from "../protocol/keys.ts";
+import { textArray } from "./arrays.ts";
+import type { Db } from "./db.ts";
+
+export interface BoundKey {
+  readonly kid: string;
+  readonly thumbprint: string;
+  readonly jwk: unknown;
+}
+
+/** The keys the kids of `homeservers` are bound to. */
+export async function boundKeys(db: Db, homeservers: readonly string[]): Promise<BoundKey[]> {
+  if (homeservers.length === 0) return [];
+  return db.kysely.selectFrom("peer_keys").select(["kid", "thumbprint", "jwk"])
+    .where("homeserver", "in", [...homeservers]).where("rebound", "=", false).orderBy("kid").execute();
+}
+
+/**
+ * Binds each of `keys` to its kid, unless the kid is bound already (by another
+ * process, or before a restart), and marks `seen` (thumbprints) as seen now.
+ * Returns what each of the kids of `keys` is bound to afterwards: a key whose
+ * kid is bound to another must not be used.
+ */
+export async function bindKeys(db: Db, keys: readonly VerificationKey[], seen: readonly string[]): Promise<Map<string, BoundKey>> {
+  const bound = new Map<string, BoundKey>();
+  if (keys.length > 0) {
+    await sql`
+      INSERT INTO peer_keys (thumbprint, kid, homeserver, jwk, last_seen)
+      SELECT *, now() FROM unnest(${textArray(keys.map((k) => k.thumbprint))}::text[], ${textArray(keys.map((k) => k.kid))}::text[],
+                                  ${textArray(keys.map((k) => k.homeserver))}::text[], ${textArray(keys.map((k) => JSON.stringify(k.jwk)))}::jsonb[])
+      ON CONFLICT DO NOTHING`.execute(db.kysely);
+    const rows = await db.kysely.selectFrom("peer_keys").select(["kid", "thumbprint", "jwk"])
+      .where("kid", "in", keys.map((k) => k.kid)).where("rebound", "=", false).execute();
+    for (const r of rows) bound.set(r.kid, r);
+  }
+  if (seen.length > 0) {
+    await db.kysely.updateTable("peer_keys").set({ last_seen: sql<Date>`now()` }).where("thumbprint", "in", [...seen]).execute();
+  }
+  return bound;
+}
