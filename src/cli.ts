@@ -9,6 +9,7 @@ import { createRelay, type RelayRoles } from "./relay.ts";
 import { createClientTokens } from "./client-tokens.ts";
 import { isClientId } from "./protocol/names.ts";
 import { issueCapabilityFor, listCapabilitiesOf, revokeCapabilityFor } from "./operations/capabilities.ts";
+import { evidenceOf } from "./operations/evidence.ts";
 import type { Operation } from "./operations/operation.ts";
 import { putRateLimit, removeRateLimit, showRateLimits } from "./operations/rate-limits.ts";
 import { putServerRule, removeServerRule, setPolicyMode, showPolicy } from "./operations/server-policy.ts";
@@ -254,6 +255,32 @@ export const COMMANDS: Readonly<Record<string, Command>> = {
         io.stderr(`fedrelay: client ${id} ${created ? "registered" : "already registered"}; token:`);
         io.stdout(token);
         return 0;
+      });
+    },
+  },
+  evidence: {
+    summary: "print the evidence of a stored event: its token, the key that verified it, a fresh verification",
+    usage: `fedrelay evidence EVENT_ID [--from HOMESERVER] [--bundle FILE] [--config FILE]
+  EVENT_ID            the event's jti (what a client sees as \`event\`)
+  --from HOMESERVER   its sender, when several senders used that id
+  --bundle FILE       also write a self-contained JSON bundle (token, public key, its thumbprint, body
+                      hash, when received) that any JOSE library verifies without fedrelay
+Exit 1 when the stored token no longer verifies with the key that verified it.
+${CONFIG_HELP}`,
+    options: { ...configOption, from: { type: "string" }, bundle: { type: "string" } },
+    async run({ values, positionals }, io) {
+      const find = evidenceOf(positionals[0], values.from as string | undefined);
+      return withDb(values, io, async (db, config) => {
+        const evidence = await find(db, config.homeserver);
+        if (evidence.kept === "record" && values.bundle !== undefined) {
+          throw new RelayError("not_found", `event ${evidence.jti} was delivered to no one: only a record of it was kept (its token's SHA-256), so there is no bundle to write`);
+        }
+        io.stdout(json(evidence));
+        if (evidence.kept === "record") return 0;
+        if (values.bundle !== undefined) await io.writeFile(values.bundle as string, `${json(evidence.bundle)}\n`, { secret: false });
+        if (evidence.verification.ok) return 0;
+        io.stderr(`fedrelay evidence: event ${evidence.bundle.jti}'s stored token does not verify: ${evidence.verification.detail}`);
+        return 1;
       });
     },
   },

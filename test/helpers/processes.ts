@@ -1,4 +1,4 @@
-/** Worker processes as operators run them: `node src/main.ts worker --config FILE`. */
+/** fedrelay processes as operators run them: `node src/main.ts COMMAND …` (workers, and one-shot commands). */
 import { spawn, type ChildProcess } from "node:child_process";
 import { mkdtemp, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
@@ -6,6 +6,45 @@ import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 
 export const REPO = fileURLToPath(new URL("../..", import.meta.url));
+
+export interface Run {
+  readonly code: number | null;
+  readonly stdout: string;
+  readonly stderr: string;
+  readonly ms: number;
+}
+
+/**
+ * The environment of a child: the machine's, minus anything that configures
+ * fedrelay (the test runner sets FEDRELAY_* variables of its own).
+ */
+export function baseEnv(): Record<string, string> {
+  const env: Record<string, string> = {};
+  for (const [k, v] of Object.entries(process.env)) {
+    if (v === undefined || k.startsWith("FEDRELAY_") || k === "DATABASE_URL" || k === "NATS_URL") continue;
+    env[k] = v;
+  }
+  return env;
+}
+
+export function runFedrelay(args: readonly string[], env: Record<string, string> = {}): Promise<Run> {
+  return new Promise((resolve, reject) => {
+    const started = Date.now();
+    const child = spawn(process.execPath, ["src/main.ts", ...args], {
+      cwd: REPO, env: { ...baseEnv(), ...env }, stdio: ["ignore", "pipe", "pipe"],
+    });
+    let stdout = "";
+    let stderr = "";
+    child.stdout.setEncoding("utf8").on("data", (d: string) => (stdout += d));
+    child.stderr.setEncoding("utf8").on("data", (d: string) => (stderr += d));
+    const timer = setTimeout(() => child.kill("SIGKILL"), 30_000);
+    child.on("error", reject);
+    child.on("close", (code) => {
+      clearTimeout(timer);
+      resolve({ code, stdout, stderr, ms: Date.now() - started });
+    });
+  });
+}
 
 export interface WorkerProcess {
   readonly child: ChildProcess;

@@ -13,49 +13,11 @@ import { startLocalNats, type LocalNats } from "../../src/local-nats.ts";
 import { generateSigningJwk, importSigningKey } from "../../src/protocol/keys.ts";
 import { readMigrations } from "../../src/store/migrate.ts";
 import { TEST_DATABASE_URL, testSchema, type TestSchema } from "../helpers/db.ts";
+import { baseEnv, runFedrelay } from "../helpers/processes.ts";
 
 const ROOT = fileURLToPath(new URL("../..", import.meta.url));
-const SUBCOMMANDS = ["keygen", "migrate", "serve", "worker", "client-add", "token-keys", "demo"];
+const SUBCOMMANDS = ["keygen", "migrate", "serve", "worker", "client-add", "evidence", "token-keys", "demo"];
 const BASE64URL_TOKEN = /^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$/;
-
-interface Run {
-  readonly code: number | null;
-  readonly stdout: string;
-  readonly stderr: string;
-  readonly ms: number;
-}
-
-/**
- * The environment of a child: the machine's, minus anything that configures
- * fedrelay (the test runner sets FEDRELAY_* variables of its own).
- */
-function baseEnv(): Record<string, string> {
-  const env: Record<string, string> = {};
-  for (const [k, v] of Object.entries(process.env)) {
-    if (v === undefined || k.startsWith("FEDRELAY_") || k === "DATABASE_URL" || k === "NATS_URL") continue;
-    env[k] = v;
-  }
-  return env;
-}
-
-function fedrelay(args: readonly string[], env: Record<string, string> = {}): Promise<Run> {
-  return new Promise((resolve, reject) => {
-    const started = Date.now();
-    const child = spawn(process.execPath, ["src/main.ts", ...args], {
-      cwd: ROOT, env: { ...baseEnv(), ...env }, stdio: ["ignore", "pipe", "pipe"],
-    });
-    let stdout = "";
-    let stderr = "";
-    child.stdout.setEncoding("utf8").on("data", (d: string) => (stdout += d));
-    child.stderr.setEncoding("utf8").on("data", (d: string) => (stderr += d));
-    const timer = setTimeout(() => child.kill("SIGKILL"), 30_000);
-    child.on("error", reject);
-    child.on("close", (code) => {
-      clearTimeout(timer);
-      resolve({ code, stdout, stderr, ms: Date.now() - started });
-    });
-  });
-}
 
 /** An error on stderr is exactly one line. */
 function expectOneLine(stderr: string, pattern?: RegExp): void {
@@ -98,7 +60,7 @@ async function withTokens(db: TestSchema, fn: (tokens: ReturnType<typeof createC
 describe("usage", () => {
   it("--help lists every subcommand and exits 0", async () => {
     for (const flag of ["--help", "-h", "help"]) {
-      const run = await fedrelay([flag]);
+      const run = await runFedrelay([flag]);
       expect({ flag, code: run.code, stderr: run.stderr }).toEqual({ flag, code: 0, stderr: "" });
       expect(run.stdout).toMatch(/usage: fedrelay <command>/);
       for (const name of SUBCOMMANDS) expect(run.stdout).toMatch(new RegExp(`^  ${name} +\\S`, "m"));
@@ -107,20 +69,20 @@ describe("usage", () => {
 
   it("<command> --help exits 0 with the command's usage", async () => {
     for (const name of SUBCOMMANDS) {
-      const run = await fedrelay([name, "--help"]);
+      const run = await runFedrelay([name, "--help"]);
       expect({ name, code: run.code, stderr: run.stderr }).toEqual({ name, code: 0, stderr: "" });
       expect(run.stdout).toContain(`usage: fedrelay ${name}`);
     }
   });
 
   it("no command exits 2 and shows the usage", async () => {
-    const run = await fedrelay([]);
+    const run = await runFedrelay([]);
     expect(run.code).toBe(2);
     expect(run.stdout + run.stderr).toMatch(/usage: fedrelay <command>/);
   });
 
   it("an unknown command exits 2 with a one-line message", async () => {
-    const run = await fedrelay(["frobnicate"]);
+    const run = await runFedrelay(["frobnicate"]);
     expect(run.code).toBe(2);
     expectOneLine(run.stderr, /^fedrelay: unknown command "frobnicate"/);
     expect(run.stdout).toBe("");
@@ -128,7 +90,7 @@ describe("usage", () => {
 
   it("an unknown flag exits 2 with one line on stderr naming it", async () => {
     for (const args of [["keygen", "--bogus"], ["migrate", "--homeserver", "x"], ["serve", "-z"]]) {
-      const run = await fedrelay(args);
+      const run = await runFedrelay(args);
       expect({ args, code: run.code }).toEqual({ args, code: 2 });
       expectOneLine(run.stderr, new RegExp(`^fedrelay ${args[0]}: .*${args[1]}`));
     }
@@ -138,7 +100,7 @@ describe("usage", () => {
 describe("keygen", () => {
   it("writes an Ed25519 private JWK with mode 0600, prints the public JWK, and never overwrites it", async () => {
     const out = join(dir, "a.jwk.json");
-    const run = await fedrelay(["keygen", "--homeserver", "alpha", "--key-id", "k9", "--out", out]);
+    const run = await runFedrelay(["keygen", "--homeserver", "alpha", "--key-id", "k9", "--out", out]);
     expect(run.code).toBe(0);
     expectOneLine(run.stderr, /alpha#k9/);
 
@@ -155,7 +117,7 @@ describe("keygen", () => {
     const { d: _d, ...publicPart } = jwk;
     expect(printed).toEqual(publicPart);
 
-    const again = await fedrelay(["keygen", "--homeserver", "alpha", "--key-id", "k9", "--out", out]);
+    const again = await runFedrelay(["keygen", "--homeserver", "alpha", "--key-id", "k9", "--out", out]);
     expect(again.code).not.toBe(0);
     expectOneLine(again.stderr, /^fedrelay keygen: /);
     expect(again.stdout).toBe("");
@@ -164,7 +126,7 @@ describe("keygen", () => {
 
   it("without --homeserver exits 2 with one line", async () => {
     const out = join(dir, "none.jwk.json");
-    const run = await fedrelay(["keygen", "--out", out]);
+    const run = await runFedrelay(["keygen", "--out", out]);
     expect(run.code).toBe(2);
     expectOneLine(run.stderr, /--homeserver/);
     expect(existsSync(out)).toBe(false);
@@ -172,10 +134,10 @@ describe("keygen", () => {
 
   it("with an invalid homeserver name or key id exits 2 with one line and writes nothing", async () => {
     const out = join(dir, "bad.jwk.json");
-    const badName = await fedrelay(["keygen", "--homeserver", "Bad_Name", "--out", out]);
+    const badName = await runFedrelay(["keygen", "--homeserver", "Bad_Name", "--out", out]);
     expect(badName.code).toBe(2);
     expectOneLine(badName.stderr, /Bad_Name/);
-    const badKeyId = await fedrelay(["keygen", "--homeserver", "alpha", "--key-id", "no spaces", "--out", out]);
+    const badKeyId = await runFedrelay(["keygen", "--homeserver", "alpha", "--key-id", "no spaces", "--out", out]);
     expect(badKeyId.code).toBe(2);
     expectOneLine(badKeyId.stderr, /no spaces/);
     expect(existsSync(out)).toBe(false);
@@ -187,9 +149,9 @@ describe("migrate", () => {
     const db = schema("cli-migrate");
     const names = (await readMigrations()).map((m) => m.name);
     expect(names[0]).toBe("001_init.sql");
-    const first = await fedrelay(["migrate"], dbEnv(db));
+    const first = await runFedrelay(["migrate"], dbEnv(db));
     expect(first).toMatchObject({ code: 0, stdout: `applied ${names.join(", ")} to schema ${db.schema}\n`, stderr: "" });
-    const second = await fedrelay(["migrate"], dbEnv(db));
+    const second = await runFedrelay(["migrate"], dbEnv(db));
     expect(second).toMatchObject({ code: 0, stdout: `schema ${db.schema} is up to date\n`, stderr: "" });
 
     const client = new pg.Client({ connectionString: TEST_DATABASE_URL });
@@ -206,7 +168,7 @@ describe("migrate", () => {
   it("exits as soon as it is done instead of holding its Postgres connections open", async () => {
     const db = schema("cli-migrate-exit");
     for (const expected of [/^applied /, /up to date/]) {
-      const run = await fedrelay(["migrate"], dbEnv(db));
+      const run = await runFedrelay(["migrate"], dbEnv(db));
       expect(run.code).toBe(0);
       expect(run.stdout).toMatch(expected);
       // A behaviour bound, not a benchmark: the work takes well under a second; an idle pool would keep the process for 10 s.
@@ -215,7 +177,7 @@ describe("migrate", () => {
   });
 
   it("exits 1 with one line when Postgres is unreachable", async () => {
-    const run = await fedrelay(["migrate"], { FEDRELAY_POSTGRES__URL: "postgresql://postgres@127.0.0.1:1/test", FEDRELAY_POSTGRES__SCHEMA: "t_unreachable" });
+    const run = await runFedrelay(["migrate"], { FEDRELAY_POSTGRES__URL: "postgresql://postgres@127.0.0.1:1/test", FEDRELAY_POSTGRES__SCHEMA: "t_unreachable" });
     expect(run.code).toBe(1);
     expectOneLine(run.stderr, /^fedrelay migrate: /);
   });
@@ -227,7 +189,7 @@ describe("configuration errors", () => {
     await writeFile(file, JSON.stringify({ http: { port: "x" } }));
     for (const command of ["migrate", "serve", "worker"]) {
       for (const flag of ["--config", "-c"]) {
-        const run = await fedrelay([command, flag, file]);
+        const run = await runFedrelay([command, flag, file]);
         expect({ command, flag, code: run.code }).toEqual({ command, flag, code: 2 });
         expectOneLine(run.stderr, /http\.port/);
       }
@@ -235,7 +197,7 @@ describe("configuration errors", () => {
   });
 
   it("an invalid value from the environment exits 2 naming the key", async () => {
-    const run = await fedrelay(["migrate"], { FEDRELAY_HTTP__PORT: "70000" });
+    const run = await runFedrelay(["migrate"], { FEDRELAY_HTTP__PORT: "70000" });
     expect(run.code).toBe(2);
     expectOneLine(run.stderr, /http\.port/);
   });
@@ -243,18 +205,18 @@ describe("configuration errors", () => {
   it("an unknown key in the config file exits 2 naming it", async () => {
     const file = join(dir, "unknown-key.json");
     await writeFile(file, JSON.stringify({ htpp: { port: 80 } }));
-    const run = await fedrelay(["migrate", "--config", file]);
+    const run = await runFedrelay(["migrate", "--config", file]);
     expect(run.code).toBe(2);
     expectOneLine(run.stderr, /htpp/);
   });
 
   it("a config file that does not exist exits 2 naming the path", async () => {
     const missing = join(dir, "does-not-exist.json");
-    const run = await fedrelay(["migrate", "--config", missing]);
+    const run = await runFedrelay(["migrate", "--config", missing]);
     expect(run.code).toBe(2);
     expectOneLine(run.stderr);
     expect(run.stderr).toContain(missing);
-    const viaEnv = await fedrelay(["migrate"], { FEDRELAY_CONFIG: missing });
+    const viaEnv = await runFedrelay(["migrate"], { FEDRELAY_CONFIG: missing });
     expect(viaEnv.code).toBe(2);
     expectOneLine(viaEnv.stderr);
     expect(viaEnv.stderr).toContain(missing);
@@ -263,7 +225,7 @@ describe("configuration errors", () => {
   it("a config file that is not JSON exits 2 naming the path", async () => {
     const file = join(dir, "not-json.json");
     await writeFile(file, "{ http: \n port: 80 }\n");
-    const run = await fedrelay(["migrate", "--config", file]);
+    const run = await runFedrelay(["migrate", "--config", file]);
     expect(run.code).toBe(2);
     expectOneLine(run.stderr);
     expect(run.stderr).toContain(file);
@@ -275,14 +237,14 @@ describe("client-add", () => {
 
   beforeAll(async () => {
     keyFile = join(dir, "client-add", "alpha.jwk.json");
-    const run = await fedrelay(["keygen", "--homeserver", "alpha", "--key-id", "k1", "--out", keyFile]);
+    const run = await runFedrelay(["keygen", "--homeserver", "alpha", "--key-id", "k1", "--out", keyFile]);
     expect(run.code).toBe(0);
   });
 
   it("registers the client and prints a token that this homeserver accepts", async () => {
     const db = schema("cli-client-add");
     const env = { ...dbEnv(db), FEDRELAY_HOMESERVER: "alpha", FEDRELAY_KEYS__SIGNING_KEY_FILE: keyFile };
-    const run = await fedrelay(["client-add", "bob"], env);
+    const run = await runFedrelay(["client-add", "bob"], env);
     expect(run.code).toBe(0);
     expectOneLine(run.stderr, /bob registered/);
     const lines = run.stdout.split("\n").filter(Boolean);
@@ -301,7 +263,7 @@ describe("client-add", () => {
       await client.end();
     }
 
-    const again = await fedrelay(["client-add", "bob"], env);
+    const again = await runFedrelay(["client-add", "bob"], env);
     expect(again.code).toBe(0);
     expectOneLine(again.stderr, /already registered/);
     expect(again.stdout).toMatch(/^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\n$/);
@@ -309,14 +271,14 @@ describe("client-add", () => {
 
   it("needs no federation signing key: client tokens have keys of their own", async () => {
     const db = schema("cli-client-nokey");
-    const run = await fedrelay(["client-add", "bob"], { ...dbEnv(db), FEDRELAY_HOMESERVER: "alpha" });
+    const run = await runFedrelay(["client-add", "bob"], { ...dbEnv(db), FEDRELAY_HOMESERVER: "alpha" });
     expect(run.code).toBe(0);
     await withTokens(db, async (tokens) => expect(await tokens.verify(run.stdout.trim())).toBe("bob"));
   });
 
   it("with a signing key file that does not exist exits 2 with one line naming the path", async () => {
     const missing = join(dir, "no-such-key.json");
-    const run = await fedrelay(["client-add", "bob"], { FEDRELAY_KEYS__SIGNING_KEY_FILE: missing });
+    const run = await runFedrelay(["client-add", "bob"], { FEDRELAY_KEYS__SIGNING_KEY_FILE: missing });
     expect(run.code).toBe(2);
     expectOneLine(run.stderr);
     expect(run.stderr).toContain(missing);
@@ -324,7 +286,7 @@ describe("client-add", () => {
 
   it("without a valid client id exits 2 with one line", async () => {
     for (const args of [["client-add"], ["client-add", "bad id"]]) {
-      const run = await fedrelay(args, { FEDRELAY_KEYS__SIGNING_KEY_FILE: keyFile });
+      const run = await runFedrelay(args, { FEDRELAY_KEYS__SIGNING_KEY_FILE: keyFile });
       expect({ args, code: run.code }).toEqual({ args, code: 2 });
       expectOneLine(run.stderr, /client id/);
     }
@@ -335,17 +297,17 @@ describe("token-keys", () => {
   it("rotate signs with a new key and keeps the old one's tokens valid; a token made with a retired key after its retirement and every token of a revoked key are refused", async () => {
     const db = schema("cli-token-keys");
     const env = { ...dbEnv(db), FEDRELAY_HOMESERVER: "alpha" };
-    const before = (await fedrelay(["client-add", "bob"], env)).stdout.trim();
-    const listed = await fedrelay(["token-keys", "list"], env);
+    const before = (await runFedrelay(["client-add", "bob"], env)).stdout.trim();
+    const listed = await runFedrelay(["token-keys", "list"], env);
     expect(listed.code).toBe(0);
     const [first] = JSON.parse(listed.stdout) as { id: string; signing: boolean }[];
     expect(first).toMatchObject({ signing: true, retiredAt: null, revokedAt: null });
 
-    const rotated = await fedrelay(["token-keys", "rotate"], env);
+    const rotated = await runFedrelay(["token-keys", "rotate"], env);
     expect(rotated.code).toBe(0);
     expect(rotated.stdout).toMatch(new RegExp(`^signing with \\S+; retired ${first!.id}\n$`));
-    const after = (await fedrelay(["client-add", "bob"], env)).stdout.trim();
-    const keys = JSON.parse((await fedrelay(["token-keys", "list"], env)).stdout) as { id: string; signing: boolean; retiredAt: string | null }[];
+    const after = (await runFedrelay(["client-add", "bob"], env)).stdout.trim();
+    const keys = JSON.parse((await runFedrelay(["token-keys", "list"], env)).stdout) as { id: string; signing: boolean; retiredAt: string | null }[];
     expect(keys.map((k) => [k.id === first!.id, k.signing, k.retiredAt !== null])).toEqual([[true, false, true], [false, true, false]]);
     expect(JSON.parse(Buffer.from(after.split(".")[0]!, "base64url").toString()) as unknown).toMatchObject({ kid: keys[1]!.id });
 
@@ -360,20 +322,20 @@ describe("token-keys", () => {
       await expect(tokens.verify(late)).rejects.toMatchObject({ code: "unauthorized", message: expect.stringMatching(/revoked/) });
     });
 
-    const revoked = await fedrelay(["token-keys", "revoke", first!.id], env);
+    const revoked = await runFedrelay(["token-keys", "revoke", first!.id], env);
     expect({ code: revoked.code, stdout: revoked.stdout }).toEqual({ code: 0, stdout: `revoked ${first!.id}\n` });
     await withTokens(db, async (tokens) => {
       await expect(tokens.verify(before)).rejects.toMatchObject({ code: "unauthorized" });
       expect(await tokens.verify(after)).toBe("bob");
     });
-    const again = await fedrelay(["token-keys", "revoke", first!.id], env);
+    const again = await runFedrelay(["token-keys", "revoke", first!.id], env);
     expect(again.code).toBe(1);
     expectOneLine(again.stderr, /no unrevoked token key/);
   });
 
   it("a bad action exits 2 with one line, before touching the database", async () => {
     for (const args of [["token-keys"], ["token-keys", "spin"], ["token-keys", "revoke"]]) {
-      const run = await fedrelay(args, { FEDRELAY_POSTGRES__URL: "postgresql://nobody@127.0.0.1:1/none" });
+      const run = await runFedrelay(args, { FEDRELAY_POSTGRES__URL: "postgresql://nobody@127.0.0.1:1/none" });
       expect({ args, code: run.code }).toEqual({ args, code: 2 });
       expectOneLine(run.stderr, /token-keys/);
     }
@@ -393,7 +355,7 @@ describe("operator commands: policy, ratelimit, capability", () => {
       [["capability", "issue", "bob", "no-owner"], /capability group: must be <local>@<owner>/],
       [["capability", "revoke"], /capability revoke needs a capability id/],
     ] as const) {
-      const run = await fedrelay(args, { FEDRELAY_POSTGRES__URL: "postgresql://nobody@127.0.0.1:1/none" });
+      const run = await runFedrelay(args, { FEDRELAY_POSTGRES__URL: "postgresql://nobody@127.0.0.1:1/none" });
       expect({ args, code: run.code, stdout: run.stdout }).toEqual({ args, code: 2, stdout: "" });
       expectOneLine(run.stderr, new RegExp(`^fedrelay ${args[0]}: .*${message.source}`));
     }
@@ -402,18 +364,18 @@ describe("operator commands: policy, ratelimit, capability", () => {
   it("policy changes print one line each, and list shows the policy in force, the configured part and the run-time part", async () => {
     const db = schema("cli-policy");
     const env = { ...dbEnv(db), FEDRELAY_POLICY__DENY: JSON.stringify(["spam.net"]) };
-    expect(await fedrelay(["policy", "deny", "*.example.org"], env)).toMatchObject({ code: 0, stdout: "deny *.example.org\n", stderr: "" });
-    expect(await fedrelay(["policy", "allow", "gamma"], env)).toMatchObject({ code: 0, stdout: "allow gamma\n", stderr: "" });
-    expect(await fedrelay(["policy", "mode", "allowlist"], env)).toMatchObject({ code: 0, stdout: "mode allowlist\n", stderr: "" });
-    const listed = await fedrelay(["policy", "list"], env);
+    expect(await runFedrelay(["policy", "deny", "*.example.org"], env)).toMatchObject({ code: 0, stdout: "deny *.example.org\n", stderr: "" });
+    expect(await runFedrelay(["policy", "allow", "gamma"], env)).toMatchObject({ code: 0, stdout: "allow gamma\n", stderr: "" });
+    expect(await runFedrelay(["policy", "mode", "allowlist"], env)).toMatchObject({ code: 0, stdout: "mode allowlist\n", stderr: "" });
+    const listed = await runFedrelay(["policy", "list"], env);
     expect(listed.code).toBe(0);
     expect(listed.stdout).toBe(`${JSON.stringify({
       mode: "allowlist", allow: ["gamma"], deny: ["spam.net", "*.example.org"],
       configured: { mode: "open", allow: [], deny: ["spam.net"] },
       runtime: { mode: "allowlist", rules: [{ pattern: "*.example.org", action: "deny" }, { pattern: "gamma", action: "allow" }] },
     }, null, 2)}\n`);
-    expect(await fedrelay(["policy", "remove", "gamma"], env)).toMatchObject({ code: 0, stdout: "removed gamma\n" });
-    const again = await fedrelay(["policy", "remove", "gamma"], env);
+    expect(await runFedrelay(["policy", "remove", "gamma"], env)).toMatchObject({ code: 0, stdout: "removed gamma\n" });
+    const again = await runFedrelay(["policy", "remove", "gamma"], env);
     expect(again.code).toBe(1);
     expectOneLine(again.stderr, /^fedrelay policy: no run-time rule gamma\n$/);
   });
@@ -421,12 +383,12 @@ describe("operator commands: policy, ratelimit, capability", () => {
   it("ratelimit set, list and remove an override", async () => {
     const db = schema("cli-ratelimit");
     const env = dbEnv(db);
-    expect(await fedrelay(["ratelimit", "set", "client", "bot", "1", "3"], env)).toMatchObject({ code: 0, stdout: "client bot: 1/s, burst 3\n", stderr: "" });
-    const listed = await fedrelay(["ratelimit", "list"], env);
+    expect(await runFedrelay(["ratelimit", "set", "client", "bot", "1", "3"], env)).toMatchObject({ code: 0, stdout: "client bot: 1/s, burst 3\n", stderr: "" });
+    const listed = await runFedrelay(["ratelimit", "list"], env);
     expect(listed.code).toBe(0);
     expect(JSON.parse(listed.stdout)).toMatchObject({ clients: { bot: { rate: 1, burst: 3 } }, runtime: { servers: {}, clients: { bot: { rate: 1, burst: 3 } } } });
-    expect(await fedrelay(["ratelimit", "remove", "client", "bot"], env)).toMatchObject({ code: 0, stdout: "removed client bot\n" });
-    const again = await fedrelay(["ratelimit", "remove", "client", "bot"], env);
+    expect(await runFedrelay(["ratelimit", "remove", "client", "bot"], env)).toMatchObject({ code: 0, stdout: "removed client bot\n" });
+    const again = await runFedrelay(["ratelimit", "remove", "client", "bot"], env);
     expect(again.code).toBe(1);
     expectOneLine(again.stderr, /^fedrelay ratelimit: no run-time limit for bot\n$/);
   });
@@ -434,20 +396,20 @@ describe("operator commands: policy, ratelimit, capability", () => {
   it("capability issue prints the secret once, list shows it without the secret, revoke revokes it; an unknown client exits 1", async () => {
     const db = schema("cli-capability");
     const env = { ...dbEnv(db), FEDRELAY_HOMESERVER: "alpha" };
-    const unknown = await fedrelay(["capability", "issue", "bob", "g@alpha"], env);
+    const unknown = await runFedrelay(["capability", "issue", "bob", "g@alpha"], env);
     expect(unknown.code).toBe(1);
     expectOneLine(unknown.stderr, /^fedrelay capability: no client bob\n$/);
-    expect((await fedrelay(["client-add", "bob"], env)).code).toBe(0);
-    const issued = await fedrelay(["capability", "issue", "bob", "g@alpha"], env);
+    expect((await runFedrelay(["client-add", "bob"], env)).code).toBe(0);
+    const issued = await runFedrelay(["capability", "issue", "bob", "g@alpha"], env);
     expect(issued.code).toBe(0);
     const id = /^fedrelay: capability (\S+) for bob in g@alpha; the secret \(shown once\):\n$/.exec(issued.stderr)?.[1];
     expect(id).toBeDefined();
     expect(issued.stdout).toMatch(/^[A-Za-z0-9_-]{43}\n$/);
-    const listed = await fedrelay(["capability", "list", "bob"], env);
+    const listed = await runFedrelay(["capability", "list", "bob"], env);
     expect(JSON.parse(listed.stdout)).toEqual([{ id, client: "bob", group: "g@alpha", owner: "alpha", created_at: expect.any(String), revoked_at: null }]);
     expect(listed.stdout).not.toContain(issued.stdout.trim());
-    expect(await fedrelay(["capability", "revoke", id!], env)).toMatchObject({ code: 0, stdout: `revoked ${id}\n` });
-    expect((JSON.parse((await fedrelay(["capability", "list", "bob"], env)).stdout) as { revoked_at: string | null }[])[0]!.revoked_at).toEqual(expect.any(String));
+    expect(await runFedrelay(["capability", "revoke", id!], env)).toMatchObject({ code: 0, stdout: `revoked ${id}\n` });
+    expect((JSON.parse((await runFedrelay(["capability", "list", "bob"], env)).stdout) as { revoked_at: string | null }[])[0]!.revoked_at).toEqual(expect.any(String));
   });
 });
 

@@ -5,10 +5,12 @@
  * meanwhile (src/keys/registry.ts: a lookup never waits for a fetch).
  */
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { compactVerify, importJWK } from "jose";
 import { startLocalNats, type LocalNats } from "../../src/local-nats.ts";
+import { evidenceOf } from "../../src/operations/evidence.ts";
 import { inboxSubject } from "../../src/protocol/subjects.ts";
 import { publishEvent } from "../../src/transport/publisher.ts";
-import { eventually, identity, natsClient, signed, startHomeserver, type Identity, type NatsClient, type TestHomeserver } from "../helpers/federation.ts";
+import { addClient, eventually, grantCapability, identity, natsClient, signed, startHomeserver, type Identity, type NatsClient, type TestHomeserver } from "../helpers/federation.ts";
 import { startJwksEndpoint, type JwksEndpoint } from "../helpers/keys.ts";
 import { metricValue } from "../helpers/metrics.ts";
 
@@ -30,6 +32,7 @@ describe("a peer that rotates while its key set cannot be fetched", () => {
   let client: NatsClient;
   let alpha: Identity[];
   let gamma: Identity;
+  let cap: string;
 
   beforeAll(async () => {
     alpha = await Promise.all(["k1", "k2", "k3"].map((k) => identity("alpha", k)));
@@ -39,9 +42,13 @@ describe("a peer that rotates while its key set cannot be fetched", () => {
       overrides: {
         peers: { alpha: { jwksUrl: jwks.url }, gamma: { keys: [gamma.publicJwk] } },
         jwks: { refreshCooldownSeconds: 1, timeoutMs: 500 },
+        // 1,000 events to one client: its buckets are not what this test is about.
+        rateLimits: { enabled: false },
       },
     });
     client = await natsClient(nats.url);
+    await addClient(beta, "bob");
+    cap = await grantCapability(beta, "bob", "g@alpha");
   });
   afterAll(async () => {
     await client?.close();
@@ -52,7 +59,7 @@ describe("a peer that rotates while its key set cannot be fetched", () => {
     const jtis: string[] = [];
     for (let i = 0; i < n; i += 50) {
       await Promise.all(Array.from({ length: Math.min(50, n - i) }, async () => {
-        const event = await signed(from, "beta", [{ cid: "bob" }]);
+        const event = await signed(from, "beta", [{ cid: "bob", cap }]);
         jtis.push(event.claims.jti);
         await publishEvent(client.js, inboxSubject("beta", from.name), Buffer.from(event.token), 5000);
       }));
@@ -89,5 +96,16 @@ describe("a peer that rotates while its key set cannot be fetched", () => {
     jwks.mode = "serve";
     await eventually(async () => (await stored("alpha")) === 1000, 30_000, "k3's 400 stored once the endpoint answers");
     expect(await refused()).toEqual([]);
+
+    // Every stored event's evidence bundle verifies with jose alone, under the key that signed it.
+    const signers = new Map<string, number>();
+    for (const { jti } of await beta.relay.db.kysely.selectFrom("events").select("jti").where("iss", "=", "alpha").execute()) {
+      const evidence = await evidenceOf(jti, "alpha")(beta.relay.db, "beta");
+      if (evidence.kept !== "token") throw new Error(`event ${jti} was kept as a record`);
+      const { protectedHeader } = await compactVerify(evidence.bundle.token, await importJWK(evidence.bundle.jwk, "EdDSA"), { algorithms: ["EdDSA"] });
+      expect(protectedHeader.kid).toBe(evidence.bundle.jwk.kid);
+      signers.set(evidence.bundle.jwk.kid, (signers.get(evidence.bundle.jwk.kid) ?? 0) + 1);
+    }
+    expect(Object.fromEntries(signers)).toEqual({ "alpha#k1": 300, "alpha#k2": 300, "alpha#k3": 400 });
   });
 });
