@@ -187,6 +187,12 @@ export const configSchema = z.strictObject({
     // An event waits for its key at most this long (its peer's endpoint down), then `unknown_key`:
     // an hour rides out a restart or a bad deploy of the peer's relay.
     maxWaitSeconds: z.number().int().min(1).max(7 * 24 * 3600).default(DEFAULT_JWKS_SETTINGS.maxWaitSeconds),
+    // Every JWKS peer's set is fetched this often too (within the cooldown): a retirement is
+    // learned within 5 minutes, not at the peer's next new key.
+    refreshIntervalSeconds: z.number().int().min(1).max(24 * 3600).default(DEFAULT_JWKS_SETTINGS.refreshIntervalSeconds),
+    // A retired key verifies events received up to this long after its exp (or after we learned
+    // of it, if later): 15 minutes covers events in flight at a rotation; src/keys/registry.ts.
+    retiredGraceSeconds: z.number().int().min(0).max(7 * 24 * 3600).default(DEFAULT_JWKS_SETTINGS.retiredGraceSeconds),
   }).default({ ...DEFAULT_JWKS_SETTINGS }),
   limits: z.strictObject({
       maxMessageBytes: z.number().int().min(1024).max(DEFAULT_EVENT_LIMITS.maxMessageBytes).default(DEFAULT_EVENT_LIMITS.maxMessageBytes),

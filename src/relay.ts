@@ -12,8 +12,8 @@ import { createClientTokens } from "./client-tokens.ts";
 import { createServiceAuth } from "./http/auth.ts";
 import { FailureThrottle, WaitSlots } from "./http/limits.ts";
 import { createHttpServers, type HealthReport, type HttpServers } from "./http/server.ts";
-import { createKeyRegistry } from "./keys/registry.ts";
-import { bindKeys, boundKeys } from "./store/peer-keys.ts";
+import { createKeyRegistry, type KeyRegistry } from "./keys/registry.ts";
+import { bindKeys, boundKeys, retireKeys } from "./store/peer-keys.ts";
 import { createMetrics, peerLabeller, type RelayMetrics } from "./metrics.ts";
 import { importSigningKey, type PublicJwk, type SigningKey } from "./protocol/keys.ts";
 import { subjectToken } from "./protocol/names.ts";
@@ -94,6 +94,7 @@ export function createRelay(config: RelayConfig, roles: RelayRoles, deps: RelayD
   let outboxLoop: BatchLoop | undefined;
   let streams: StreamWatch | undefined;
   let policy: PolicyWatcher | undefined;
+  let keyRegistry: KeyRegistry | undefined;
   let notifier: DeliveryNotifier | undefined;
   let http: HttpServers | undefined;
   let url = "";
@@ -162,12 +163,12 @@ export function createRelay(config: RelayConfig, roles: RelayRoles, deps: RelayD
     const streamWatch = streams;
     policy = await watchServerPolicy(db, { policy: config.policy, rateLimits: config.rateLimits }, config.policy.refreshMs, log);
     const serverPolicy = policy;
-    const keys = createKeyRegistry({
+    const keys = keyRegistry = createKeyRegistry({
       self: { homeserver: config.homeserver, keys: publicKeys },
       peers: config.peers,
       // No `now`: the registry keeps wall-clock time, as the inbox timestamps it compares fetches with, even where the relay's clock is frozen (tests).
       jwks: config.jwks,
-      store: { bound: (homeservers) => boundKeys(db, homeservers), bind: (keys, seen) => bindKeys(db, keys, seen) },
+      store: { bound: (homeservers) => boundKeys(db, homeservers), bind: (keys, seen) => bindKeys(db, keys, seen), retire: (keys) => retireKeys(db, keys) },
       log,
       onKeyRefused: (peer, refused) => metrics.peerKeysRefused.inc({ peer: peerLabel(peer), reason: refused.reason }),
       onFetchFailed: (peer) => metrics.jwksFetchFailures.inc({ peer: peerLabel(peer) }),
@@ -292,6 +293,7 @@ export function createRelay(config: RelayConfig, roles: RelayRoles, deps: RelayD
       await step(() => outboxLoop?.stop());
       streams?.close();
       policy?.close();
+      keyRegistry?.close();
       // Ends long-polls at once, then HTTP: responses from here on close their connection,
       // so a keep-alive client (a Prometheus scrape) cannot hold the shutdown open.
       await step(() => notifier?.close());

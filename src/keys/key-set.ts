@@ -15,7 +15,9 @@ export type KeySetRefusal =
   /** The set lists its kid twice with different keys: which one the peer meant is unknowable. */
   | "duplicate_kid"
   /** Its kid is already bound to a different key: a kid, once seen, names one key forever. */
-  | "rebound_kid";
+  | "rebound_kid"
+  /** A known key served with a wider window (its `exp` later or gone, its `nbf` changed): a retirement is never undone. */
+  | "validity_widened";
 
 export interface RefusedKey {
   readonly kid: string | undefined;
@@ -31,6 +33,15 @@ export interface KeySetPlan {
   readonly refused: readonly RefusedKey[];
   /** Thumbprints of known keys the set serves again: last seen now. */
   readonly seen: readonly string[];
+  /** Known keys the set retires (an `exp` where they had none, or an earlier one): their new `exp`. */
+  readonly retire: readonly { readonly kid: string; readonly exp: number }[];
+}
+
+/** A key already bound to its kid, and the window it is held with. */
+export interface KnownKey {
+  readonly thumbprint: string;
+  readonly nbf: number | undefined;
+  readonly exp: number | undefined;
 }
 
 export interface KeySetLimits {
@@ -61,11 +72,12 @@ export function parseKeySet(text: string, limits: KeySetLimits): ParsedKeySet {
 }
 
 /**
- * What `jwks`, served by (or configured for) `homeserver`, adds to `known`
- * (kid → thumbprint of the keys already bound). A known kid served with the
- * same key is neither added nor refused.
+ * What `jwks`, served by (or configured for) `homeserver`, changes in `known`
+ * (the keys already bound, by kid). A known kid served with the same key and
+ * window is neither added nor refused; served with an `exp` it lacked, or an
+ * earlier one, it is retired; any other change of its window is refused.
  */
-export function planKeySet(homeserver: string, jwks: readonly unknown[], known: ReadonlyMap<string, string>): KeySetPlan {
+export function planKeySet(homeserver: string, jwks: readonly unknown[], known: ReadonlyMap<string, KnownKey>): KeySetPlan {
   const checked: CheckedKey[] = [];
   const refused: RefusedKey[] = [];
   // Every distinct key a kid is listed with in this set.
@@ -86,6 +98,7 @@ export function planKeySet(homeserver: string, jwks: readonly unknown[], known: 
     listed.set(c.jwk.kid, thumbprints);
   }
   const add: CheckedKey[] = [];
+  const retire: { kid: string; exp: number }[] = [];
   const again = new Set<string>();
   const seen = new Set<string>();
   for (const c of checked) {
@@ -93,8 +106,18 @@ export function planKeySet(homeserver: string, jwks: readonly unknown[], known: 
     const thumbprint = jwkThumbprint(c.jwk);
     const bound = known.get(kid);
     if (bound !== undefined) {
-      if (bound === thumbprint) again.add(thumbprint);
-      else refused.push({ kid, reason: "rebound_kid", detail: `${kid} is bound to key ${bound}; the set serves ${thumbprint} under it` });
+      if (bound.thumbprint !== thumbprint) {
+        refused.push({ kid, reason: "rebound_kid", detail: `${kid} is bound to key ${bound.thumbprint}; the set serves ${thumbprint} under it` });
+        continue;
+      }
+      again.add(thumbprint);
+      const { nbf, exp } = c.jwk;
+      if (nbf !== bound.nbf || (bound.exp !== undefined && (exp === undefined || exp > bound.exp))) {
+        const window = (from: number | undefined, until: number | undefined) => `[${from ?? "-"}, ${until ?? "-"})`;
+        if (!refused.some((r) => r.kid === kid)) refused.push({ kid, reason: "validity_widened", detail: `${kid} is held valid for ${window(bound.nbf, bound.exp)}; the set serves ${window(nbf, exp)}` });
+      } else if (exp !== undefined && exp !== bound.exp && !retire.some((r) => r.kid === kid)) {
+        retire.push({ kid, exp });
+      }
       continue;
     }
     if (listed.get(kid)!.size > 1) {
@@ -106,5 +129,5 @@ export function planKeySet(homeserver: string, jwks: readonly unknown[], known: 
     seen.add(kid);
     add.push(c);
   }
-  return { add, refused, seen: [...again] };
+  return { add, refused, seen: [...again], retire };
 }

@@ -29,10 +29,20 @@ export interface JwksSettings extends KeySetLimits {
   readonly timeoutMs: number;
   /** An event waits this long for its key at most (a peer whose endpoint stays down); then `unknown_key`. */
   readonly maxWaitSeconds: number;
+  /** Every peer's set is fetched this often as well, so a retirement is learned without waiting for a new kid. */
+  readonly refreshIntervalSeconds: number;
+  /**
+   * A retired key verifies only events received before its `exp`, or before we
+   * learned of it if later, plus this grace (events on their way at the
+   * rotation): a key that leaks after its retirement is useless, whatever `iat`
+   * its forger writes. Before: accepted up to 7 days after retirement (an `iat`
+   * back-dated into the key's window, with the longest lifetime).
+   */
+  readonly retiredGraceSeconds: number;
 }
 
 export const DEFAULT_JWKS_SETTINGS: JwksSettings = {
-  ...DEFAULT_KEY_SET_LIMITS, refreshCooldownSeconds: 60, timeoutMs: 5000, maxWaitSeconds: 3600,
+  ...DEFAULT_KEY_SET_LIMITS, refreshCooldownSeconds: 60, timeoutMs: 5000, maxWaitSeconds: 3600, refreshIntervalSeconds: 300, retiredGraceSeconds: 900,
 };
 
 /** A key bound to a kid in the key history. */
@@ -40,6 +50,8 @@ export interface StoredKey {
   readonly kid: string;
   readonly thumbprint: string;
   readonly jwk: unknown;
+  /** When this homeserver learned the key was retired (it had an `exp`), in seconds; null if it has none. */
+  readonly retiredAt: number | null;
 }
 
 /**
@@ -51,6 +63,8 @@ export interface KeyStore {
   bound(homeservers: readonly string[]): Promise<readonly StoredKey[]>;
   /** Binds the keys whose kids are free; returns what each of their kids is bound to now. Marks `seen` (thumbprints) as seen. */
   bind(keys: readonly VerificationKey[], seen: readonly string[]): Promise<ReadonlyMap<string, StoredKey>>;
+  /** Keys given an `exp` (or an earlier one): their JWK as now held, and when we learned it. */
+  retire(keys: readonly VerificationKey[]): Promise<void>;
 }
 
 export interface KeyRegistryOptions {
@@ -72,6 +86,8 @@ export interface KeyRegistryOptions {
 export interface KeyRegistry extends KeyResolver {
   /** Loads inline keys; a refused inline key is a configuration error. */
   readonly ready: Promise<void>;
+  /** Stops the periodic fetches. */
+  close(): void;
 }
 
 interface Peer {
@@ -85,6 +101,8 @@ interface Peer {
   lastError: string | undefined;
   /** Why keys of the last set fetched were not taken, by kid: the detail of an event's refusal. */
   refused: Map<string, RefusedKey>;
+  /** When we learned that a key is retired (it has an `exp`), by kid, in seconds. */
+  readonly retiredAt: Map<string, number>;
   inflight: Promise<void> | undefined;
 }
 
@@ -97,7 +115,7 @@ export function createKeyRegistry(options: KeyRegistryOptions): KeyRegistry {
   const now = options.now ?? (() => Date.now() / 1000);
   const peers = new Map<string, Peer>();
   const peerOf = (name: string, url: string | undefined): Peer => ({
-    name, url, keys: new Map(), lastAttempt: -Infinity, lastSuccess: -Infinity, lastError: undefined, refused: new Map(), inflight: undefined,
+    name, url, keys: new Map(), lastAttempt: -Infinity, lastSuccess: -Infinity, lastError: undefined, refused: new Map(), retiredAt: new Map(), inflight: undefined,
   });
   for (const [name, source] of Object.entries(options.peers)) peers.set(name, peerOf(name, source.jwksUrl));
   if (!peers.has(options.self.homeserver)) peers.set(options.self.homeserver, peerOf(options.self.homeserver, undefined));
@@ -105,13 +123,15 @@ export function createKeyRegistry(options: KeyRegistryOptions): KeyRegistry {
   /** A key the history binds: held from now on (one that no longer passes the checks, bound before them, is not). */
   function adopt(peer: Peer, stored: StoredKey): void {
     const checked = checkPeerJwk(stored.jwk);
-    if (checked.ok && checked.homeserver === peer.name) peer.keys.set(stored.kid, verificationKeyOf(checked));
-    else options.log?.warn({ peer: peer.name, kid: stored.kid }, "a key bound in the key history no longer passes the checks; it verifies nothing");
+    if (checked.ok && checked.homeserver === peer.name) {
+      peer.keys.set(stored.kid, verificationKeyOf(checked));
+      if (checked.jwk.exp !== undefined) peer.retiredAt.set(stored.kid, stored.retiredAt ?? now());
+    } else options.log?.warn({ peer: peer.name, kid: stored.kid }, "a key bound in the key history no longer passes the checks; it verifies nothing");
   }
 
   /** Takes what `jwks` adds to `peer`, each key bound in the history before it is used; `strict`: any refusal throws (configuration). */
   async function take(peer: Peer, jwks: readonly unknown[], strict: boolean): Promise<void> {
-    const known = new Map([...peer.keys].map(([kid, key]) => [kid, key.thumbprint]));
+    const known = new Map([...peer.keys].map(([kid, key]) => [kid, { thumbprint: key.thumbprint, nbf: key.validFrom, exp: key.validUntil }]));
     const plan = planKeySet(peer.name, jwks, known);
     const refused = [...plan.refused];
     let add = plan.add.map(verificationKeyOf);
@@ -132,7 +152,20 @@ export function createKeyRegistry(options: KeyRegistryOptions): KeyRegistry {
       const r = refused[0]!;
       throw new Error(`key ${r.kid ?? "(no kid)"} of ${peer.name} refused (${r.reason}): ${r.detail}`);
     }
-    for (const key of add) peer.keys.set(key.kid, key);
+    for (const key of add) {
+      peer.keys.set(key.kid, key);
+      if (key.validUntil !== undefined) peer.retiredAt.set(key.kid, now());
+    }
+    const retired = plan.retire.map(({ kid, exp }) => {
+      const key = peer.keys.get(kid)!;
+      return verificationKeyOf({ ok: true, jwk: { ...key.jwk, exp }, raw: key.raw, homeserver: key.homeserver });
+    });
+    await options.store?.retire(retired);
+    for (const key of retired) {
+      peer.keys.set(key.kid, key);
+      if (!peer.retiredAt.has(key.kid)) peer.retiredAt.set(key.kid, now());
+      options.log?.info({ peer: peer.name, kid: key.kid, exp: key.validUntil }, "a peer retired a key");
+    }
     peer.refused = new Map();
     for (const r of refused) {
       if (r.kid !== undefined) peer.refused.set(r.kid, r);
@@ -185,15 +218,29 @@ export function createKeyRegistry(options: KeyRegistryOptions): KeyRegistry {
     return peer.inflight ? now() : next;
   }
 
+  // The periodic fetch: a peer's retirement is learned within this interval, not at its next new kid.
+  const timer = setInterval(() => {
+    for (const peer of peers.values()) if (peer.url) kick(peer);
+  }, settings.refreshIntervalSeconds * 1000);
+  timer.unref();
+
   return {
     ready,
+    close: () => clearInterval(timer),
     isKnown: (homeserver) => peers.has(homeserver),
     lookup(kid, receivedAt): KeyLookup {
       const parts = splitKid(kid);
       const peer = parts && peers.get(parts.homeserver);
       if (!parts || !peer) return { status: "unknown", detail: `no key ${kid}` };
       const known = peer.keys.get(kid);
-      if (known) return { status: "found", key: known };
+      if (known) {
+        const retiredAt = peer.retiredAt.get(kid);
+        if (known.validUntil !== undefined && retiredAt !== undefined) {
+          const until = Math.max(known.validUntil, retiredAt) + settings.retiredGraceSeconds;
+          if (receivedAt > until) return { status: "unknown", detail: `key ${kid} is retired: it verifies only events received before ${new Date(until * 1000).toISOString()}` };
+        }
+        return { status: "found", key: known };
+      }
       const refused = peer.refused.get(kid);
       const why = refused ? `: ${peer.name}'s key ${kid} was refused (${refused.reason}): ${refused.detail}` : "";
       if (!peer.url) return { status: "unknown", detail: `no key ${kid}${why}` };

@@ -12,13 +12,18 @@ export interface BoundKey {
   readonly kid: string;
   readonly thumbprint: string;
   readonly jwk: unknown;
+  /** When we learned the key is retired, in seconds: `retired_at`, else, for a key that had an `exp` when first seen, `first_seen`. */
+  readonly retiredAt: number | null;
 }
+
+const selectBound = (db: Db) => db.kysely.selectFrom("peer_keys")
+  .select(["kid", "thumbprint", "jwk", sql<number | null>`extract(epoch FROM coalesce(retired_at, CASE WHEN jwk ? 'exp' THEN first_seen END))::float8`.as("retiredAt")])
+  .where("rebound", "=", false);
 
 /** The keys the kids of `homeservers` are bound to. */
 export async function boundKeys(db: Db, homeservers: readonly string[]): Promise<BoundKey[]> {
   if (homeservers.length === 0) return [];
-  return db.kysely.selectFrom("peer_keys").select(["kid", "thumbprint", "jwk"])
-    .where("homeserver", "in", [...homeservers]).where("rebound", "=", false).orderBy("kid").execute();
+  return selectBound(db).where("homeserver", "in", [...homeservers]).orderBy("kid").execute();
 }
 
 /**
@@ -31,16 +36,25 @@ export async function bindKeys(db: Db, keys: readonly VerificationKey[], seen: r
   const bound = new Map<string, BoundKey>();
   if (keys.length > 0) {
     await sql`
-      INSERT INTO peer_keys (thumbprint, kid, homeserver, jwk, last_seen)
-      SELECT *, now() FROM unnest(${textArray(keys.map((k) => k.thumbprint))}::text[], ${textArray(keys.map((k) => k.kid))}::text[],
+      INSERT INTO peer_keys (thumbprint, kid, homeserver, jwk, last_seen, retired_at)
+      SELECT *, now(), CASE WHEN jwk ? 'exp' THEN now() END FROM unnest(${textArray(keys.map((k) => k.thumbprint))}::text[], ${textArray(keys.map((k) => k.kid))}::text[],
                                   ${textArray(keys.map((k) => k.homeserver))}::text[], ${textArray(keys.map((k) => JSON.stringify(k.jwk)))}::jsonb[])
+      AS v(thumbprint, kid, homeserver, jwk)
       ON CONFLICT DO NOTHING`.execute(db.kysely);
-    const rows = await db.kysely.selectFrom("peer_keys").select(["kid", "thumbprint", "jwk"])
-      .where("kid", "in", keys.map((k) => k.kid)).where("rebound", "=", false).execute();
+    const rows = await selectBound(db).where("kid", "in", keys.map((k) => k.kid)).execute();
     for (const r of rows) bound.set(r.kid, r);
   }
   if (seen.length > 0) {
     await db.kysely.updateTable("peer_keys").set({ last_seen: sql<Date>`now()` }).where("thumbprint", "in", [...seen]).execute();
   }
   return bound;
+}
+
+/** Keys their peer retired (an `exp` they lacked, or an earlier one): the JWK as now held; `retired_at` is when we first learned it. */
+export async function retireKeys(db: Db, keys: readonly VerificationKey[]): Promise<void> {
+  for (const key of keys) {
+    await db.kysely.updateTable("peer_keys")
+      .set({ jwk: JSON.stringify(key.jwk), retired_at: sql<Date>`coalesce(retired_at, now())` })
+      .where("thumbprint", "=", key.thumbprint).execute();
+  }
 }

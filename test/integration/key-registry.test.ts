@@ -3,7 +3,7 @@ import { createKeyRegistry, type JwksSettings, type KeyRegistry, type PeerSource
 import { importVerificationKey, jwkThumbprint, type VerificationKey } from "../../src/protocol/keys.ts";
 import { createDb, type Db } from "../../src/store/db.ts";
 import { migrate, readMigrations } from "../../src/store/migrate.ts";
-import { bindKeys, boundKeys } from "../../src/store/peer-keys.ts";
+import { bindKeys, boundKeys, retireKeys } from "../../src/store/peer-keys.ts";
 import { DEFAULT_EVENT_LIMITS } from "../../src/protocol/claims.ts";
 import { verifyEvent } from "../../src/protocol/verify.ts";
 import { startLocalNats, type LocalNats } from "../../src/local-nats.ts";
@@ -148,6 +148,45 @@ describe("the key registry looks peers' keys up without waiting for a fetch", ()
     expect(verdict).toMatchObject({ ok: false, reason: "bad_signature" });
   });
 
+  it("learns a retirement at the next fetch; a retired key then verifies only events received before its exp, or when it was learned, plus the grace", async () => {
+    const [k1, k2] = await Promise.all([identity("alpha", "r1"), identity("alpha", "r2")]);
+    jwks.keys = [k1.publicJwk];
+    const { registry, clock, refused } = registryOf({ retiredGraceSeconds: 60 });
+    await settled(registry, "alpha#r1", clock.now);
+
+    // Rotation: r1 retired (exp in the past by the time we learn it), r2 scheduled to retire in 1,000 s.
+    const rotatedAt = clock.now + 10;
+    jwks.keys = [{ ...k1.publicJwk, exp: rotatedAt }, { ...k2.publicJwk, exp: rotatedAt + 1000 }];
+    clock.now += 61;
+    const learnedAt = clock.now;
+    expect(await settled(registry, "alpha#r2", learnedAt)).toMatchObject({ status: "found" });
+    expect(registry.lookup("alpha#r1", learnedAt + 59)).toMatchObject({ status: "found", key: { validUntil: rotatedAt } });
+    expect(registry.lookup("alpha#r1", learnedAt + 61)).toEqual({ status: "unknown", detail: expect.stringMatching(/^key alpha#r1 is retired: it verifies only events received before /) });
+    expect(registry.lookup("alpha#r2", rotatedAt + 1000 + 59)).toMatchObject({ status: "found" });
+    expect(registry.lookup("alpha#r2", rotatedAt + 1000 + 61)).toMatchObject({ status: "unknown" });
+
+    // Un-retiring r1 (its exp gone) is refused, and it stays retired.
+    jwks.keys = [k1.publicJwk, { ...k2.publicJwk, exp: rotatedAt + 1000 }];
+    clock.now += 61;
+    expect(await settled(registry, "alpha#r3", clock.now)).toMatchObject({ status: "unknown" });
+    expect(refused).toContainEqual({ peer: "alpha", reason: "validity_widened", kid: "alpha#r1" });
+    expect(registry.lookup("alpha#r1", learnedAt + 61)).toMatchObject({ status: "unknown" });
+  });
+
+  it("fetches every peer's set each refreshIntervalSeconds as well, until closed", async () => {
+    jwks.keys = [alpha.publicJwk];
+    const { registry, clock } = registryOf({ refreshIntervalSeconds: 1, refreshCooldownSeconds: 1 });
+    await settled(registry, "alpha#k1", clock.now);
+    const before = jwks.fetches;
+    clock.now += 2;
+    await eventually(async () => jwks.fetches > before, 5000, "a periodic fetch");
+    registry.close();
+    const after = jwks.fetches;
+    clock.now += 2;
+    await new Promise((r) => setTimeout(r, 1500));
+    expect(jwks.fetches).toBe(after);
+  });
+
   it("refuses a set of 100,000 keys (10 MB) whole, reading no more than its byte limit, and keeps the keys it knew", async () => {
     jwks.keys = [alpha.publicJwk];
     const { registry, clock, failed } = registryOf();
@@ -213,7 +252,7 @@ describe("the key history binds a kid to one key across processes and restarts",
     jwks.mode = "serve";
   });
 
-  const store = () => ({ bound: (h: readonly string[]) => boundKeys(db, h), bind: (k: readonly VerificationKey[], s: readonly string[]) => bindKeys(db, k, s) });
+  const store = () => ({ bound: (h: readonly string[]) => boundKeys(db, h), bind: (k: readonly VerificationKey[], s: readonly string[]) => bindKeys(db, k, s), retire: (k: readonly VerificationKey[]) => retireKeys(db, k) });
   const withStore = (refused: string[] = [], peers: Record<string, PeerSource> = { alpha: { jwksUrl: jwks.url } }) => createKeyRegistry({
     self: { homeserver: "beta", keys: [] }, peers, store: store(), jwks: { refreshCooldownSeconds: 1 },
     onKeyRefused: (_peer, r) => refused.push(`${r.kid}:${r.reason}`),

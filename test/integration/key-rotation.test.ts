@@ -41,7 +41,8 @@ describe("a peer that rotates while its key set cannot be fetched", () => {
       natsUrl: nats.url, peers: [gamma],
       overrides: {
         peers: { alpha: { jwksUrl: jwks.url }, gamma: { keys: [gamma.publicJwk] } },
-        jwks: { refreshCooldownSeconds: 1, timeoutMs: 500 },
+        // A short grace, so the end of the test can show a retired key refused.
+        jwks: { refreshCooldownSeconds: 1, timeoutMs: 500, retiredGraceSeconds: 2 },
         // 1,000 events to one client: its buckets are not what this test is about.
         rateLimits: { enabled: false },
       },
@@ -70,21 +71,23 @@ describe("a peer that rotates while its key set cannot be fetched", () => {
     Number((await beta.relay.db.kysely.selectFrom("events").select((eb) => eb.fn.countAll().as("n")).where("iss", "=", iss).executeTakeFirstOrThrow()).n);
   const refused = async (): Promise<unknown[]> => beta.relay.db.kysely.selectFrom("refused_events").select(["reason", "detail"]).execute();
 
-  it("stores all 1,000 of alpha's events across two rotations, none refused, while gamma's go on through the outage", async () => {
+  it("stores all 1,000 of alpha's events across two rotations, none refused, while gamma's go on through the outage; every bundle verifies with jose; the retired key, leaked, is refused", async () => {
     // k1, known from the first fetch.
     jwks.keys = [alpha[0]!.publicJwk];
     await publish(alpha[0]!, 300);
     await eventually(async () => (await stored("alpha")) === 300, 20_000, "k1's 300 stored");
 
-    // First rotation: k2 is served before it signs, as a rotation should.
-    jwks.keys = [alpha[0]!.publicJwk, alpha[1]!.publicJwk];
+    // First rotation: k2 is served before it signs, as a rotation should, and k1 is retired.
+    const k1RetiredAt = Math.floor(Date.now() / 1000);
+    const retiredK1 = { ...alpha[0]!.publicJwk, exp: k1RetiredAt };
+    jwks.keys = [retiredK1, alpha[1]!.publicJwk];
     await publish(alpha[1]!, 300);
     await eventually(async () => (await stored("alpha")) === 600, 20_000, "k2's 300 stored");
 
     // Second rotation while the endpoint is down: k3's events wait in the inbox, none refused,
     // and gamma's events are stored meanwhile.
     jwks.mode = "down";
-    jwks.keys = [alpha[0]!.publicJwk, alpha[1]!.publicJwk, alpha[2]!.publicJwk];
+    jwks.keys = [retiredK1, { ...alpha[1]!.publicJwk, exp: Math.floor(Date.now() / 1000) }, alpha[2]!.publicJwk];
     await publish(alpha[2]!, 400);
     await eventually(async () => (metricValue(await beta.relay.metrics.registry.metrics(), "fedrelay_jwks_fetch_failures_total", { peer: "alpha" })) >= 2, 10_000, "fetches failing");
     await publish(gamma, 20);
@@ -107,5 +110,12 @@ describe("a peer that rotates while its key set cannot be fetched", () => {
       signers.set(evidence.bundle.jwk.kid, (signers.get(evidence.bundle.jwk.kid) ?? 0) + 1);
     }
     expect(Object.fromEntries(signers)).toEqual({ "alpha#k1": 300, "alpha#k2": 300, "alpha#k3": 400 });
+
+    // k1 leaks after its retirement: an event signed with it, dated inside its window, is refused.
+    const leaked = await signed(alpha[0]!, "beta", [{ cid: "bob", cap }], { iat: k1RetiredAt - 60, exp: k1RetiredAt + 3600 });
+    await publishEvent(client.js, inboxSubject("beta", "alpha"), Buffer.from(leaked.token), 5000);
+    await eventually(async () => (await refused()).length === 1, 10_000, "the leaked key's event refused");
+    expect(await refused()).toEqual([{ reason: "unknown_key", detail: expect.stringMatching(/^key alpha#k1 is retired: it verifies only events received before /) }]);
+    expect(await stored("alpha")).toBe(1000);
   });
 });

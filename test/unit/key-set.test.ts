@@ -49,12 +49,36 @@ describe("a key set's kids", () => {
     const known = goodKey("alpha#k1");
     const rebound = goodKey("alpha#k1");
     const fresh = goodKey("alpha#k2");
-    const bound = new Map([["alpha#k1", jwkThumbprint(known)]]);
-    expect(planKeySet("alpha", [known, fresh], bound)).toEqual({ add: [expect.objectContaining({ jwk: fresh })], refused: [], seen: [jwkThumbprint(known)] });
+    const bound = new Map([["alpha#k1", { thumbprint: jwkThumbprint(known), nbf: undefined, exp: undefined }]]);
+    expect(planKeySet("alpha", [known, fresh], bound)).toEqual({ add: [expect.objectContaining({ jwk: fresh })], refused: [], seen: [jwkThumbprint(known)], retire: [] });
     const plan = planKeySet("alpha", [rebound, fresh], bound);
     expect(plan.add.map((k) => k.jwk.kid)).toEqual(["alpha#k2"]);
     expect(plan.refused).toEqual([{ kid: "alpha#k1", reason: "rebound_kid", detail: expect.stringContaining(jwkThumbprint(rebound)) }]);
   });
+});
+
+describe("a known key's window", () => {
+  const key = goodKey("alpha#k1");
+  const known = (nbf: number | undefined, exp: number | undefined) => new Map([["alpha#k1", { thumbprint: jwkThumbprint(key), nbf, exp }]]);
+  const served = (window: { nbf?: number; exp?: number }) => [{ ...key, ...window }];
+  const cases: { name: string; held: [number | undefined, number | undefined]; served: { nbf?: number; exp?: number }; retire: number | undefined; refused: boolean }[] = [
+    { name: "the same, without exp", held: [100, undefined], served: { nbf: 100 }, retire: undefined, refused: false },
+    { name: "the same, with exp", held: [100, 500], served: { nbf: 100, exp: 500 }, retire: undefined, refused: false },
+    { name: "an exp where it had none: retired", held: [100, undefined], served: { nbf: 100, exp: 500 }, retire: 500, refused: false },
+    { name: "an earlier exp: retired sooner", held: [100, 500], served: { nbf: 100, exp: 300 }, retire: 300, refused: false },
+    { name: "a later exp: refused, a retirement is never undone", held: [100, 500], served: { nbf: 100, exp: 900 }, retire: undefined, refused: true },
+    { name: "no exp where it had one: refused", held: [100, 500], served: { nbf: 100 }, retire: undefined, refused: true },
+    { name: "another nbf: refused", held: [100, undefined], served: { nbf: 50 }, retire: undefined, refused: true },
+    { name: "an nbf where it had none: refused", held: [undefined, undefined], served: { nbf: 50 }, retire: undefined, refused: true },
+  ];
+  for (const c of cases) {
+    it(`${c.name}`, () => {
+      const plan = planKeySet("alpha", served(c.served), known(...c.held));
+      expect(plan.retire).toEqual(c.retire === undefined ? [] : [{ kid: "alpha#k1", exp: c.retire }]);
+      expect(plan.refused.map((r) => r.reason)).toEqual(c.refused ? ["validity_widened"] : []);
+      expect(plan.add).toEqual([]);
+    });
+  }
 });
 
 describe("what is kept of a key", () => {
