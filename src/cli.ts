@@ -10,7 +10,9 @@ import { createClientTokens } from "./client-tokens.ts";
 import { isClientId } from "./protocol/names.ts";
 import { issueCapabilityFor, listCapabilitiesOf, revokeCapabilityFor } from "./operations/capabilities.ts";
 import { evidenceOf } from "./operations/evidence.ts";
-import type { Operation } from "./operations/operation.ts";
+import { ownKeySet } from "./keys/own-keys.ts";
+import { ownKeyRows, rotateOwnKey } from "./store/own-keys.ts";
+import { oneOf, type Operation } from "./operations/operation.ts";
 import { putRateLimit, removeRateLimit, showRateLimits } from "./operations/rate-limits.ts";
 import { putServerRule, removeServerRule, setPolicyMode, showPolicy } from "./operations/server-policy.ts";
 import { registerClient } from "./store/clients.ts";
@@ -281,6 +283,35 @@ ${CONFIG_HELP}`,
         if (evidence.verification.ok) return 0;
         io.stderr(`fedrelay evidence: event ${evidence.bundle.jti}'s stored token does not verify: ${evidence.verification.detail}`);
         return 1;
+      });
+    },
+  },
+  keys: {
+    summary: "list or rotate this homeserver's federation signing keys (no restart: every process follows within a second)",
+    usage: `fedrelay keys list | rotate [--overlap SECONDS] [--config FILE]
+  list       every key: when it signs from, when it was retired, which signs now
+  rotate     a new key, served to peers at once and signing after --overlap (default 600 s, so
+             peers fetch it before it is used); the key signing until then is retired at that
+             moment and served with its exp forever, so the events it signed stay provable
+${CONFIG_HELP}`,
+    options: { ...configOption, overlap: { type: "string" } },
+    async run({ values, positionals }, io) {
+      const action = oneOf(["list", "rotate"], positionals[0], "keys action");
+      const overlap = values.overlap === undefined ? 600 : Number(values.overlap);
+      if (!Number.isInteger(overlap) || overlap < 0 || overlap > 30 * 86_400) throw new RelayError("bad_request", `--overlap must be whole seconds from 0 to 2592000, got ${JSON.stringify(values.overlap)}`);
+      return withDb(values, io, async (db, config) => {
+        const now = Date.now() / 1000;
+        if (action === "rotate") {
+          const { kid, signFrom, retired } = await rotateOwnKey(db, config.homeserver, overlap, now);
+          io.stdout(`${kid} is served now and signs from ${signFrom.toISOString()}${retired.length ? `; retired then: ${retired.join(", ")}` : ""}`);
+          return 0;
+        }
+        const rows = await ownKeyRows(db);
+        const signing = ownKeySet(rows, now).signing?.kid;
+        io.stdout(json(rows.map((r) => ({
+          kid: r.kid, signFrom: new Date(r.signFrom * 1000).toISOString(), retiredAt: r.retiredAt === null ? null : new Date(r.retiredAt * 1000).toISOString(), signing: r.kid === signing,
+        }))));
+        return 0;
       });
     },
   },

@@ -58,7 +58,8 @@ export interface FanoutResult {
 export interface FanoutDeps {
   readonly self: string;
   readonly js: JetStreamClient;
-  readonly signingKey: SigningKey;
+  /** The key that signs now (a rotation changes it without a restart). */
+  readonly signingKey: () => SigningKey;
   readonly metrics: RelayMetrics;
   readonly now: () => number;
   readonly eventLifetimeSeconds: number;
@@ -120,7 +121,7 @@ export function createFanout(deps: FanoutDeps): { fanout(request: FanoutRequest)
   };
 
   async function publishOne(server: string, claims: EventClaims): Promise<FanoutEvent> {
-    const token = await signEvent(claims, deps.signingKey);
+    const token = await signEvent(claims, deps.signingKey());
     const base = { server, event: claims.jti, recipients: claims.rcpt.length };
     try {
       const subject = deps.outbox ? outboxSubject(server, deps.self) : inboxSubject(server, deps.self);

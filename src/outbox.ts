@@ -25,7 +25,10 @@ export interface ForwarderDeps {
   readonly self: string;
   /** Publishes to destinations' inboxes (a JetStream publish is addressed by subject alone). */
   readonly js: JetStreamClient;
-  readonly signingKey: SigningKey;
+  /** The key that signs now (a rotation changes it without a restart). */
+  readonly signingKey: () => SigningKey;
+  /** Any of this homeserver's keys, by kid: the outbox holds events signed before a rotation too. */
+  readonly ownKey: (kid: string) => SigningKey | undefined;
   readonly now: () => number;
   readonly eventLifetimeSeconds: number;
   readonly resignWithinSeconds: number;
@@ -44,11 +47,10 @@ export async function freshEvent(token: string, deps: Pick<ForwarderDeps, "signi
   const claims = storedClaims(token);
   const now = Math.floor(deps.now());
   if (claims.exp - now > deps.resignWithinSeconds) return { token, resigned: false };
-  return { token: await signEvent({ ...claims, iat: now, exp: now + deps.eventLifetimeSeconds }, deps.signingKey), resigned: true };
+  return { token: await signEvent({ ...claims, iat: now, exp: now + deps.eventLifetimeSeconds }, deps.signingKey()), resigned: true };
 }
 
 export function createForwarder(deps: ForwarderDeps): { handle(batch: JsMsg[]): Promise<void> } {
-  const ownKey = Buffer.from(deps.signingKey.publicJwk.x, "base64url");
   async function forward(m: JsMsg): Promise<void> {
     const destination = destinationOfOutboxSubject(m.subject);
     if (destination === undefined) {
@@ -60,7 +62,8 @@ export function createForwarder(deps: ForwarderDeps): { handle(batch: JsMsg[]): 
     // Only what this relay signed, from itself, to the destination its subject names, is ever sent or
     // signed again: the outbox is on a server others may reach, and re-signing is signing.
     const jws = readCompactJws(m.data);
-    if (!jws.ok || !verifySignature(jws, ownKey) || jws.payload.iss !== deps.self || jws.payload.aud !== destination) {
+    const signer = jws.ok && typeof jws.header.kid === "string" ? deps.ownKey(jws.header.kid) : undefined;
+    if (!jws.ok || !signer || !verifySignature(jws, Buffer.from(signer.publicJwk.x, "base64url")) || jws.payload.iss !== deps.self || jws.payload.aud !== destination) {
       deps.log.error({ subject: m.subject, seq: m.seq }, "outbox message not signed by this homeserver for its destination; dropped");
       m.term("not ours");
       return;

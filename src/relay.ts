@@ -15,7 +15,9 @@ import { createHttpServers, type HealthReport, type HttpServers } from "./http/s
 import { createKeyRegistry, type KeyRegistry } from "./keys/registry.ts";
 import { bindKeys, boundKeys, retireKeys } from "./store/peer-keys.ts";
 import { createMetrics, peerLabeller, type RelayMetrics } from "./metrics.ts";
-import { importSigningKey, type PublicJwk, type SigningKey } from "./protocol/keys.ts";
+import { importSigningKey, type PrivateJwk, type PublicJwk, type SigningKey } from "./protocol/keys.ts";
+import { watchOwnKeys, type OwnKeys } from "./keys/own-key-watch.ts";
+import { adoptConfiguredKey } from "./store/own-keys.ts";
 import { subjectToken } from "./protocol/names.ts";
 import { inboxStreamName, outboxStreamName, reportStreamName } from "./protocol/subjects.ts";
 import { createReceiver } from "./receive/batch.ts";
@@ -76,10 +78,12 @@ export function createRelay(config: RelayConfig, roles: RelayRoles, deps: RelayD
   if (roles.api && !signingKey) {
     throw new RelayError("config_invalid", `config key keys.signingKey: the API needs this homeserver's signing key (run \`fedrelay keygen --homeserver ${config.homeserver}\`, which writes keys/${config.homeserver}.jwk.json, read by default; or set keys.signingKeyFile)`);
   }
-  const publicKeys: PublicJwk[] = [
-    ...(signingKey ? [signingKey.publicJwk] : []),
-    ...(config.keys.retired as unknown as PublicJwk[]),
-  ];
+  /** What peers are served: our keys (src/keys/own-keys.ts), and retired ones only the configuration still names. */
+  const servedKeys = (): PublicJwk[] => {
+    const own = ownKeys?.served() ?? (signingKey ? [signingKey.publicJwk] : []);
+    const kids = new Set(own.map((k) => k.kid));
+    return [...own, ...(config.keys.retired as unknown as PublicJwk[]).filter((k) => !kids.has(k.kid))];
+  };
   const db = createDb(config.postgres);
   const peerLabel = peerLabeller([config.homeserver, ...Object.keys(config.peers)]);
   // Their inbox consumers always exist; anyone else's only while its events wait.
@@ -95,6 +99,7 @@ export function createRelay(config: RelayConfig, roles: RelayRoles, deps: RelayD
   let streams: StreamWatch | undefined;
   let policy: PolicyWatcher | undefined;
   let keyRegistry: KeyRegistry | undefined;
+  let ownKeys: OwnKeys | undefined;
   let notifier: DeliveryNotifier | undefined;
   let http: HttpServers | undefined;
   let url = "";
@@ -137,6 +142,19 @@ export function createRelay(config: RelayConfig, roles: RelayRoles, deps: RelayD
 
   async function start(): Promise<void> {
     await migrate(db.pool, config.postgres.schema);
+    if (signingKey) {
+      await adoptConfiguredKey(db, config.keys.signingKey as unknown as PrivateJwk, now());
+      ownKeys = await watchOwnKeys(db, {
+        refreshMs: 1000, now, log,
+        onChange: (served) => {
+          log.info({ kids: served.map((k) => k.kid) }, "this homeserver's keys changed");
+          void keyRegistry?.refreshOwn(servedKeys());
+        },
+      });
+    }
+    const own = ownKeys;
+    // The key that signs now; a rotation moves it at its sign_from.
+    const signer = (): SigningKey => own?.signing() ?? signingKey!;
     nc = await connectNats(config.nats, `fedrelay ${config.homeserver}`);
     // The inbox and report streams live on the hub's JetStream (a domain or API prefix across a
     // leafnode), the outbox on the server connected to. No account-wide call ($JS.API.INFO): a
@@ -164,7 +182,7 @@ export function createRelay(config: RelayConfig, roles: RelayRoles, deps: RelayD
     policy = await watchServerPolicy(db, { policy: config.policy, rateLimits: config.rateLimits }, config.policy.refreshMs, log);
     const serverPolicy = policy;
     const keys = keyRegistry = createKeyRegistry({
-      self: { homeserver: config.homeserver, keys: publicKeys },
+      self: { homeserver: config.homeserver, keys: servedKeys() },
       peers: config.peers,
       // No `now`: the registry keeps wall-clock time, as the inbox timestamps it compares fetches with, even where the relay's clock is frozen (tests).
       jwks: config.jwks,
@@ -186,7 +204,7 @@ export function createRelay(config: RelayConfig, roles: RelayRoles, deps: RelayD
     if (roles.worker) {
       if (!signingKey) log.warn("no signing key: this worker stores events but sends no delivery reports");
       reportPublisher = signingKey && startReportPublisher({
-        self: config.homeserver, db, js, signingKey, log, metrics, now, publishTimeoutMs: config.fanout.publishTimeoutMs, limits: config.reports, peerLabel,
+        self: config.homeserver, db, js, signingKey: signer, log, metrics, now, publishTimeoutMs: config.fanout.publishTimeoutMs, limits: config.reports, peerLabel,
       });
       const publisher = reportPublisher;
       const receiver = createReceiver({
@@ -232,7 +250,7 @@ export function createRelay(config: RelayConfig, roles: RelayRoles, deps: RelayD
       }, recorder.handle);
       if (outbox) {
         const forwarder = createForwarder({
-          self: config.homeserver, js: localJs, signingKey: signingKey!, now, metrics, log,
+          self: config.homeserver, js: localJs, signingKey: signer, ownKey: (kid) => own?.byKid(kid), now, metrics, log,
           eventLifetimeSeconds: config.fanout.eventLifetimeSeconds, resignWithinSeconds: config.fanout.resignWithinSeconds,
           publishTimeoutMs: config.fanout.publishTimeoutMs,
         });
@@ -252,7 +270,7 @@ export function createRelay(config: RelayConfig, roles: RelayRoles, deps: RelayD
         db,
         notifier,
         fanout: createFanout({
-          self: config.homeserver, js: localJs, signingKey, metrics, now, outbox,
+          self: config.homeserver, js: localJs, signingKey: signer, metrics, now, outbox,
           eventLifetimeSeconds: config.fanout.eventLifetimeSeconds,
           maxBodyBytes: config.limits.maxBodyBytes,
           publishTimeoutMs: config.fanout.publishTimeoutMs,
@@ -260,7 +278,7 @@ export function createRelay(config: RelayConfig, roles: RelayRoles, deps: RelayD
         clientTokens: createClientTokens({ self: config.homeserver, db, ttlSeconds: config.http.clientTokenTtlSeconds, now }),
         // Wall-clock time, even under a test's frozen clock: the throttle is about how fast a caller asks.
         serviceAuth: createServiceAuth({ token: config.http.serviceToken, throttle: new FailureThrottle(config.http.serviceAuthFailures), now: () => Date.now() / 1000 }),
-        jwks: () => ({ keys: publicKeys }),
+        jwks: () => ({ keys: servedKeys() }),
         maxWaitSeconds: config.http.maxWaitSeconds,
         waits: new WaitSlots({ perHolder: config.http.maxWaitsPerClient, perProcess: config.http.maxWaits }),
         fanoutBodyLimit: config.http.fanoutBodyLimitBytes,
@@ -294,6 +312,7 @@ export function createRelay(config: RelayConfig, roles: RelayRoles, deps: RelayD
       streams?.close();
       policy?.close();
       keyRegistry?.close();
+      ownKeys?.close();
       // Ends long-polls at once, then HTTP: responses from here on close their connection,
       // so a keep-alive client (a Prometheus scrape) cannot hold the shutdown open.
       await step(() => notifier?.close());

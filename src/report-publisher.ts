@@ -35,7 +35,8 @@ export interface ReportPublisherDeps {
   readonly self: string;
   readonly db: Db;
   readonly js: JetStreamClient;
-  readonly signingKey: SigningKey;
+  /** The key that signs now (a rotation changes it without a restart). */
+  readonly signingKey: () => SigningKey;
   readonly log: Logger;
   readonly metrics: RelayMetrics;
   /** Seconds since the epoch: the reports' iat. */
@@ -75,7 +76,7 @@ export function startReportPublisher(deps: ReportPublisherDeps): ReportPublisher
   async function publish(item: ReportItem): Promise<boolean> {
     try {
       const claims = reportClaims({ destination: deps.self, sender: item.sender, ref: item.ref, accepted: item.accepted, refused: item.refused, now: deps.now() });
-      const token = await signReport(claims, deps.signingKey);
+      const token = await signReport(claims, deps.signingKey());
       await publishEvent(deps.js, reportSubject(item.sender, deps.self), Buffer.from(token, "latin1"), deps.publishTimeoutMs);
       return true;
     } catch (err) {

@@ -88,6 +88,8 @@ export interface KeyRegistry extends KeyResolver {
   readonly ready: Promise<void>;
   /** Stops the periodic fetches. */
   close(): void;
+  /** This homeserver's own key set, changed by a rotation: taken as a peer's fetched set is. */
+  refreshOwn(keys: readonly PublicJwk[]): Promise<void>;
 }
 
 interface Peer {
@@ -227,6 +229,7 @@ export function createKeyRegistry(options: KeyRegistryOptions): KeyRegistry {
   return {
     ready,
     close: () => clearInterval(timer),
+    refreshOwn: (keys) => take(peers.get(options.self.homeserver)!, keys, false),
     isKnown: (homeserver) => peers.has(homeserver),
     lookup(kid, receivedAt): KeyLookup {
       const parts = splitKid(kid);

@@ -37,6 +37,14 @@ export interface PeerKeysTable {
   rebound: ColumnType<boolean, boolean | undefined, boolean>;
 }
 
+export interface OwnKeysTable {
+  kid: string;
+  private_jwk: ColumnType<unknown, string, string>;
+  created_at: Timestamp;
+  sign_from: Timestamp;
+  retired_at: ColumnType<Date | null, Date | string | null | undefined, Date | string | null>;
+}
+
 export interface EventsTable {
   iss: string;
   jti: string;
@@ -84,6 +92,7 @@ export interface Database {
   clients: ClientsTable;
   client_token_keys: ClientTokenKeysTable;
   peer_keys: PeerKeysTable;
+  own_keys: OwnKeysTable;
   events: EventsTable;
   deliveries: DeliveriesTable;
   recipient_refusals: RecipientRefusalsTable;

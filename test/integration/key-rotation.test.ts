@@ -10,9 +10,11 @@ import { startLocalNats, type LocalNats } from "../../src/local-nats.ts";
 import { evidenceOf } from "../../src/operations/evidence.ts";
 import { inboxSubject } from "../../src/protocol/subjects.ts";
 import { publishEvent } from "../../src/transport/publisher.ts";
-import { addClient, eventually, grantCapability, identity, natsClient, signed, startHomeserver, type Identity, type NatsClient, type TestHomeserver } from "../helpers/federation.ts";
+import { addClient, eventually, grantCapability, http, identity, natsClient, SERVICE_TOKEN, signed, startHomeserver, type Identity, type NatsClient, type TestHomeserver } from "../helpers/federation.ts";
 import { startJwksEndpoint, type JwksEndpoint } from "../helpers/keys.ts";
 import { metricValue } from "../helpers/metrics.ts";
+import { runFedrelay, writeConfigFile } from "../helpers/processes.ts";
+import { startTcpProxy, type TcpProxy } from "../helpers/tcp-proxy.ts";
 
 let nats: LocalNats;
 let jwks: JwksEndpoint;
@@ -117,5 +119,108 @@ describe("a peer that rotates while its key set cannot be fetched", () => {
     await eventually(async () => (await refused()).length === 1, 10_000, "the leaked key's event refused");
     expect(await refused()).toEqual([{ reason: "unknown_key", detail: expect.stringMatching(/^key alpha#k1 is retired: it verifies only events received before /) }]);
     expect(await stored("alpha")).toBe(1000);
+  });
+});
+
+describe("fedrelay keys rotate, twice, while fanning out", () => {
+  let alphaHs: TestHomeserver;
+  let betaHs: TestHomeserver;
+  let proxy: TcpProxy;
+  let alphaId: Identity;
+  let alphaConfig: string;
+
+  beforeAll(async () => {
+    alphaId = await identity("alpha", "first");
+    const betaId = await identity("beta");
+    alphaHs = await startHomeserver(alphaId, { natsUrl: nats.url, peers: [betaId], roles: { api: true, worker: false } });
+    // beta reaches alpha's JWKS endpoint through a proxy the test can cut.
+    proxy = await startTcpProxy({ host: "127.0.0.1", port: Number(new URL(alphaHs.relay.url).port) });
+    betaHs = await startHomeserver(betaId, {
+      natsUrl: nats.url, peers: [],
+      overrides: {
+        peers: { alpha: { jwksUrl: new URL("/.well-known/fedrelay/jwks.json", proxy.via(alphaHs.relay.url)).href } },
+        jwks: { refreshCooldownSeconds: 1, refreshIntervalSeconds: 1, timeoutMs: 500, retiredGraceSeconds: 2 },
+        rateLimits: { enabled: false },
+      },
+    });
+    alphaConfig = await writeConfigFile({ homeserver: "alpha", postgres: { url: alphaHs.db.url, schema: alphaHs.db.schema }, log: { level: "silent" } });
+  });
+  afterAll(async () => {
+    await betaHs?.close();
+    await proxy?.close();
+    await alphaHs?.close();
+  });
+
+  const storedOnBeta = async (): Promise<number> =>
+    Number((await betaHs.relay.db.kysely.selectFrom("events").select((eb) => eb.fn.countAll().as("n")).where("iss", "=", "alpha").executeTakeFirstOrThrow()).n);
+
+  it("beta stores all 1,000 events under three keys, none refused, though alpha's JWKS endpoint is down across the second rotation; the first key, leaked, is refused", async () => {
+    await addClient(betaHs, "bob");
+    const cap = await grantCapability(betaHs, "bob", "g@alpha");
+    const fanOut = async (n: number): Promise<void> => {
+      for (let i = 0; i < n; i += 10) {
+        await Promise.all(Array.from({ length: Math.min(10, n - i) }, async () => {
+          const res = await http(`${alphaHs.relay.url}/v1/fanout`, {
+            method: "POST", token: SERVICE_TOKEN,
+            body: { group: "g@alpha", body: Buffer.from("hi").toString("base64url"), recipients: [{ server: "beta", client: "bob", capability: cap }] },
+          });
+          if (res.status !== 200) throw new Error(`fan-out: ${res.status} ${JSON.stringify(res.json)}`);
+        }));
+      }
+    };
+    const rotate = async (): Promise<string> => {
+      const result = await runFedrelay(["keys", "rotate", "--overlap", "2", "--config", alphaConfig]);
+      expect(result.stderr).toBe("");
+      expect(result.code).toBe(0);
+      return /^(alpha#\S+) is served now and signs from /.exec(result.stdout)![1]!;
+    };
+
+    await fanOut(300);
+    const second = await rotate();
+    await fanOut(150);
+    await new Promise((r) => setTimeout(r, 2500)); // past the overlap: the new key signs
+    await fanOut(150);
+    await eventually(async () => (await storedOnBeta()) === 600, 20_000, "600 stored");
+
+    proxy.cut();
+    const third = await rotate();
+    await new Promise((r) => setTimeout(r, 2500));
+    await fanOut(400);
+    // Signed by a key beta cannot fetch: they wait, none refused.
+    await eventually(async () => metricValue(await betaHs.relay.metrics.registry.metrics(), "fedrelay_events_deferred_total", { peer: "alpha" }) > 0, 10_000, "events waiting for their key");
+    expect(await storedOnBeta()).toBe(600);
+    proxy.restore();
+    await eventually(async () => (await storedOnBeta()) === 1000, 30_000, "all 1,000 stored once the endpoint answers");
+    expect(await betaHs.relay.db.kysely.selectFrom("refused_events").select("reason").execute()).toEqual([]);
+
+    const byKey = await betaHs.relay.db.kysely.selectFrom("events").innerJoin("peer_keys", "peer_keys.thumbprint", "events.key_thumbprint")
+      .select(["peer_keys.kid", (eb) => eb.fn.countAll().as("n")]).where("events.iss", "=", "alpha").groupBy("peer_keys.kid").execute();
+    expect(byKey.map((r) => r.kid).sort()).toEqual(["alpha#first", second, third].sort());
+    expect(Number(byKey.find((r) => r.kid === third)?.n)).toBe(400);
+
+    // alpha serves every key, the first two with their exp; the first key, leaked, signs nothing beta accepts.
+    const served = (await http(`${alphaHs.relay.url}/.well-known/fedrelay/jwks.json`)).json.keys as { kid: string; exp?: number }[];
+    expect(served.map((k) => [k.kid, k.exp !== undefined])).toEqual([["alpha#first", true], [second, true], [third, false]]);
+    await new Promise((r) => setTimeout(r, 2500)); // past the grace after beta learned of the retirement
+    const leaked = await signed(alphaId, "beta", [{ cid: "bob", cap }], { iat: served[0]!.exp! - 60 });
+    const publisher = await natsClient(nats.url);
+    await publishEvent(publisher.js, inboxSubject("beta", "alpha"), Buffer.from(leaked.token), 5000).finally(() => publisher.close());
+    await eventually(async () => (await betaHs.relay.db.kysely.selectFrom("refused_events").select("reason").execute()).length === 1, 10_000, "the leaked key's event refused");
+    expect(await betaHs.relay.db.kysely.selectFrom("refused_events").select(["reason", "detail"]).execute())
+      .toEqual([{ reason: "unknown_key", detail: expect.stringMatching(/^key alpha#first is retired/) }]);
+  });
+
+  it("keys list says which key signs; a rotation that would end before a pending one is refused; a bad --overlap exits 2", async () => {
+    const pending = await runFedrelay(["keys", "rotate", "--overlap", "600", "--config", alphaConfig]);
+    expect(pending.code).toBe(0);
+    const early = await runFedrelay(["keys", "rotate", "--overlap", "0", "--config", alphaConfig]);
+    expect([early.code, early.stderr]).toEqual([1, expect.stringMatching(/^fedrelay keys: alpha#\S+ signs from .*, after this rotation's .*: give --overlap that ends after it\n$/)]);
+    const bad = await runFedrelay(["keys", "rotate", "--overlap=-5", "--config", alphaConfig]);
+    expect([bad.code, bad.stderr]).toEqual([2, "fedrelay keys: --overlap must be whole seconds from 0 to 2592000, got \"-5\"\n"]);
+    const list = JSON.parse((await runFedrelay(["keys", "list", "--config", alphaConfig])).stdout) as { kid: string; signing: boolean; retiredAt: string | null }[];
+    // The pending key last, not signing yet and not retired; the one before it signs until then; every other is retired.
+    expect(list.length).toBeGreaterThanOrEqual(2);
+    expect(list.filter((k) => k.signing).map((k) => k.kid)).toEqual([list.at(-2)!.kid]);
+    expect(list.map((k) => k.retiredAt === null)).toEqual([...list.slice(0, -1).map(() => false), true]);
   });
 });
