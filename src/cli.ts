@@ -7,11 +7,12 @@ import { isRelayError, RelayError } from "./errors.ts";
 import { generateSigningJwk } from "./protocol/keys.ts";
 import { createRelay, type RelayRoles } from "./relay.ts";
 import { createClientTokens } from "./client-tokens.ts";
-import { isClientId } from "./protocol/names.ts";
+import { isClientId, splitKid } from "./protocol/names.ts";
 import { issueCapabilityFor, listCapabilitiesOf, revokeCapabilityFor } from "./operations/capabilities.ts";
 import { evidenceOf } from "./operations/evidence.ts";
 import { ownKeySet } from "./keys/own-keys.ts";
 import { ownKeyRows, rotateOwnKey } from "./store/own-keys.ts";
+import { revokePeerKey } from "./store/peer-keys.ts";
 import { oneOf, type Operation } from "./operations/operation.ts";
 import { putRateLimit, removeRateLimit, showRateLimits } from "./operations/rate-limits.ts";
 import { putServerRule, removeServerRule, setPolicyMode, showPolicy } from "./operations/server-policy.ts";
@@ -287,20 +288,32 @@ ${CONFIG_HELP}`,
     },
   },
   keys: {
-    summary: "list or rotate this homeserver's federation signing keys (no restart: every process follows within a second)",
-    usage: `fedrelay keys list | rotate [--overlap SECONDS] [--config FILE]
+    summary: "list or rotate this homeserver's federation signing keys, or revoke a peer's (no restart: every process follows within a second)",
+    usage: `fedrelay keys list | rotate [--overlap SECONDS] | revoke-peer KID [--config FILE]
   list       every key: when it signs from, when it was retired, which signs now
   rotate     a new key, served to peers at once and signing after --overlap (default 600 s, so
              peers fetch it before it is used); the key signing until then is retired at that
              moment and served with its exp forever, so the events it signed stay provable
+  revoke-peer  a peer's key that was compromised: every process refuses it within a second,
+             whatever its events' dates; the stored events it verified show the revocation
+             in their evidence (fedrelay evidence)
 ${CONFIG_HELP}`,
     options: { ...configOption, overlap: { type: "string" } },
     async run({ values, positionals }, io) {
-      const action = oneOf(["list", "rotate"], positionals[0], "keys action");
+      const action = oneOf(["list", "rotate", "revoke-peer"], positionals[0], "keys action");
+      const kid = positionals[1];
+      if (action === "revoke-peer" && (kid === undefined || splitKid(kid) === undefined)) {
+        throw new RelayError("bad_request", `keys revoke-peer needs a kid (<homeserver>#<key-id>), got ${JSON.stringify(kid ?? "")}`);
+      }
       const overlap = values.overlap === undefined ? 600 : Number(values.overlap);
       if (!Number.isInteger(overlap) || overlap < 0 || overlap > 30 * 86_400) throw new RelayError("bad_request", `--overlap must be whole seconds from 0 to 2592000, got ${JSON.stringify(values.overlap)}`);
       return withDb(values, io, async (db, config) => {
         const now = Date.now() / 1000;
+        if (action === "revoke-peer") {
+          const revoked = await revokePeerKey(db, kid!);
+          io.stdout(`${revoked.kid} (key ${revoked.thumbprint}) revoked at ${revoked.revokedAt.toISOString()}; ${revoked.storedEvents} stored events were verified with it`);
+          return 0;
+        }
         if (action === "rotate") {
           const { kid, signFrom, retired } = await rotateOwnKey(db, config.homeserver, overlap, now);
           io.stdout(`${kid} is served now and signs from ${signFrom.toISOString()}${retired.length ? `; retired then: ${retired.join(", ")}` : ""}`);

@@ -193,6 +193,8 @@ export const configSchema = z.strictObject({
     // A retired key verifies events received up to this long after its exp (or after we learned
     // of it, if later): 15 minutes covers events in flight at a rotation; src/keys/registry.ts.
     retiredGraceSeconds: z.number().int().min(0).max(7 * 24 * 3600).default(DEFAULT_JWKS_SETTINGS.retiredGraceSeconds),
+    // A revoked peer key is refused by every process within this; the requirement is one second.
+    revocationRefreshMs: z.number().int().min(50).max(1000).default(DEFAULT_JWKS_SETTINGS.revocationRefreshMs),
   }).default({ ...DEFAULT_JWKS_SETTINGS }),
   limits: z.strictObject({
       maxMessageBytes: z.number().int().min(1024).max(DEFAULT_EVENT_LIMITS.maxMessageBytes).default(DEFAULT_EVENT_LIMITS.maxMessageBytes),

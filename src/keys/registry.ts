@@ -39,10 +39,12 @@ export interface JwksSettings extends KeySetLimits {
    * back-dated into the key's window, with the longest lifetime).
    */
   readonly retiredGraceSeconds: number;
+  /** Revocations are read again this often. */
+  readonly revocationRefreshMs: number;
 }
 
 export const DEFAULT_JWKS_SETTINGS: JwksSettings = {
-  ...DEFAULT_KEY_SET_LIMITS, refreshCooldownSeconds: 60, timeoutMs: 5000, maxWaitSeconds: 3600, refreshIntervalSeconds: 300, retiredGraceSeconds: 900,
+  ...DEFAULT_KEY_SET_LIMITS, refreshCooldownSeconds: 60, timeoutMs: 5000, maxWaitSeconds: 3600, refreshIntervalSeconds: 300, retiredGraceSeconds: 900, revocationRefreshMs: 1000,
 };
 
 /** A key bound to a kid in the key history. */
@@ -65,6 +67,8 @@ export interface KeyStore {
   bind(keys: readonly VerificationKey[], seen: readonly string[]): Promise<ReadonlyMap<string, StoredKey>>;
   /** Keys given an `exp` (or an earlier one): their JWK as now held, and when we learned it. */
   retire(keys: readonly VerificationKey[]): Promise<void>;
+  /** Keys an operator revoked (`fedrelay keys revoke-peer`), by kid: when, in seconds. */
+  revoked(): Promise<ReadonlyMap<string, number>>;
 }
 
 export interface KeyRegistryOptions {
@@ -226,9 +230,26 @@ export function createKeyRegistry(options: KeyRegistryOptions): KeyRegistry {
   }, settings.refreshIntervalSeconds * 1000);
   timer.unref();
 
+  // Revocations reach every process within a second, as policy does; Postgres away, the last read stands.
+  let revoked: ReadonlyMap<string, number> = new Map();
+  const readRevoked = async (): Promise<void> => {
+    if (options.store) revoked = await options.store.revoked();
+  };
+  const revokedTimer = setInterval(() => {
+    readRevoked().catch((err: unknown) => options.log?.warn({ err }, "could not read revoked peer keys; keeping those last read"));
+  }, settings.revocationRefreshMs);
+  revokedTimer.unref();
+  const loaded = (async () => {
+    await ready;
+    await readRevoked();
+  })();
+
   return {
-    ready,
-    close: () => clearInterval(timer),
+    ready: loaded,
+    close: () => {
+      clearInterval(timer);
+      clearInterval(revokedTimer);
+    },
     refreshOwn: (keys) => take(peers.get(options.self.homeserver)!, keys, false),
     isKnown: (homeserver) => peers.has(homeserver),
     lookup(kid, receivedAt): KeyLookup {
@@ -236,6 +257,11 @@ export function createKeyRegistry(options: KeyRegistryOptions): KeyRegistry {
       const peer = parts && peers.get(parts.homeserver);
       if (!parts || !peer) return { status: "unknown", detail: `no key ${kid}` };
       const known = peer.keys.get(kid);
+      const revokedAt = revoked.get(kid);
+      if (known && revokedAt !== undefined) {
+        // A compromised key: nothing signed with it counts from now on, whenever it arrived.
+        return { status: "unknown", detail: `key ${kid} was revoked by this homeserver's operator at ${new Date(revokedAt * 1000).toISOString()}` };
+      }
       if (known) {
         const retiredAt = peer.retiredAt.get(kid);
         if (known.validUntil !== undefined && retiredAt !== undefined) {

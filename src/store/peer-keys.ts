@@ -4,6 +4,7 @@
  * kid names. Rows are never deleted: a stored event names its key by thumbprint.
  */
 import { sql } from "kysely";
+import { RelayError } from "../errors.ts";
 import type { VerificationKey } from "../protocol/keys.ts";
 import { textArray } from "./arrays.ts";
 import type { Db } from "./db.ts";
@@ -57,4 +58,24 @@ export async function retireKeys(db: Db, keys: readonly VerificationKey[]): Prom
       .set({ jwk: JSON.stringify(key.jwk), retired_at: sql<Date>`coalesce(retired_at, now())` })
       .where("thumbprint", "=", key.thumbprint).execute();
   }
+}
+
+/** Revoked peer keys, by kid: when, in seconds. */
+export async function revokedKeys(db: Db): Promise<Map<string, number>> {
+  const rows = await db.kysely.selectFrom("peer_keys").select(["kid", sql<number>`extract(epoch FROM revoked_at)::float8`.as("at")])
+    .where("revoked_at", "is not", null).where("rebound", "=", false).execute();
+  return new Map(rows.map((r) => [r.kid, r.at]));
+}
+
+/**
+ * Revokes a peer's key (a compromised one): every process refuses it within a
+ * second, and the stored events it verified are marked by it (their evidence
+ * shows the revocation). Revoking twice keeps the first time.
+ */
+export async function revokePeerKey(db: Db, kid: string): Promise<{ kid: string; thumbprint: string; revokedAt: Date; storedEvents: number }> {
+  const row = await db.kysely.updateTable("peer_keys").set({ revoked_at: sql<Date>`coalesce(revoked_at, now())` })
+    .where("kid", "=", kid).where("rebound", "=", false).returning(["kid", "thumbprint", "revoked_at"]).executeTakeFirst();
+  if (!row) throw new RelayError("not_found", `no peer key ${kid} in the key history`);
+  const { n } = await db.kysely.selectFrom("events").select((eb) => eb.fn.countAll<string>().as("n")).where("key_thumbprint", "=", row.thumbprint).executeTakeFirstOrThrow();
+  return { kid: row.kid, thumbprint: row.thumbprint, revokedAt: row.revoked_at!, storedEvents: Number(n) };
 }

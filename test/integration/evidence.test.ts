@@ -148,4 +148,25 @@ describe("fedrelay evidence EVENT_ID", () => {
     expect(bad.code).toBe(2);
     expect(bad.stderr).toMatch(/^fedrelay evidence: needs an event id/);
   });
+
+  // Last: it revokes alpha's key for the rest of this file.
+  it("fedrelay keys revoke-peer: the worker refuses the key's next event within a second, and the evidence of its stored events shows the revocation", async () => {
+    const cap = await grantCapability(beta, "bob", "g@alpha");
+    const { jti } = await deliver(alpha, [{ cid: "bob", cap }]);
+    const revoked = await runFedrelay(["keys", "revoke-peer", "alpha#k1", "--config", config]);
+    expect(revoked.stderr).toBe("");
+    expect(revoked.stdout).toMatch(/^alpha#k1 \(key \S+\) revoked at \S+; \d+ stored events were verified with it\n$/);
+    const evidence = JSON.parse((await runFedrelay(["evidence", jti, "--config", config])).stdout) as { key: { revokedAt: string | null }; verification: { ok: boolean } };
+    expect(evidence.key.revokedAt).not.toBeNull();
+    // Still a valid signature: the revocation says the key may since be in other hands.
+    expect(evidence.verification.ok).toBe(true);
+
+    await new Promise((r) => setTimeout(r, 1000));
+    const event = await signed(alpha, "beta", [{ cid: "bob", cap }]);
+    await publishEvent(client.js, inboxSubject("beta", "alpha"), Buffer.from(event.token), 5000);
+    const refused = await eventually(async () => beta.relay.db.kysely.selectFrom("refused_events").select(["reason", "detail"]).where("claimed_jti", "=", event.claims.jti).executeTakeFirst(), 10_000, "refused");
+    expect(refused).toEqual({ reason: "unknown_key", detail: expect.stringMatching(/^key alpha#k1 was revoked by this homeserver's operator at /) });
+    const bad = await runFedrelay(["keys", "revoke-peer", "alpha", "--config", config]);
+    expect([bad.code, bad.stderr]).toEqual([2, "fedrelay keys: keys revoke-peer needs a kid (<homeserver>#<key-id>), got \"alpha\"\n"]);
+  });
 });

@@ -3,7 +3,7 @@ import { createKeyRegistry, type JwksSettings, type KeyRegistry, type PeerSource
 import { importVerificationKey, jwkThumbprint, type VerificationKey } from "../../src/protocol/keys.ts";
 import { createDb, type Db } from "../../src/store/db.ts";
 import { migrate, readMigrations } from "../../src/store/migrate.ts";
-import { bindKeys, boundKeys, retireKeys } from "../../src/store/peer-keys.ts";
+import { bindKeys, boundKeys, retireKeys, revokedKeys, revokePeerKey } from "../../src/store/peer-keys.ts";
 import { DEFAULT_EVENT_LIMITS } from "../../src/protocol/claims.ts";
 import { verifyEvent } from "../../src/protocol/verify.ts";
 import { startLocalNats, type LocalNats } from "../../src/local-nats.ts";
@@ -252,7 +252,7 @@ describe("the key history binds a kid to one key across processes and restarts",
     jwks.mode = "serve";
   });
 
-  const store = () => ({ bound: (h: readonly string[]) => boundKeys(db, h), bind: (k: readonly VerificationKey[], s: readonly string[]) => bindKeys(db, k, s), retire: (k: readonly VerificationKey[]) => retireKeys(db, k) });
+  const store = () => ({ bound: (h: readonly string[]) => boundKeys(db, h), bind: (k: readonly VerificationKey[], s: readonly string[]) => bindKeys(db, k, s), retire: (k: readonly VerificationKey[]) => retireKeys(db, k), revoked: () => revokedKeys(db) });
   const withStore = (refused: string[] = [], peers: Record<string, PeerSource> = { alpha: { jwksUrl: jwks.url } }) => createKeyRegistry({
     self: { homeserver: "beta", keys: [] }, peers, store: store(), jwks: { refreshCooldownSeconds: 1 },
     onKeyRefused: (_peer, r) => refused.push(`${r.kid}:${r.reason}`),
@@ -301,6 +301,24 @@ describe("the key history binds a kid to one key across processes and restarts",
     await bindKeys(db, [await importVerificationKey(bound.publicJwk)], []);
     const registry = withStore([], { gamma: { keys: [other.publicJwk] } });
     await expect(registry.ready).rejects.toThrow(/gamma#cfg of gamma refused \(rebound_kid\)/);
+  });
+
+  it("a revoked peer key is refused by every registry within a second, whatever its events' dates; revoking twice keeps the first time", async () => {
+    const key = await identity("alpha", "stolen");
+    jwks.keys = [key.publicJwk];
+    const registry = createKeyRegistry({
+      self: { homeserver: "beta", keys: [] }, peers: { alpha: { jwksUrl: jwks.url } }, store: store(), jwks: { revocationRefreshMs: 100 },
+    });
+    await registry.ready;
+    const before = Date.now() / 1000;
+    expect(await settled(registry, "alpha#stolen", before)).toMatchObject({ status: "found" });
+    const revoked = await revokePeerKey(db, "alpha#stolen");
+    expect(revoked).toMatchObject({ kid: "alpha#stolen", storedEvents: 0 });
+    await eventually(async () => registry.lookup("alpha#stolen", before).status === "unknown", 1000, "the revocation, within a second");
+    expect(registry.lookup("alpha#stolen", before - 3600)).toEqual({ status: "unknown", detail: `key alpha#stolen was revoked by this homeserver's operator at ${revoked.revokedAt.toISOString()}` });
+    expect((await revokePeerKey(db, "alpha#stolen")).revokedAt).toEqual(revoked.revokedAt);
+    await expect(revokePeerKey(db, "alpha#nosuch")).rejects.toThrow("no peer key alpha#nosuch in the key history");
+    registry.close();
   });
 
   it("migration 013 keeps rows of a kid bound twice before it, the first as the binding and the later as rebound", async () => {
