@@ -13,6 +13,7 @@
  * event for good.
  */
 import type { Logger } from "pino";
+import { RelayError } from "../errors.ts";
 import { checkPeerJwk, verificationKeyOf, type PublicJwk, type VerificationKey } from "../protocol/keys.ts";
 import { splitKid } from "../protocol/names.ts";
 import type { KeyLookup, KeyResolver } from "../protocol/verify.ts";
@@ -156,7 +157,7 @@ export function createKeyRegistry(options: KeyRegistryOptions): KeyRegistry {
     }
     if (strict && refused.length > 0) {
       const r = refused[0]!;
-      throw new Error(`key ${r.kid ?? "(no kid)"} of ${peer.name} refused (${r.reason}): ${r.detail}`);
+      throw new RelayError("config_invalid", `key ${r.kid ?? "(no kid)"} of ${peer.name} refused (${r.reason}): ${r.detail}`);
     }
     for (const key of add) {
       peer.keys.set(key.kid, key);
