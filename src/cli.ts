@@ -264,7 +264,8 @@ export const COMMANDS: Readonly<Record<string, Command>> = {
   evidence: {
     summary: "print the evidence of a stored event: its token, the key that verified it, a fresh verification",
     usage: `fedrelay evidence EVENT_ID [--from HOMESERVER] [--bundle FILE] [--config FILE]
-  EVENT_ID            the event's jti (what a client sees as \`event\`)
+  EVENT_ID            the event's jti (what a client sees as \`event\`); one that begins with - goes
+                      last, after --: fedrelay evidence --bundle FILE -- -Xy3…
   --from HOMESERVER   its sender, when several senders used that id
   --bundle FILE       also write a self-contained JSON bundle (token, public key, its thumbprint, body
                       hash, when received) that any JOSE library verifies without fedrelay

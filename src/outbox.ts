@@ -42,11 +42,16 @@ export function retryDelayMs(deliveryCount: number): number {
   return Math.min(60_000, 1000 * 2 ** Math.min(6, Math.max(0, deliveryCount - 1)));
 }
 
-/** The event as it should go out now: as stored, or signed again if its lifetime is running out. */
-export async function freshEvent(token: string, deps: Pick<ForwarderDeps, "signingKey" | "now" | "eventLifetimeSeconds" | "resignWithinSeconds">): Promise<{ token: string; resigned: boolean }> {
+/**
+ * The event as it should go out now: as stored, or signed again if its lifetime
+ * is running out, or if a key other than the current one signed it (after a
+ * rotation, a receiver accepts the old key only for a grace after its
+ * retirement, and an outbox may hold events for longer).
+ */
+export async function freshEvent(token: string, signedBy: string, deps: Pick<ForwarderDeps, "signingKey" | "now" | "eventLifetimeSeconds" | "resignWithinSeconds">): Promise<{ token: string; resigned: boolean }> {
   const claims = storedClaims(token);
   const now = Math.floor(deps.now());
-  if (claims.exp - now > deps.resignWithinSeconds) return { token, resigned: false };
+  if (claims.exp - now > deps.resignWithinSeconds && signedBy === deps.signingKey().kid) return { token, resigned: false };
   return { token: await signEvent({ ...claims, iat: now, exp: now + deps.eventLifetimeSeconds }, deps.signingKey()), resigned: true };
 }
 
@@ -69,7 +74,7 @@ export function createForwarder(deps: ForwarderDeps): { handle(batch: JsMsg[]): 
       return;
     }
     try {
-      const { token, resigned } = await freshEvent(Buffer.from(m.data).toString("latin1"), deps);
+      const { token, resigned } = await freshEvent(Buffer.from(m.data).toString("latin1"), signer.kid, deps);
       if (resigned) deps.metrics.outboxResigned.inc();
       await publishEvent(deps.js, inboxSubject(destination, deps.self), Buffer.from(token, "latin1"), deps.publishTimeoutMs);
       m.ack();

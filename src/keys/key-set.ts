@@ -16,6 +16,8 @@ export type KeySetRefusal =
   | "duplicate_kid"
   /** Its kid is already bound to a different key: a kid, once seen, names one key forever. */
   | "rebound_kid"
+  /** Its key is already bound to another kid (of this peer or another's): a key is named by one kid. */
+  | "reused_key"
   /** A known key served with a wider window (its `exp` later or gone, its `nbf` changed): a retirement is never undone. */
   | "validity_widened";
 

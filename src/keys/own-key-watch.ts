@@ -42,7 +42,7 @@ export async function watchOwnKeys(db: Db, options: {
   take(await ownKeyRows(db));
   const timer = setInterval(() => {
     // Postgres away: the keys as last read stay in force (as for policy).
-    ownKeyRows(db).then(take, (err: unknown) => options.log.warn({ err }, "could not read this homeserver's own keys; keeping those last read"));
+    ownKeyRows(db).then(take).catch((err: unknown) => options.log.warn({ err }, "could not read this homeserver's own keys; keeping those last read"));
   }, options.refreshMs);
   timer.unref();
   return {

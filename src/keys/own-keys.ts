@@ -30,6 +30,8 @@ export function servedJwk(row: OwnKeyRow): PublicJwk {
 export function ownKeySet(rows: readonly OwnKeyRow[], now: number): OwnKeySet {
   let signing: OwnKeyRow | undefined;
   for (const row of rows) {
+    // A key retired before it was to sign never signs (nor would peers accept it: its exp is not after its nbf).
+    if (row.retiredAt !== null && row.retiredAt <= row.signFrom) continue;
     if (row.signFrom <= now && (signing === undefined || row.signFrom > signing.signFrom || (row.signFrom === signing.signFrom && row.kid > signing.kid))) signing = row;
   }
   return { signing, served: [...rows].sort((a, b) => a.signFrom - b.signFrom || a.kid.localeCompare(b.kid)).map(servedJwk) };

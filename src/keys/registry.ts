@@ -70,6 +70,8 @@ export interface KeyStore {
   retire(keys: readonly VerificationKey[]): Promise<void>;
   /** Keys an operator revoked (`fedrelay keys revoke-peer`), by kid: when, in seconds. */
   revoked(): Promise<ReadonlyMap<string, number>>;
+  /** Retired keys as the history holds them (another process may have learned the retirement), by kid. */
+  retired(): Promise<ReadonlyMap<string, { readonly exp: number; readonly retiredAt: number }>>;
 }
 
 export interface KeyRegistryOptions {
@@ -115,6 +117,14 @@ interface Peer {
 
 /** A first look soon after a fetch starts (most answer in milliseconds), then no sooner than the cooldown allows. */
 const FIRST_RETRY_MS = 500;
+/**
+ * A fetch's start (this host's clock) and an event's arrival (the NATS server's) are
+ * compared with this margin: a fetch counts as begun after an event only if it began
+ * this much later, so a fast clock here never refuses an event that should wait.
+ */
+const CLOCK_SKEW_SECONDS = 5;
+/** How long an event naming an own kid this process does not hold yet waits for the own-keys poll (1 s). */
+const SELF_WAIT_SECONDS = 10;
 
 export function createKeyRegistry(options: KeyRegistryOptions): KeyRegistry {
   const settings: JwksSettings = { ...DEFAULT_JWKS_SETTINGS, ...options.jwks };
@@ -146,7 +156,19 @@ export function createKeyRegistry(options: KeyRegistryOptions): KeyRegistry {
       const bound = await options.store.bind(add, plan.seen);
       add = add.filter((key) => {
         const stored = bound.get(key.kid);
-        if (stored === undefined || stored.thumbprint === key.thumbprint) return true;
+        if (stored === undefined) {
+          // Not bound: its thumbprint is already in the history under another kid.
+          refused.push({ kid: key.kid, reason: "reused_key", detail: `key ${key.thumbprint} is already bound to another kid in the key history` });
+          return false;
+        }
+        if (stored.thumbprint === key.thumbprint) {
+          // Bound by another process first, perhaps already retired there: the history's window holds.
+          if ((stored.jwk as { exp?: unknown }).exp !== undefined) {
+            adopt(peer, stored);
+            return false;
+          }
+          return true;
+        }
         refused.push({
           kid: key.kid, reason: "rebound_kid",
           detail: `${key.kid} is bound to key ${stored.thumbprint} in the key history; the set serves ${key.thumbprint} under it`,
@@ -231,10 +253,19 @@ export function createKeyRegistry(options: KeyRegistryOptions): KeyRegistry {
   }, settings.refreshIntervalSeconds * 1000);
   timer.unref();
 
-  // Revocations reach every process within a second, as policy does; Postgres away, the last read stands.
+  // Revocations, and retirements another process learned, reach every process within a second, as
+  // policy does; Postgres away, the last read stands.
   let revoked: ReadonlyMap<string, number> = new Map();
   const readRevoked = async (): Promise<void> => {
-    if (options.store) revoked = await options.store.revoked();
+    if (!options.store) return;
+    revoked = await options.store.revoked();
+    for (const [kid, { exp, retiredAt }] of await options.store.retired()) {
+      const peer = peers.get(kid.slice(0, kid.indexOf("#")));
+      const key = peer?.keys.get(kid);
+      if (!peer || !key || (key.validUntil !== undefined && key.validUntil <= exp)) continue;
+      peer.keys.set(kid, verificationKeyOf({ ok: true, jwk: { ...key.jwk, exp }, raw: key.raw, homeserver: key.homeserver }));
+      peer.retiredAt.set(kid, Math.min(retiredAt, peer.retiredAt.get(kid) ?? Infinity));
+    }
   };
   const revokedTimer = setInterval(() => {
     readRevoked().catch((err: unknown) => options.log?.warn({ err }, "could not read revoked peer keys; keeping those last read"));
@@ -273,8 +304,10 @@ export function createKeyRegistry(options: KeyRegistryOptions): KeyRegistry {
       }
       const refused = peer.refused.get(kid);
       const why = refused ? `: ${peer.name}'s key ${kid} was refused (${refused.reason}): ${refused.detail}` : "";
+      // Our own key made by a rotation elsewhere: this process reads it within a second.
+      if (peer.name === options.self.homeserver && now() - receivedAt < SELF_WAIT_SECONDS) return { status: "wait", retryMs: 1000, detail: `waiting for this homeserver's key ${kid}` };
       if (!peer.url) return { status: "unknown", detail: `no key ${kid}${why}` };
-      if (peer.lastSuccess >= receivedAt) return { status: "unknown", detail: `no key ${kid} in ${peer.name}'s key set${why}` };
+      if (peer.lastSuccess - CLOCK_SKEW_SECONDS >= receivedAt) return { status: "unknown", detail: `no key ${kid} in ${peer.name}'s key set${why}` };
       if (now() - receivedAt > settings.maxWaitSeconds) {
         return { status: "unknown", detail: `no key ${kid}: ${peer.name}'s key set could not be fetched for ${settings.maxWaitSeconds} s (${peer.lastError ?? "no answer"})` };
       }

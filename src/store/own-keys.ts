@@ -38,7 +38,8 @@ export async function adoptConfiguredKey(db: Db, jwk: PrivateJwk, now: number): 
       return;
     }
     const signFrom = new Date(now * 1000);
-    await trx.updateTable("own_keys").set({ retired_at: signFrom }).where("retired_at", "is", null).execute();
+    // Only keys that have signed: a pending rotation's key still takes over at its sign_from.
+    await trx.updateTable("own_keys").set({ retired_at: signFrom }).where("retired_at", "is", null).where("sign_from", "<=", signFrom).execute();
     await trx.insertInto("own_keys").values({ kid: jwk.kid, private_jwk: JSON.stringify(jwk), sign_from: signFrom }).execute();
   });
 }

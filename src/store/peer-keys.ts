@@ -79,3 +79,11 @@ export async function revokePeerKey(db: Db, kid: string): Promise<{ kid: string;
   const { n } = await db.kysely.selectFrom("events").select((eb) => eb.fn.countAll<string>().as("n")).where("key_thumbprint", "=", row.thumbprint).executeTakeFirstOrThrow();
   return { kid: row.kid, thumbprint: row.thumbprint, revokedAt: row.revoked_at!, storedEvents: Number(n) };
 }
+
+/** Retired keys (their `exp`, and when this homeserver first learned it), by kid. */
+export async function retiredKeys(db: Db): Promise<Map<string, { exp: number; retiredAt: number }>> {
+  const rows = await db.kysely.selectFrom("peer_keys")
+    .select(["kid", sql<number>`(jwk->>'exp')::float8`.as("exp"), sql<number>`extract(epoch FROM retired_at)::float8`.as("retiredAt")])
+    .where("retired_at", "is not", null).where("rebound", "=", false).where(sql<boolean>`jwk ? 'exp'`).execute();
+  return new Map(rows.map((r) => [r.kid, { exp: r.exp, retiredAt: r.retiredAt }]));
+}

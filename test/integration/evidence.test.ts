@@ -56,12 +56,13 @@ async function deliver(from: Identity, rcpt: { cid: string; cap?: string }[], ex
   return { jti: event.claims.jti, token: event.token };
 }
 
+// Event ids are base64url and may begin with "-": after "--", as the usage says.
 describe("fedrelay evidence EVENT_ID", () => {
   it("prints the stored token, the key that verified it and a fresh verification, and writes a bundle that jose alone and jwcrypto verify", async () => {
     const cap = await grantCapability(beta, "bob", "g@alpha");
     const { jti, token } = await deliver(alpha, [{ cid: "bob", cap }]);
     const bundlePath = join(dir, "bundle.json");
-    const result = await runFedrelay(["evidence", jti, "--bundle", bundlePath, "--config", config]);
+    const result = await runFedrelay(["evidence", "--bundle", bundlePath, "--config", config, "--", jti]);
     expect(result.stderr).toBe("");
     expect(result.code).toBe(0);
     const printed = JSON.parse(result.stdout) as { kept: string; bundle: EvidenceBundle; key: { firstSeen: string }; verification: { ok: boolean } };
@@ -89,7 +90,7 @@ describe("fedrelay evidence EVENT_ID", () => {
     const cap = await grantCapability(beta, "bob", "g@alpha");
     const { jti } = await deliver(alpha, [{ cid: "bob", cap }]);
     const bundlePath = join(dir, "changed.json");
-    expect((await runFedrelay(["evidence", jti, "--bundle", bundlePath, "--config", config])).code).toBe(0);
+    expect((await runFedrelay(["evidence", "--bundle", bundlePath, "--config", config, "--", jti])).code).toBe(0);
     const bundle = JSON.parse(await readFile(bundlePath, "utf8")) as EvidenceBundle;
     const [header, body, signature] = bundle.token.split(".") as [string, string, string];
     const other = await identity("alpha", "k1");
@@ -116,19 +117,19 @@ describe("fedrelay evidence EVENT_ID", () => {
     const [header, , signature] = token.split(".");
     const forged = `${header}.${Buffer.from(JSON.stringify({ iss: "alpha", jti, body: "" })).toString("base64url")}.${signature}`;
     await beta.relay.db.kysely.updateTable("events").set({ token: forged }).where("iss", "=", "alpha").where("jti", "=", jti).execute();
-    const result = await runFedrelay(["evidence", jti, "--config", config]);
+    const result = await runFedrelay(["evidence", "--config", config, "--", jti]);
     expect(result.code).toBe(1);
     expect(result.stderr).toMatch(new RegExp(`^fedrelay evidence: event ${jti}'s stored token does not verify: the signature does not verify with the key.*\\n$`));
   });
 
   it("for an event delivered to no one prints its record, and refuses to write a bundle: there is no token to bundle", async () => {
     const { jti, token } = await deliver(alpha, [{ cid: "nobody" }]);
-    const result = await runFedrelay(["evidence", jti, "--config", config]);
+    const result = await runFedrelay(["evidence", "--config", config, "--", jti]);
     expect(result.code).toBe(0);
     expect(JSON.parse(result.stdout)).toMatchObject({
       kept: "record", iss: "alpha", jti, tokenSha256: createHash("sha256").update(token).digest("base64url"), refused: [["nobody", "no_capability"]],
     });
-    const bundle = await runFedrelay(["evidence", jti, "--bundle", join(dir, "none.json"), "--config", config]);
+    const bundle = await runFedrelay(["evidence", "--bundle", join(dir, "none.json"), "--config", config, "--", jti]);
     expect(bundle.code).toBe(1);
     expect(bundle.stderr).toMatch(/^fedrelay evidence: event .* was delivered to no one: only a record of it was kept.*\n$/);
   });
@@ -137,10 +138,10 @@ describe("fedrelay evidence EVENT_ID", () => {
     const jti = `shared-${Date.now()}`;
     await deliver(alpha, [{ cid: "nobody" }], { jti });
     await deliver(gamma, [{ cid: "nobody" }], { jti });
-    const ambiguous = await runFedrelay(["evidence", jti, "--config", config]);
+    const ambiguous = await runFedrelay(["evidence", "--config", config, "--", jti]);
     expect(ambiguous.code).not.toBe(0);
     expect(ambiguous.stderr).toMatch(/^fedrelay evidence: event id shared-\d+ was used by (alpha, gamma|gamma, alpha): name one with --from\n$/);
-    const found = await runFedrelay(["evidence", jti, "--from", "gamma", "--config", config]);
+    const found = await runFedrelay(["evidence", "--from", "gamma", "--config", config, "--", jti]);
     expect(JSON.parse(found.stdout)).toMatchObject({ iss: "gamma", jti });
     const missing = await runFedrelay(["evidence", "no-such-event", "--config", config]);
     expect([missing.code, missing.stderr]).toEqual([1, "fedrelay evidence: no event no-such-event is stored\n"]);
@@ -156,7 +157,7 @@ describe("fedrelay evidence EVENT_ID", () => {
     const revoked = await runFedrelay(["keys", "revoke-peer", "alpha#k1", "--config", config]);
     expect(revoked.stderr).toBe("");
     expect(revoked.stdout).toMatch(/^alpha#k1 \(key \S+\) revoked at \S+; \d+ stored events were verified with it\n$/);
-    const evidence = JSON.parse((await runFedrelay(["evidence", jti, "--config", config])).stdout) as { key: { revokedAt: string | null }; verification: { ok: boolean } };
+    const evidence = JSON.parse((await runFedrelay(["evidence", "--config", config, "--", jti])).stdout) as { key: { revokedAt: string | null }; verification: { ok: boolean } };
     expect(evidence.key.revokedAt).not.toBeNull();
     // Still a valid signature: the revocation says the key may since be in other hands.
     expect(evidence.verification.ok).toBe(true);

@@ -3,7 +3,7 @@ import { createKeyRegistry, type JwksSettings, type KeyRegistry, type PeerSource
 import { importVerificationKey, jwkThumbprint, type VerificationKey } from "../../src/protocol/keys.ts";
 import { createDb, type Db } from "../../src/store/db.ts";
 import { migrate, readMigrations } from "../../src/store/migrate.ts";
-import { bindKeys, boundKeys, retireKeys, revokedKeys, revokePeerKey } from "../../src/store/peer-keys.ts";
+import { bindKeys, boundKeys, retiredKeys, retireKeys, revokedKeys, revokePeerKey } from "../../src/store/peer-keys.ts";
 import { DEFAULT_EVENT_LIMITS } from "../../src/protocol/claims.ts";
 import { verifyEvent } from "../../src/protocol/verify.ts";
 import { startLocalNats, type LocalNats } from "../../src/local-nats.ts";
@@ -64,7 +64,7 @@ describe("the key registry looks peers' keys up without waiting for a fetch", ()
     for (let i = 0; i < 20; i++) {
       expect(registry.lookup(`alpha#forged${i}`, clock.now + 1)).toEqual({ status: "wait", retryMs: 60_000, detail: "waiting for alpha's key set" });
     }
-    expect(registry.lookup("alpha#forged", clock.now - 1)).toEqual({ status: "unknown", detail: "no key alpha#forged in alpha's key set" });
+    expect(registry.lookup("alpha#forged", clock.now - 6)).toEqual({ status: "unknown", detail: "no key alpha#forged in alpha's key set" });
     expect(jwks.fetches).toBe(2);
     // Known keys never need a fetch, and stay after the peer drops them (retired keys still verify old events).
     jwks.keys = [];
@@ -128,7 +128,8 @@ describe("the key registry looks peers' keys up without waiting for a fetch", ()
       expect(verdict.ok, `${who.key.kid}: ${JSON.stringify(verdict)}`).toBe(true);
     }
     // An event under a refused key is refused with the key's own reason.
-    expect(registry.lookup("alpha#bad", clock.now)).toMatchObject({ status: "unknown", detail: expect.stringContaining("was refused (") });
+    // (Arrived before the fetch began, by more than the clock-skew margin of 5 s.)
+    expect(registry.lookup("alpha#bad", clock.now - 6)).toMatchObject({ status: "unknown", detail: expect.stringContaining("was refused (") });
   });
 
   it("never rebinds a known kid: a set serving another key under it is refused rebound_kid, and the first key still verifies", async () => {
@@ -168,7 +169,7 @@ describe("the key registry looks peers' keys up without waiting for a fetch", ()
     // Un-retiring r1 (its exp gone) is refused, and it stays retired.
     jwks.keys = [k1.publicJwk, { ...k2.publicJwk, exp: rotatedAt + 1000 }];
     clock.now += 61;
-    expect(await settled(registry, "alpha#r3", clock.now)).toMatchObject({ status: "unknown" });
+    expect(await settled(registry, "alpha#r3", clock.now - 6)).toMatchObject({ status: "unknown" });
     expect(refused).toContainEqual({ peer: "alpha", reason: "validity_widened", kid: "alpha#r1" });
     expect(registry.lookup("alpha#r1", learnedAt + 61)).toMatchObject({ status: "unknown" });
   });
@@ -252,7 +253,7 @@ describe("the key history binds a kid to one key across processes and restarts",
     jwks.mode = "serve";
   });
 
-  const store = () => ({ bound: (h: readonly string[]) => boundKeys(db, h), bind: (k: readonly VerificationKey[], s: readonly string[]) => bindKeys(db, k, s), retire: (k: readonly VerificationKey[]) => retireKeys(db, k), revoked: () => revokedKeys(db) });
+  const store = () => ({ bound: (h: readonly string[]) => boundKeys(db, h), bind: (k: readonly VerificationKey[], s: readonly string[]) => bindKeys(db, k, s), retire: (k: readonly VerificationKey[]) => retireKeys(db, k), revoked: () => revokedKeys(db), retired: () => retiredKeys(db) });
   const withStore = (refused: string[] = [], peers: Record<string, PeerSource> = { alpha: { jwksUrl: jwks.url } }) => createKeyRegistry({
     self: { homeserver: "beta", keys: [] }, peers, store: store(), jwks: { refreshCooldownSeconds: 1 },
     onKeyRefused: (_peer, r) => refused.push(`${r.kid}:${r.reason}`),
@@ -319,6 +320,50 @@ describe("the key history binds a kid to one key across processes and restarts",
     expect((await revokePeerKey(db, "alpha#stolen")).revokedAt).toEqual(revoked.revokedAt);
     await expect(revokePeerKey(db, "alpha#nosuch")).rejects.toThrow("no peer key alpha#nosuch in the key history");
     registry.close();
+  });
+
+  it("a key served under a second kid is refused as reused_key: a key is named by one kid", async () => {
+    const key = await identity("alpha", "u1");
+    jwks.keys = [key.publicJwk, { ...key.publicJwk, kid: "alpha#u2" }];
+    const refused: string[] = [];
+    const registry = withStore(refused);
+    await registry.ready;
+    expect(await settled(registry, "alpha#u1", Date.now() / 1000)).toMatchObject({ status: "found" });
+    expect(refused).toContain("alpha#u2:reused_key");
+    expect(registry.lookup("alpha#u2", Date.now() / 1000 - 10)).toMatchObject({ status: "unknown", detail: expect.stringContaining("reused_key") });
+    registry.close();
+  });
+
+  it("a retirement one process learned reaches another within a second, and a set without the exp does not undo it there", async () => {
+    const key = await identity("alpha", "shared");
+    jwks.keys = [key.publicJwk];
+    const settings = { refreshCooldownSeconds: 1, revocationRefreshMs: 100 };
+    const make = () => createKeyRegistry({ self: { homeserver: "beta", keys: [] }, peers: { alpha: { jwksUrl: jwks.url } }, store: store(), jwks: settings });
+    const [a, b] = [make(), make()];
+    await Promise.all([a.ready, b.ready]);
+    const at = Date.now() / 1000;
+    await settled(a, "alpha#shared", at);
+    await settled(b, "alpha#shared", at);
+    // a learns the retirement; b is then served the set without it (a stale copy) and must not keep the key open.
+    const validUntil = (r: KeyRegistry): number | undefined => (r.lookup("alpha#shared", at) as { key?: VerificationKey }).key?.validUntil;
+    const fetchNow = async (r: KeyRegistry): Promise<void> => {
+      const before = jwks.fetches;
+      r.lookup(`alpha#probe${before}`, Date.now() / 1000);
+      await eventually(async () => jwks.fetches > before, 3000, "a fetch");
+    };
+    const exp = (key.publicJwk as { nbf: number }).nbf + 1800;
+    jwks.keys = [{ ...key.publicJwk, exp }];
+    await new Promise((r) => setTimeout(r, 1100)); // past the cooldown
+    await fetchNow(a);
+    await eventually(async () => validUntil(a) === exp, 2000, "a learns the retirement");
+    await eventually(async () => validUntil(b) === exp, 2000, "b holds it, from the history");
+    jwks.keys = [key.publicJwk];
+    await new Promise((r) => setTimeout(r, 1100));
+    await fetchNow(b);
+    await new Promise((r) => setTimeout(r, 300));
+    expect(validUntil(b)).toBe(exp);
+    a.close();
+    b.close();
   });
 
   it("migration 013 keeps rows of a kid bound twice before it, the first as the binding and the later as rebound", async () => {

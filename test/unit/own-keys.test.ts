@@ -34,3 +34,10 @@ describe("this homeserver's keys over time", () => {
     expect(ownKeySet([row("a", 100, null), row("b", 100, null)], 100).signing?.kid).toBe("alpha#b");
   });
 });
+
+describe("a key retired before it was to sign", () => {
+  it("never signs: the key before it signs on", () => {
+    const rows = [row("k1", 100, null), row("k2", 300, 200)];
+    expect(ownKeySet(rows, 400).signing?.kid).toBe("alpha#k1");
+  });
+});
