@@ -4,6 +4,7 @@ import { z } from "zod";
 import { RelayError } from "../errors.ts";
 import { fanoutRequestSchema } from "../fanout.ts";
 import { issueCapabilityFor, listCapabilitiesOf, revokeCapabilityFor } from "../operations/capabilities.ts";
+import { evidenceOf } from "../operations/evidence.ts";
 import type { Operation } from "../operations/operation.ts";
 import { putRateLimit, removeRateLimit, showRateLimits } from "../operations/rate-limits.ts";
 import { putServerRule, removeServerRule, setPolicyMode, showPolicy } from "../operations/server-policy.ts";
@@ -95,6 +96,10 @@ export function registerBackendRoutes(app: FastifyInstance, api: ApiDeps): void 
     await revokeCapabilityFor(request.params.cap, request.params.id)(api.db);
     return reply.status(204).send();
   });
+
+  // What `fedrelay evidence` prints, for an operator's tools: the same operation.
+  app.get<{ Params: { jti: string }; Querystring: { from?: string } }>("/v1/admin/evidence/:jti", backend, async (request) =>
+    evidenceOf(request.params.jti, typeof request.query.from === "string" ? request.query.from : undefined)(api.db, api.self));
 
   app.get("/v1/admin/policy", backend, async () => showPolicy(() => api.policy.current())(api.db));
   app.put<{ Params: { pattern: string } }>("/v1/admin/policy/rules/:pattern", backend, async (request) =>

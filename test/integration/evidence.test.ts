@@ -16,7 +16,7 @@ import { startLocalNats, type LocalNats } from "../../src/local-nats.ts";
 import { verifyEvidenceBundle, type EvidenceBundle } from "../../src/operations/evidence.ts";
 import { inboxSubject } from "../../src/protocol/subjects.ts";
 import { publishEvent } from "../../src/transport/publisher.ts";
-import { addClient, eventually, grantCapability, identity, natsClient, signed, startHomeserver, type Identity, type NatsClient, type TestHomeserver } from "../helpers/federation.ts";
+import { addClient, eventually, grantCapability, http, identity, natsClient, SERVICE_TOKEN, signed, startHomeserver, type Identity, type NatsClient, type TestHomeserver } from "../helpers/federation.ts";
 import { REPO, runFedrelay, writeConfigFile } from "../helpers/processes.ts";
 
 const run = promisify(execFile);
@@ -148,6 +148,18 @@ describe("fedrelay evidence EVENT_ID", () => {
     const bad = await runFedrelay(["evidence", "not an id", "--config", config]);
     expect(bad.code).toBe(2);
     expect(bad.stderr).toMatch(/^fedrelay evidence: needs an event id/);
+  });
+
+  it("GET /v1/admin/evidence/{jti} answers what the command prints, for the service token only", async () => {
+    const cap = await grantCapability(beta, "bob", "g@alpha");
+    const { jti } = await deliver(alpha, [{ cid: "bob", cap }]);
+    const cli = JSON.parse((await runFedrelay(["evidence", "--config", config, "--", jti])).stdout) as { bundle: EvidenceBundle };
+    const api = await http(`${beta.relay.url}/v1/admin/evidence/${jti}?from=alpha`, { token: SERVICE_TOKEN });
+    expect(api.status).toBe(200);
+    expect(api.json).toMatchObject({ kept: "token", bundle: cli.bundle, verification: { ok: true } });
+    expect((await http(`${beta.relay.url}/v1/admin/evidence/${jti}`)).status).toBe(401);
+    expect(await http(`${beta.relay.url}/v1/admin/evidence/nosuch`, { token: SERVICE_TOKEN })).toEqual({ status: 404, json: { error: "not_found", message: "no event nosuch is stored" } });
+    expect((await http(`${beta.relay.url}/v1/admin/evidence/${jti}?from=-bad-`, { token: SERVICE_TOKEN })).status).toBe(400);
   });
 
   // Last: it revokes alpha's key for the rest of this file.
