@@ -16,6 +16,7 @@ import { generateSigningJwk, importSigningKey, importVerificationKey, type Verif
 import { issueCapability } from "../../src/store/capabilities.ts";
 import { registerClient } from "../../src/store/clients.ts";
 import { commitBatch, type AcceptedInput } from "../../src/receive/commit.ts";
+import type { EventOutcome } from "../../src/receive/types.ts";
 import { createDb, type Db } from "../../src/store/db.ts";
 import { migrate } from "../../src/store/migrate.ts";
 import { testSchema, type TestSchema } from "../helpers/db.ts";
@@ -99,6 +100,26 @@ async function lockGate(sql: string): Promise<{ untilBlocked(n: number): Promise
   };
 }
 
+/**
+ * Two batches committed at once on two connections, each held behind a gate
+ * opened with `gateSql` until both wait there, having read the buckets they
+ * charge: their outcomes, and how many bucket races were run again. Their key is
+ * stored beforehand, so neither waits on the other's insert of it instead.
+ */
+async function raceBehindGate(gateSql: string, rateLimits: RateLimits, a: AcceptedInput[], b: AcceptedInput[]): Promise<{ outcomes: EventOutcome[]; races: number }> {
+  await first.pool.query("INSERT INTO peer_keys (thumbprint, kid, homeserver, jwk) VALUES ($1, $2, 'alpha', $3)", [key.thumbprint, key.kid, JSON.stringify(key.jwk)]);
+  const gate = await lockGate(gateSql);
+  let races = 0;
+  const options = { now: NOW, rateLimits, onBucketRace: () => void (races += 1) };
+  const committed = [commitBatch(first, a, [], options), commitBatch(second, b, [], options)];
+  try {
+    await gate.untilBlocked(2);
+  } finally {
+    await gate.release();
+  }
+  return { outcomes: (await Promise.all(committed)).flat(), races };
+}
+
 /** A sender bucket smaller than config allows (burst ≥ 1,000): the store takes any limits. */
 function limits(): RateLimits {
   return { ...loadConfig({}).rateLimits, servers: { alpha: SENDER }, client: { rate: 0, burst: 1000 }, senderClient: { rate: 0, burst: 1000 } };
@@ -108,20 +129,9 @@ describe("two batches charging one sender's bucket at once", () => {
   it("store exactly what the bucket holds: the loser of the race runs again locked and delays the rest", async () => {
     // The bucket and the key are stored already (the second batch would otherwise wait on the first's insert of them).
     await first.pool.query("INSERT INTO rate_buckets (key, tokens, updated_at) VALUES ('s:alpha', $1, $2)", [SENDER.burst, NOW]);
-    await first.pool.query("INSERT INTO peer_keys (thumbprint, kid, homeserver, jwk) VALUES ($1, $2, 'alpha', $3)", [key.thumbprint, key.kid, JSON.stringify(key.jwk)]);
     // Hold both transactions after they have read the bucket and decided (deliveries are written after that).
-    const gate = await lockGate(`LOCK TABLE "${schema.schema}".deliveries IN EXCLUSIVE MODE`);
-    let races = 0;
-    const options = { now: NOW, rateLimits: limits(), onBucketRace: () => void (races += 1) };
-    const a = commitBatch(first, events(0, 60), [], options);
-    const b = commitBatch(second, events(60, 60), [], options);
-    try {
-      // Both wait, once both have read the sender's bucket: on the gate, or (if the other charged it first) on the bucket's row.
-      await gate.untilBlocked(2);
-    } finally {
-      await gate.release();
-    }
-    const outcomes = [...(await a), ...(await b)];
+    // Both wait, once both have read the sender's bucket: on the gate, or (if the other charged it first) on the bucket's row.
+    const { outcomes, races } = await raceBehindGate(`LOCK TABLE "${schema.schema}".deliveries IN EXCLUSIVE MODE`, limits(), events(0, 60), events(60, 60));
 
     expect(races).toBe(1);
     expect(outcomes.filter((o) => o.status === "stored")).toHaveLength(100);
@@ -167,20 +177,9 @@ describe("a client's own buckets, in its row", () => {
   it("charged by two batches that read it at once, hold exactly their burst: the loser runs again locked and is refused what is left over", async () => {
     const rates: RateLimits = { ...limits(), servers: {}, client: { rate: 0, burst: 10 }, senderClient: { rate: 0, burst: 5 } };
     await first.pool.query("INSERT INTO rate_buckets (key, tokens, updated_at) VALUES ('s:alpha', $1, $2)", [rates.sender.burst, NOW]);
-    await first.pool.query("INSERT INTO peer_keys (thumbprint, kid, homeserver, jwk) VALUES ($1, $2, 'alpha', $3)", [key.thumbprint, key.kid, JSON.stringify(key.jwk)]);
     const three = (name: string, seq: number): AcceptedInput[] => [0, 1, 2].map((i) => toC0(`${name}-${i}`, seq + i));
     // Both read c0's buckets (5 left for alpha, enough for either batch of 3) before either may lock its row.
-    const gate = await lockGate(`LOCK TABLE "${schema.schema}".clients IN EXCLUSIVE MODE`);
-    let races = 0;
-    const options = { now: NOW, rateLimits: rates, onBucketRace: () => void (races += 1) };
-    const a = commitBatch(first, three("a", 1000), [], options);
-    const b = commitBatch(second, three("b", 1010), [], options);
-    try {
-      await gate.untilBlocked(2);
-    } finally {
-      await gate.release();
-    }
-    const outcomes = [...(await a), ...(await b)];
+    const { outcomes, races } = await raceBehindGate(`LOCK TABLE "${schema.schema}".clients IN EXCLUSIVE MODE`, rates, three("a", 1000), three("b", 1010));
     expect(races).toBe(1);
     const limited = outcomes.filter((o) => o.status === "stored" && o.decision.refused.some((r) => r.reason === "rate_limited"));
     expect(limited).toHaveLength(1);
