@@ -10,7 +10,7 @@ import { createClientTokens } from "./client-tokens.ts";
 import { isClientId, splitKid } from "./protocol/names.ts";
 import { issueCapabilityFor, listCapabilitiesOf, revokeCapabilityFor } from "./operations/capabilities.ts";
 import { evidenceOf } from "./operations/evidence.ts";
-import { ownKeySet } from "./keys/own-keys.ts";
+import { signingKeyAt } from "./keys/own-keys.ts";
 import { ownKeyRows, rotateOwnKey } from "./store/own-keys.ts";
 import { revokePeerKey } from "./store/peer-keys.ts";
 import { oneOf, type Operation } from "./operations/operation.ts";
@@ -321,7 +321,7 @@ ${CONFIG_HELP}`,
           return 0;
         }
         const rows = await ownKeyRows(db);
-        const signing = ownKeySet(rows, now).signing?.kid;
+        const signing = signingKeyAt(rows, now)?.kid;
         io.stdout(json(rows.map((r) => ({
           kid: r.kid, signFrom: new Date(r.signFrom * 1000).toISOString(), retiredAt: r.retiredAt === null ? null : new Date(r.retiredAt * 1000).toISOString(), signing: r.kid === signing,
         }))));

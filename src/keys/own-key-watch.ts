@@ -8,7 +8,7 @@ import type { Logger } from "pino";
 import { importSigningKey, type PublicJwk, type SigningKey } from "../protocol/keys.ts";
 import type { Db } from "../store/db.ts";
 import { ownKeyRows } from "../store/own-keys.ts";
-import { ownKeySet, type OwnKeyRow } from "./own-keys.ts";
+import { servedJwks, signingKeyAt, type OwnKeyRow } from "./own-keys.ts";
 
 export interface OwnKeys {
   /** The key that signs now. */
@@ -29,15 +29,17 @@ export async function watchOwnKeys(db: Db, options: {
 }): Promise<OwnKeys> {
   const cache = new Map<string, SigningKey>();
   let rows: readonly OwnKeyRow[] = [];
+  let served: readonly PublicJwk[] = [];
   let fingerprint = "";
   const take = (next: readonly OwnKeyRow[]): void => {
     const print = JSON.stringify(next.map((r) => [r.kid, r.signFrom, r.retiredAt]));
     if (print === fingerprint) return;
     for (const r of next) if (!cache.has(r.kid)) cache.set(r.kid, importSigningKey(r.privateJwk));
     rows = next;
+    served = servedJwks(rows);
     const changed = fingerprint !== "";
     fingerprint = print;
-    if (changed) options.onChange(ownKeySet(rows, options.now()).served);
+    if (changed) options.onChange(served);
   };
   take(await ownKeyRows(db));
   const timer = setInterval(() => {
@@ -47,11 +49,11 @@ export async function watchOwnKeys(db: Db, options: {
   timer.unref();
   return {
     signing() {
-      const row = ownKeySet(rows, options.now()).signing;
+      const row = signingKeyAt(rows, options.now());
       return row && cache.get(row.kid);
     },
     byKid: (kid) => cache.get(kid),
-    served: () => ownKeySet(rows, options.now()).served,
+    served: () => served,
     close: () => clearInterval(timer),
   };
 }
