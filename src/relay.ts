@@ -13,7 +13,7 @@ import { createServiceAuth } from "./http/auth.ts";
 import { FailureThrottle, WaitSlots } from "./http/limits.ts";
 import { createHttpServers, type HealthReport, type HttpServers } from "./http/server.ts";
 import { createKeyRegistry, type KeyRegistry } from "./keys/registry.ts";
-import { bindKeys, boundKeys, retiredKeys, retireKeys, revokedKeys } from "./store/peer-keys.ts";
+import { keyStoreOf } from "./store/peer-keys.ts";
 import { createMetrics, peerLabeller, type RelayMetrics } from "./metrics.ts";
 import { importSigningKey, type PrivateJwk, type PublicJwk, type SigningKey } from "./protocol/keys.ts";
 import { watchOwnKeys, type OwnKeys } from "./keys/own-key-watch.ts";
@@ -186,7 +186,7 @@ export function createRelay(config: RelayConfig, roles: RelayRoles, deps: RelayD
       peers: config.peers,
       // No `now`: the registry keeps wall-clock time, as the inbox timestamps it compares fetches with, even where the relay's clock is frozen (tests).
       jwks: config.jwks,
-      store: { bound: (homeservers) => boundKeys(db, homeservers), bind: (keys, seen) => bindKeys(db, keys, seen), retire: (keys) => retireKeys(db, keys), revoked: () => revokedKeys(db), retired: () => retiredKeys(db) },
+      store: keyStoreOf(db),
       log,
       onKeyRefused: (peer, refused) => metrics.peerKeysRefused.inc({ peer: peerLabel(peer), reason: refused.reason }),
       onFetchFailed: (peer) => metrics.jwksFetchFailures.inc({ peer: peerLabel(peer) }),

@@ -4,7 +4,7 @@
  * key is judged on its own, so one key the relay refuses never costs the others
  * (docs/protocol.md §10, Keys). Pure.
  */
-import { checkPeerJwk, jwkThumbprint, type KeyRefusal, type PeerJwkCheck } from "../protocol/keys.ts";
+import { checkPeerJwk, type KeyRefusal, type PeerJwkCheck } from "../protocol/keys.ts";
 import { parseStrictObject } from "../protocol/strict-json.ts";
 
 /** Why a key of a set is not taken: the key's own faults, or what it would do to the set. */
@@ -96,7 +96,7 @@ export function planKeySet(homeserver: string, jwks: readonly unknown[], known: 
     }
     checked.push(c);
     const thumbprints = listed.get(c.jwk.kid) ?? new Set<string>();
-    thumbprints.add(jwkThumbprint(c.jwk));
+    thumbprints.add(c.thumbprint);
     listed.set(c.jwk.kid, thumbprints);
   }
   const add: CheckedKey[] = [];
@@ -105,7 +105,7 @@ export function planKeySet(homeserver: string, jwks: readonly unknown[], known: 
   const seen = new Set<string>();
   for (const c of checked) {
     const kid = c.jwk.kid;
-    const thumbprint = jwkThumbprint(c.jwk);
+    const { thumbprint } = c;
     const bound = known.get(kid);
     if (bound !== undefined) {
       if (bound.thumbprint !== thumbprint) {

@@ -14,7 +14,7 @@
  */
 import type { Logger } from "pino";
 import { RelayError } from "../errors.ts";
-import { checkPeerJwk, verificationKeyOf, type PublicJwk, type VerificationKey } from "../protocol/keys.ts";
+import { checkPeerJwk, retiredKey, verificationKeyOf, type PublicJwk, type VerificationKey } from "../protocol/keys.ts";
 import { splitKid } from "../protocol/names.ts";
 import type { KeyLookup, KeyResolver } from "../protocol/verify.ts";
 import { DEFAULT_KEY_SET_LIMITS, parseKeySet, planKeySet, type KeySetLimits, type RefusedKey } from "./key-set.ts";
@@ -68,10 +68,17 @@ export interface KeyStore {
   bind(keys: readonly VerificationKey[], seen: readonly string[]): Promise<ReadonlyMap<string, StoredKey>>;
   /** Keys given an `exp` (or an earlier one): their JWK as now held, and when we learned it. */
   retire(keys: readonly VerificationKey[]): Promise<void>;
-  /** Keys an operator revoked (`fedrelay keys revoke-peer`), by kid: when, in seconds. */
-  revoked(): Promise<ReadonlyMap<string, number>>;
-  /** Retired keys as the history holds them (another process may have learned the retirement), by kid. */
-  retired(): Promise<ReadonlyMap<string, { readonly exp: number; readonly retiredAt: number }>>;
+  /**
+   * What other processes (and operators) changed: keys revoked (`fedrelay keys
+   * revoke-peer`), by kid, when, in seconds; and keys retired as the history holds
+   * them (another process may have learned the retirement), by kid.
+   */
+  changes(): Promise<KeyChanges>;
+}
+
+export interface KeyChanges {
+  readonly revoked: ReadonlyMap<string, number>;
+  readonly retired: ReadonlyMap<string, { readonly exp: number; readonly retiredAt: number }>;
 }
 
 export interface KeyRegistryOptions {
@@ -185,10 +192,7 @@ export function createKeyRegistry(options: KeyRegistryOptions): KeyRegistry {
       peer.keys.set(key.kid, key);
       if (key.validUntil !== undefined) peer.retiredAt.set(key.kid, now());
     }
-    const retired = plan.retire.map(({ kid, exp }) => {
-      const key = peer.keys.get(kid)!;
-      return verificationKeyOf({ ok: true, jwk: { ...key.jwk, exp }, raw: key.raw, homeserver: key.homeserver });
-    });
+    const retired = plan.retire.map(({ kid, exp }) => retiredKey(peer.keys.get(kid)!, exp));
     await options.store?.retire(retired);
     for (const key of retired) {
       peer.keys.set(key.kid, key);
@@ -256,31 +260,32 @@ export function createKeyRegistry(options: KeyRegistryOptions): KeyRegistry {
   // Revocations, and retirements another process learned, reach every process within a second, as
   // policy does; Postgres away, the last read stands.
   let revoked: ReadonlyMap<string, number> = new Map();
-  const readRevoked = async (): Promise<void> => {
+  const readChanges = async (): Promise<void> => {
     if (!options.store) return;
-    revoked = await options.store.revoked();
-    for (const [kid, { exp, retiredAt }] of await options.store.retired()) {
+    const changes = await options.store.changes();
+    revoked = changes.revoked;
+    for (const [kid, { exp, retiredAt }] of changes.retired) {
       const peer = peers.get(kid.slice(0, kid.indexOf("#")));
       const key = peer?.keys.get(kid);
       if (!peer || !key || (key.validUntil !== undefined && key.validUntil <= exp)) continue;
-      peer.keys.set(kid, verificationKeyOf({ ok: true, jwk: { ...key.jwk, exp }, raw: key.raw, homeserver: key.homeserver }));
+      peer.keys.set(kid, retiredKey(key, exp));
       peer.retiredAt.set(kid, Math.min(retiredAt, peer.retiredAt.get(kid) ?? Infinity));
     }
   };
-  const revokedTimer = setInterval(() => {
-    readRevoked().catch((err: unknown) => options.log?.warn({ err }, "could not read revoked peer keys; keeping those last read"));
+  const changesTimer = setInterval(() => {
+    readChanges().catch((err: unknown) => options.log?.warn({ err }, "could not read revoked and retired peer keys; keeping those last read"));
   }, settings.revocationRefreshMs);
-  revokedTimer.unref();
+  changesTimer.unref();
   const loaded = (async () => {
     await ready;
-    await readRevoked();
+    await readChanges();
   })();
 
   return {
     ready: loaded,
     close: () => {
       clearInterval(timer);
-      clearInterval(revokedTimer);
+      clearInterval(changesTimer);
     },
     refreshOwn: (keys) => take(peers.get(options.self.homeserver)!, keys, false),
     isKnown: (homeserver) => peers.has(homeserver),

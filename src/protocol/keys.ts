@@ -92,7 +92,7 @@ export const KEY_REFUSALS = [
 export type KeyRefusal = (typeof KEY_REFUSALS)[number];
 
 export type PeerJwkCheck =
-  | { readonly ok: true; readonly jwk: PublicJwk; readonly raw: Buffer; readonly homeserver: string }
+  | { readonly ok: true; readonly jwk: PublicJwk; readonly raw: Buffer; readonly homeserver: string; readonly thumbprint: string }
   | { readonly ok: false; readonly reason: KeyRefusal; readonly detail: string; readonly kid?: string };
 
 /** Members a public Ed25519 JWK may carry; any other is refused, so a key means one thing to every reader. */
@@ -145,7 +145,7 @@ export function checkPeerJwk(jwk: unknown): PeerJwkCheck {
     kty: "OKP", crv: "Ed25519", x: k.x as string, kid: kid!,
     ...(k.nbf === undefined ? {} : { nbf: k.nbf as number }), ...(k.exp === undefined ? {} : { exp: k.exp as number }),
   };
-  return { ok: true, jwk: pub, raw, homeserver: parts.homeserver };
+  return { ok: true, jwk: pub, raw, homeserver: parts.homeserver, thumbprint: jwkThumbprint(pub) };
 }
 
 /** RFC 7638: SHA-256 over the required members in lexical order, no whitespace; for a canonical `x` it is the key's one thumbprint. */
@@ -155,17 +155,22 @@ export function jwkThumbprint(jwk: { readonly x: string }): string {
 
 /** The key of a checked JWK, ready for the hot path. */
 export function verificationKeyOf(checked: Extract<PeerJwkCheck, { ok: true }>): VerificationKey {
-  const { jwk, raw, homeserver } = checked;
+  const { jwk, raw, homeserver, thumbprint } = checked;
   return Object.freeze({
     kid: jwk.kid,
     homeserver,
     publicKey: createPublicKey({ key: { kty: jwk.kty, crv: jwk.crv, x: jwk.x }, format: "jwk" }),
     raw,
     jwk,
-    thumbprint: jwkThumbprint(jwk),
+    thumbprint,
     validFrom: jwk.nbf,
     validUntil: jwk.exp,
   });
+}
+
+/** The same key held with an `exp` from now on: retired. */
+export function retiredKey(key: VerificationKey, exp: number): VerificationKey {
+  return verificationKeyOf({ ok: true, jwk: { ...key.jwk, exp }, raw: key.raw, homeserver: key.homeserver, thumbprint: key.thumbprint });
 }
 
 /** A peer's (or our own) public key, checked as checkPeerJwk does; a refused key throws `bad_request` with the reason. */

@@ -5,6 +5,7 @@
  */
 import { sql } from "kysely";
 import { RelayError } from "../errors.ts";
+import type { KeyChanges, KeyStore } from "../keys/registry.ts";
 import type { VerificationKey } from "../protocol/keys.ts";
 import { textArray } from "./arrays.ts";
 import type { Db } from "./db.ts";
@@ -60,13 +61,6 @@ export async function retireKeys(db: Db, keys: readonly VerificationKey[]): Prom
   }
 }
 
-/** Revoked peer keys, by kid: when, in seconds. */
-export async function revokedKeys(db: Db): Promise<Map<string, number>> {
-  const rows = await db.kysely.selectFrom("peer_keys").select(["kid", sql<number>`extract(epoch FROM revoked_at)::float8`.as("at")])
-    .where("revoked_at", "is not", null).where("rebound", "=", false).execute();
-  return new Map(rows.map((r) => [r.kid, r.at]));
-}
-
 /**
  * Revokes a peer's key (a compromised one): every process refuses it within a
  * second, and the stored events it verified are marked by it (their evidence
@@ -80,10 +74,31 @@ export async function revokePeerKey(db: Db, kid: string): Promise<{ kid: string;
   return { kid: row.kid, thumbprint: row.thumbprint, revokedAt: row.revoked_at!, storedEvents: Number(n) };
 }
 
-/** Retired keys (their `exp`, and when this homeserver first learned it), by kid. */
-export async function retiredKeys(db: Db): Promise<Map<string, { exp: number; retiredAt: number }>> {
+/** Revoked keys (when) and retired ones (their `exp`, and when this homeserver first learned it), by kid: one query a second, in every process. */
+export async function keyChanges(db: Db): Promise<KeyChanges> {
   const rows = await db.kysely.selectFrom("peer_keys")
-    .select(["kid", sql<number>`(jwk->>'exp')::float8`.as("exp"), sql<number>`extract(epoch FROM retired_at)::float8`.as("retiredAt")])
-    .where("retired_at", "is not", null).where("rebound", "=", false).where(sql<boolean>`jwk ? 'exp'`).execute();
-  return new Map(rows.map((r) => [r.kid, { exp: r.exp, retiredAt: r.retiredAt }]));
+    .select([
+      "kid",
+      sql<number | null>`extract(epoch FROM revoked_at)::float8`.as("revokedAt"),
+      sql<number | null>`CASE WHEN jwk ? 'exp' THEN (jwk->>'exp')::float8 END`.as("exp"),
+      sql<number | null>`extract(epoch FROM retired_at)::float8`.as("retiredAt"),
+    ])
+    .where((eb) => eb.or([eb("revoked_at", "is not", null), eb("retired_at", "is not", null)])).where("rebound", "=", false).execute();
+  const revoked = new Map<string, number>();
+  const retired = new Map<string, { exp: number; retiredAt: number }>();
+  for (const r of rows) {
+    if (r.revokedAt !== null) revoked.set(r.kid, r.revokedAt);
+    if (r.exp !== null && r.retiredAt !== null) retired.set(r.kid, { exp: r.exp, retiredAt: r.retiredAt });
+  }
+  return { revoked, retired };
+}
+
+/** The key history as the key registry uses it. */
+export function keyStoreOf(db: Db): KeyStore {
+  return {
+    bound: (homeservers) => boundKeys(db, homeservers),
+    bind: (keys, seen) => bindKeys(db, keys, seen),
+    retire: (keys) => retireKeys(db, keys),
+    changes: () => keyChanges(db),
+  };
 }

@@ -3,7 +3,7 @@ import { createKeyRegistry, type JwksSettings, type KeyRegistry, type PeerSource
 import { importVerificationKey, jwkThumbprint, type VerificationKey } from "../../src/protocol/keys.ts";
 import { createDb, type Db } from "../../src/store/db.ts";
 import { migrate, readMigrations } from "../../src/store/migrate.ts";
-import { bindKeys, boundKeys, retiredKeys, retireKeys, revokedKeys, revokePeerKey } from "../../src/store/peer-keys.ts";
+import { bindKeys, keyStoreOf, revokePeerKey } from "../../src/store/peer-keys.ts";
 import { DEFAULT_EVENT_LIMITS } from "../../src/protocol/claims.ts";
 import { verifyEvent } from "../../src/protocol/verify.ts";
 import { startLocalNats, type LocalNats } from "../../src/local-nats.ts";
@@ -253,7 +253,7 @@ describe("the key history binds a kid to one key across processes and restarts",
     jwks.mode = "serve";
   });
 
-  const store = () => ({ bound: (h: readonly string[]) => boundKeys(db, h), bind: (k: readonly VerificationKey[], s: readonly string[]) => bindKeys(db, k, s), retire: (k: readonly VerificationKey[]) => retireKeys(db, k), revoked: () => revokedKeys(db), retired: () => retiredKeys(db) });
+  const store = () => keyStoreOf(db);
   const withStore = (refused: string[] = [], peers: Record<string, PeerSource> = { alpha: { jwksUrl: jwks.url } }) => createKeyRegistry({
     self: { homeserver: "beta", keys: [] }, peers, store: store(), jwks: { refreshCooldownSeconds: 1 },
     onKeyRefused: (_peer, r) => refused.push(`${r.kid}:${r.reason}`),

@@ -85,7 +85,7 @@ describe("what is kept of a key", () => {
   it("only the public members the protocol defines, whatever else harmless it carried (use, alg, key_ops, ext)", () => {
     const jwk = { ...goodKey("alpha#k1"), use: "sig", alg: "EdDSA", key_ops: ["verify"], ext: true, nbf: 100, exp: 200 };
     const checked = checkPeerJwk(jwk);
-    expect(checked).toEqual({ ok: true, jwk: { kty: "OKP", crv: "Ed25519", x: jwk.x, kid: "alpha#k1", nbf: 100, exp: 200 }, raw: Buffer.from(jwk.x, "base64url"), homeserver: "alpha" });
+    expect(checked).toEqual({ ok: true, jwk: { kty: "OKP", crv: "Ed25519", x: jwk.x, kid: "alpha#k1", nbf: 100, exp: 200 }, raw: Buffer.from(jwk.x, "base64url"), homeserver: "alpha", thumbprint: jwkThumbprint(jwk) });
   });
 
   it("its thumbprint is RFC 7638's, as jose computes it", async () => {
